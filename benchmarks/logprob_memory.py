@@ -1,0 +1,125 @@
+"""Peak memory of per-token log-probs: hf_align's chunked `get_response_log_probs` vs naive log_softmax+gather.
+
+    python benchmarks/logprob_memory.py                      # CPU: peak RSS above the baseline
+    python benchmarks/logprob_memory.py --device cuda        # GPU: max allocated above the baseline
+
+Both compute log p(label) for every position of a (batch x seq) input through the same model: a one-layer
+Qwen2 with the real vocabulary (151,936, and 32,000), so the output layer dominates as in a real model.
+naive: `torch.log_softmax(model(ids).logits.float(), -1).gather(...)` (what most trainers did);
+ours: `hf_align.get_response_log_probs`. Each measurement runs in a fresh process; on CPU the kernel's peak
+RSS counter is reset (/proc/self/clear_refs) after setup so only the log-prob computation counts.
+Modes: `no_grad` (old / reference log-probs) and `train` (forward + backward of the summed log-probs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _rss_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def worker(
+    impl: str, mode: str, vocab: int, batch: int, seq: int, hidden: int, device: str, dtype: str
+) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hf_align.logprobs import get_response_log_probs
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).to(device=device, dtype=getattr(torch, dtype))
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
+
+    def run():
+        if impl == "naive":
+            logits = model(input_ids=ids).logits
+            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        else:
+            logps = get_response_log_probs(model, ids, labels)["log_probs"]
+        if mode == "train":
+            logps.sum().backward()
+        return logps.detach().sum().item()
+
+    ctx = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with ctx:
+            checksum = run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_bytes()
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter to the current RSS
+        with ctx:
+            checksum = run()
+        peak = _rss_hwm_bytes() - base
+    return {"impl": impl, "mode": mode, "vocab": vocab, "peak_bytes": peak, "checksum": checksum}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--modes", nargs="+", default=["no_grad", "train"])
+    p.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "VOCAB"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, mode, vocab = args.worker
+        out = worker(impl, mode, int(vocab), args.batch, args.seq, args.hidden, args.device, args.dtype)
+        print(json.dumps(out))
+        return
+
+    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden)]
+    common += ["--device", args.device, "--dtype", args.dtype]
+    print(f"log-prob peak memory, batch {args.batch} x seq {args.seq}, {args.dtype} on {args.device}")
+    print(f"{'vocab':>8} {'mode':>8} {'naive MiB':>10} {'ours MiB':>10} {'ours/naive':>10}")
+    for vocab in args.vocab:
+        for mode in args.modes:
+            res = {}
+            for impl in ("naive", "ours"):
+                cmd = [sys.executable, __file__, "--worker", impl, mode, str(vocab), *common]
+                res[impl] = json.loads(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
+            n, o = res["naive"]["peak_bytes"], res["ours"]["peak_bytes"]
+            same = abs(res["naive"]["checksum"] - res["ours"]["checksum"]) <= 1e-3 * abs(
+                res["naive"]["checksum"]
+            )
+            flag = "" if same else "  (checksums differ!)"
+            print(f"{vocab:>8} {mode:>8} {n / 2**20:>10.0f} {o / 2**20:>10.0f} {o / n:>10.2f}{flag}")
+
+
+if __name__ == "__main__":
+    main()

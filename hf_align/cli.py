@@ -1,0 +1,57 @@
+"""Parse a YAML ``--config`` plus command-line overrides into config dataclasses.
+
+Precedence: dataclass defaults < YAML < command line. A YAML key that no dataclass knows is an error that
+names the key and the file (a typo must not be silently ignored). ``--help`` lists every field with its help.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of field: value at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:
+    """Return one instance per dataclass type, filled from ``--config file.yaml`` and the command line."""
+    args = list(sys.argv[1:] if args is None else args)
+    config_path = None
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise ValueError("--config needs a path to a YAML file")
+        config_path = args[i + 1]
+        del args[i : i + 2]
+    else:
+        for i, a in enumerate(args):
+            if a.startswith("--config="):
+                config_path = a.split("=", 1)[1]
+                del args[i]
+                break
+
+    parser = HfArgumentParser(dataclass_types)
+    if config_path is not None:
+        values = load_yaml_config(config_path)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{config_path}: unknown config key(s) {unknown}; see --help for the valid fields"
+            )
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)

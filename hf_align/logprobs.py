@@ -1,0 +1,208 @@
+"""The only place that turns logits into per-token log-probabilities and entropies.
+
+Choices:
+- Per-token log-probs are ``logit[label] - logsumexp(logits)`` computed in float32 over chunks of the
+  sequence. We never build a (B, T, V) log-softmax: at Qwen's vocabulary (151,936) that tensor alone is
+  ~0.6 MB per token in fp32.
+- ``get_response_log_probs`` goes one step further: it captures the decoder's final hidden states (B, T, H)
+  with a forward hook, asks the model for only one position of logits (``logits_to_keep=1``), and applies the
+  output layer chunk by chunk under activation checkpointing. Peak extra memory then scales with the chunk
+  (chunk x V), in the forward *and* the backward pass, instead of B x T x V. The forward still runs through
+  the (possibly DDP / FSDP / DeepSpeed wrapped) model, so gradient synchronisation and parameter gathering
+  behave as in a plain forward.
+- Models that do not expose a decoder or do not accept ``logits_to_keep`` fall back to full logits, still
+  reduced chunk by chunk.
+- ``masked_mean`` / ``masked_normalize`` accept bool or 0/1 masks. A fully masked row has masked mean 0
+  (not NaN): padding rows must never poison a loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``tensor`` over entries where ``mask`` is true, along ``dim`` (all entries when None).
+
+    A slice with no true entry has mean 0.
+    """
+    mask = mask.to(tensor.dtype)
+    total = (tensor * mask).sum() if dim is None else (tensor * mask).sum(dim=dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp(min=1.0)
+
+
+def masked_normalize(
+    tensor: torch.Tensor,
+    mask: torch.Tensor,
+    normalize_constant: float = 1.0,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """Sum of ``tensor`` over entries where ``mask`` is true, divided by ``normalize_constant``."""
+    masked = tensor * mask.to(tensor.dtype)
+    total = masked.sum() if dim is None else masked.sum(dim=dim)
+    return total / normalize_constant
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution, (..., V) -> (...), in float32.
+
+    H = logsumexp(z) - sum_v softmax(z)_v z_v, which never exponentiates an unshifted logit.
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return lse - (probs * logits).sum(dim=-1)
+
+
+def _label_logprobs_and_entropy(
+    logits_NV: torch.Tensor, labels_N: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits_NV = logits_NV.float()
+    if temperature != 1.0:
+        logits_NV = logits_NV / temperature
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    label_logit_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1)
+    entropy_N = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_N = compute_entropy(logits_NV)
+    return label_logit_N - lse_N, entropy_N
+
+
+def log_probs_from_logits(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    return_token_entropy: bool = False,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> dict[str, torch.Tensor]:
+    """Per-token log p(label) from logits that already exist, reduced ``chunk_tokens`` tokens at a time.
+
+    Labels outside [0, V) (e.g. -100 padding) get log-prob 0; mask them out downstream.
+    """
+    B, T, V = logits_BTV.shape
+    logits_NV = logits_BTV.reshape(B * T, V)  # (B*T, V)
+    labels_N = labels_BT.reshape(B * T)
+    valid_N = (labels_N >= 0) & (labels_N < V)
+    safe_labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
+    logps, entropies = [], []
+    for start in range(0, B * T, chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        lp, ent = _label_logprobs_and_entropy(
+            logits_NV[sl], safe_labels_N[sl], temperature, return_token_entropy
+        )
+        logps.append(lp)
+        entropies.append(ent)
+    logps_N = torch.cat(logps) if logps else logits_NV.new_zeros(0, dtype=torch.float32)
+    out = {"log_probs": (logps_N * valid_N).reshape(B, T)}
+    if return_token_entropy:
+        out["token_entropy"] = torch.cat(entropies).reshape(B, T) if entropies else out["log_probs"].detach()
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / DeepSpeed (``.module``) and PEFT (``get_base_model``) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    inner = _unwrap(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    try:
+        decoder, head = get_decoder(), get_head()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is inner:
+        return None
+    return decoder, head
+
+
+def _head_chunk(
+    head: torch.nn.Module, hidden_NH: torch.Tensor, labels_N: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    logp, _ = _label_logprobs_and_entropy(head(hidden_NH), labels_N, temperature, with_entropy=False)
+    return logp
+
+
+def get_response_log_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    return_token_entropy: bool = False,
+    temperature: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    **model_kwargs,
+) -> dict[str, torch.Tensor]:
+    """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked.
+
+    ``labels`` are already aligned with ``input_ids`` (labels[:, t] is the token predicted at position t),
+    as produced by ``tokenize_prompt_and_output``. ``temperature`` divides the logits first, matching a
+    sampler that used the same temperature. Extra ``model_kwargs`` (e.g. ``position_ids`` for packed
+    sequences) go to the model forward.
+    """
+    found = _decoder_and_head(model)
+    if found is not None:
+        decoder, head = found
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, _args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        handle = decoder.register_forward_hook(hook)
+        try:
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=1,
+                use_cache=False,
+                **model_kwargs,
+            )
+        except TypeError:
+            found = None  # the model's forward does not take logits_to_keep: use full logits below
+        finally:
+            handle.remove()
+    if found is None or "hidden" not in captured:
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+        ).logits
+        return log_probs_from_logits(logits, labels, return_token_entropy, temperature, chunk_tokens)
+
+    hidden_BTH = captured["hidden"]
+    B, T, H = hidden_BTH.shape
+    hidden_NH = hidden_BTH.reshape(B * T, H)  # (B*T, H)
+    labels_N = labels.reshape(B * T)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
+    valid_N = labels_N >= 0 if vocab is None else (labels_N >= 0) & (labels_N < vocab)
+    safe_labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
+    logps, entropies = [], []
+    use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
+    for start in range(0, B * T, chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        if use_ckpt:
+            # Recompute this chunk's logits in backward instead of storing them: memory stays O(chunk x V).
+            lp = checkpoint(
+                _head_chunk, head, hidden_NH[sl], safe_labels_N[sl], temperature, use_reentrant=False
+            )
+        else:
+            lp = _head_chunk(head, hidden_NH[sl], safe_labels_N[sl], temperature)
+        logps.append(lp)
+        if return_token_entropy:
+            with torch.no_grad():
+                logits = head(hidden_NH[sl]).float()
+                entropies.append(compute_entropy(logits / temperature if temperature != 1.0 else logits))
+    out = {"log_probs": (torch.cat(logps) * valid_N).reshape(B, T)}
+    if return_token_entropy:
+        out["token_entropy"] = torch.cat(entropies).reshape(B, T)
+    return out

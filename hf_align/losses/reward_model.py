@@ -1,0 +1,59 @@
+"""Pairwise reward-model loss as a pure function of scalar rewards.
+
+Choices:
+- Bradley-Terry (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT, eq. 1): the reward model scores the
+  chosen and the rejected answer to the same prompt, and ``P(c > r) = sigma(r_c - r_r)``; the loss is the
+  negative log-likelihood of the observed preference, averaged over the B pairs of this batch.
+- An optional per-pair ``margin_B`` is subtracted inside the sigmoid (Llama 2, Touvron et al. 2023, eq. 2):
+  pairs rated as clearly different must be separated by at least that much before the loss flattens.
+- The Bradley-Terry likelihood only sees reward differences, so the reward's offset drifts freely. An optional
+  auxiliary term ``coef * mean((r_c + r_r)^2)`` (Eisenstein et al. 2023, "Helping or Herding? Reward Model
+  Ensembles Mitigate but do not Eliminate Reward Hacking") pulls the rewards of each pair towards mean zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(
+    chosen_rewards_B: torch.Tensor,
+    rejected_rewards_B: torch.Tensor,
+    margin_B: torch.Tensor | None = None,
+    center_rewards_coefficient: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L = mean_i[-log sigma(r_c,i - r_r,i - m_i)] + coef * mean_i[(r_c,i + r_r,i)^2]``, rewards (B,) -> scalar.
+
+    ``m_i`` = ``margin_B`` (0 when None); the centering term is added only when
+    ``center_rewards_coefficient`` > 0. Metrics, detached 0-dim tensors: ``accuracy`` (fraction of pairs with
+    ``r_c > r_r`` strictly), ``margin`` (mean of ``r_c - r_r``, without ``m``), ``rewards/chosen`` and
+    ``rewards/rejected`` (means).
+    """
+    if chosen_rewards_B.shape != rejected_rewards_B.shape:
+        raise ValueError(
+            f"chosen_rewards_B has shape {tuple(chosen_rewards_B.shape)} but rejected_rewards_B has "
+            f"{tuple(rejected_rewards_B.shape)}; squeeze a (B, 1) reward head output to (B,)"
+        )
+    if margin_B is not None and margin_B.shape != chosen_rewards_B.shape:
+        raise ValueError(
+            f"margin_B has shape {tuple(margin_B.shape)}, expected {tuple(chosen_rewards_B.shape)}"
+        )
+    if center_rewards_coefficient < 0:
+        raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+
+    diff_B = chosen_rewards_B - rejected_rewards_B
+    logits_B = diff_B if margin_B is None else diff_B - margin_B
+    loss = -F.logsigmoid(logits_B).mean()
+    if center_rewards_coefficient > 0:
+        loss = loss + center_rewards_coefficient * (chosen_rewards_B + rejected_rewards_B).pow(2).mean()
+
+    with torch.no_grad():
+        diff_B = diff_B.detach()
+        metrics = {
+            "accuracy": (chosen_rewards_B > rejected_rewards_B).to(diff_B.dtype).mean(),
+            "margin": diff_B.mean(),
+            "rewards/chosen": chosen_rewards_B.detach().mean(),
+            "rewards/rejected": rejected_rewards_B.detach().mean(),
+        }
+    return loss, metrics

