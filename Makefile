@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
 MODEL_DIR ?= models/smollm2-135m-instruct
-CONFIG ?= recipes/configs/sft/smollm2_cpu.yaml
+CONFIG ?= recipes/configs/grpo/smollm2_cpu.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -35,7 +35,7 @@ $(MODEL_DIR)/config.json: | $(BIN)/.installed
 model: $(MODEL_DIR)/config.json
 
 demo: setup model
-	$(BIN)/accelerate launch --num_processes 1 --cpu recipes/sft.py --config $(CONFIG)
+	$(BIN)/accelerate launch --num_processes 1 --cpu recipes/grpo.py --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest -q

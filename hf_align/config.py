@@ -91,6 +91,9 @@ class ScriptArguments:
     )
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Held-out data (path or Hub id)."})
     eval_dataset_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name to read."})
+    eval_dataset_kind: str = field(
+        default="auto", metadata={"help": "Row format of the eval data (as dataset_kind)."}
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many training rows."}
     )
@@ -175,3 +178,181 @@ class SFTConfig(_CPUSafeMixin, TrainingArguments):
                 "packing=True mixes several sequences per row; use loss_normalization='token_mean' with packing."
             )
         super().__post_init__()
+
+
+@dataclass
+class GRPOConfig(_CPUSafeMixin, TrainingArguments):
+    """Group-relative policy optimisation (and REINFORCE variants) with rollouts from a generation engine.
+
+    One *rollout step* samples ``rollout_batch_size`` completions (``rollout_batch_size / group_size`` prompts,
+    ``group_size`` samples each), grades them and computes advantages; then ``epochs_per_rollout_batch`` passes
+    over them make ``rollout_batch_size / train_batch_size`` optimizer steps each. ``max_steps`` counts optimizer
+    steps, as everywhere in transformers. With several processes each generates its share of the prompts.
+    """
+
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (the seed uses 0.95)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Prompts carry their own columns."})
+    # --- rollouts
+    rollout_batch_size: int = field(default=256, metadata={"help": "Completions sampled per rollout step."})
+    group_size: int = field(default=8, metadata={"help": "Completions per prompt (the group of GRPO)."})
+    train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Completions per optimizer step = per_device_train_batch_size x gradient_accumulation_steps x "
+            "processes. None: derived from those."
+        },
+    )
+    epochs_per_rollout_batch: int = field(
+        default=1,
+        metadata={"help": "Passes over each rollout batch; > 1 is off-policy (needs a ratio loss)."},
+    )
+    rollout_engine: Literal["hf", "vllm", "vllm_server"] = field(
+        default="hf",
+        metadata={"help": "hf: model.generate; vllm: colocated vllm.LLM; vllm_server: HTTP server."},
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts with more tokens are dropped (counted and logged)."}
+    )
+    max_completion_length: int = field(default=1024, metadata={"help": "Maximum new tokens per completion."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    min_completion_length: int = field(default=0, metadata={"help": "Minimum new tokens per completion."})
+    stop_strings: list[str] = field(
+        default_factory=lambda: ["</answer>"],
+        metadata={"help": "Generation stops after any of these strings."},
+    )
+    generation_batch_size: int = field(
+        default=32, metadata={"help": "Prompts per generate call (hf engine)."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Fraction of GPU memory a colocated vLLM engine may take."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Put the colocated vLLM engine to sleep during training (GPU only)."}
+    )
+    vllm_server_url: str = field(
+        default="http://127.0.0.1:8000",
+        metadata={"help": "Base URL of `python -m hf_align.rollout.vllm_server`."},
+    )
+    # --- rewards and advantages
+    prompt_template: str = field(default="r1_zero", metadata={"help": "Prompt template name or file."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["r1_zero"],
+        metadata={"help": "Reward function names (hf_align.rewards.REWARD_FUNCTIONS); rewards are summed."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (default: all 1)."}
+    )
+    grader_timeout_s: float = field(default=5.0, metadata={"help": "Per-completion grading time limit."})
+    grader_num_workers: int = field(default=2, metadata={"help": "Grader worker processes (0: in-process)."})
+    normalize_by_std: bool = field(
+        default=True, metadata={"help": "Divide advantages by the group's std (GRPO); False: Dr. GRPO."}
+    )
+    advantage_eps: float = field(default=1e-6, metadata={"help": "Added to the group std before dividing."})
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO: drop groups whose rewards are all equal and refill from the next prompts."},
+    )
+    max_dynamic_sampling_rounds: int = field(
+        default=4, metadata={"help": "Generation rounds per rollout step before accepting zero-std groups."}
+    )
+    # --- loss
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = field(
+        default="reinforce_with_baseline", metadata={"help": "Per-token policy-gradient loss."}
+    )
+    loss_reduction: Literal["sequence_mean", "token_mean", "constant"] = field(
+        default="sequence_mean",
+        metadata={
+            "help": "sequence_mean: GRPO's mean over tokens then sequences; token_mean: DAPO's mean over all tokens "
+            "of the step; constant: Dr. GRPO's sum / (sequences x max_completion_length)."
+        },
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range epsilon (both sides)."})
+    cliprange_low: float | None = field(
+        default=None, metadata={"help": "Lower clip range (default: cliprange)."}
+    )
+    cliprange_high: float | None = field(
+        default=None,
+        metadata={"help": "Upper clip range, e.g. 0.28 for DAPO's clip-higher (default: cliprange)."},
+    )
+    ratio_level: Literal["token", "sequence"] = field(
+        default="token", metadata={"help": "Importance ratio per token (PPO/GRPO) or per sequence (GSPO)."}
+    )
+    beta: float = field(
+        default=0.0, metadata={"help": "Weight of the k3 KL penalty to the reference policy."}
+    )
+    logprob_chunk_tokens: int = field(
+        default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
+    )
+    # --- evaluation and outputs
+    eval_max_examples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many rows."}
+    )
+    eval_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature for evaluation."})
+    plot_curves: bool = field(
+        default=True, metadata={"help": "Write reward / accuracy curves as a PNG at the end."}
+    )
+
+    def __post_init__(self):
+        self._resolve_precision()
+        super().__post_init__()
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 to compare completions of a prompt, got {self.group_size}"
+            )
+        if self.rollout_batch_size % self.group_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of group_size "
+                f"({self.group_size}): every prompt gets a full group"
+            )
+        derived = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+        if self.train_batch_size is None:
+            self.train_batch_size = derived
+        elif self.train_batch_size != derived:
+            raise ValueError(
+                f"train_batch_size ({self.train_batch_size}) must equal per_device_train_batch_size "
+                f"({self.per_device_train_batch_size}) x gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) x processes ({self.world_size}) = {derived}"
+            )
+        if self.rollout_batch_size % self.train_batch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of train_batch_size "
+                f"({self.train_batch_size})"
+            )
+        if self.rollout_batch_size % (self.group_size * self.world_size):
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must split into whole groups per process: "
+                f"make it a multiple of group_size x processes = {self.group_size * self.world_size}"
+            )
+        if self.epochs_per_rollout_batch > 1 and self.loss_type not in ("grpo_clip", "grpo_no_clip"):
+            raise ValueError(
+                f"epochs_per_rollout_batch={self.epochs_per_rollout_batch} is off-policy: use loss_type='grpo_clip' "
+                f"(or grpo_no_clip), not {self.loss_type!r}"
+            )
+        if self.ratio_level == "sequence" and self.loss_type not in ("grpo_clip", "grpo_no_clip"):
+            raise ValueError("ratio_level='sequence' (GSPO) needs loss_type='grpo_clip' or 'grpo_no_clip'")
+        for name in ("cliprange", "cliprange_low", "cliprange_high"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
+            )
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 for training rollouts (log-probs are taken at it)")
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps made from one rollout batch."""
+        return self.epochs_per_rollout_batch * (self.rollout_batch_size // self.train_batch_size)

@@ -138,16 +138,32 @@ def tokenize_prompt_and_output(
         )
     prompt_ids = tokenizer(list(prompt_strs), add_special_tokens=False)["input_ids"]
     output_ids = tokenizer(list(output_strs), add_special_tokens=False)["input_ids"]
+    out = build_shifted_sequences(prompt_ids, output_ids, tokenizer.pad_token_id)
+    return {k: out[k] for k in ("input_ids", "labels", "response_mask")}
+
+
+def build_shifted_sequences(
+    prompt_ids: list[list[int]], output_ids: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Concatenate token ids, right-pad with ``pad_token_id`` and shift by one.
+
+    Returns ``input_ids``, ``labels``, ``response_mask`` (bool) and ``attention_mask`` (long), each (B, L - 1),
+    with the conventions of ``tokenize_prompt_and_output``. GRPO uses it on the exact ids a rollout engine
+    sampled (re-tokenizing the text could give other ids).
+    """
     L = max(len(p) + len(o) for p, o in zip(prompt_ids, output_ids))
-    full_BL = torch.full((len(prompt_ids), L), tokenizer.pad_token_id, dtype=torch.long)
+    full_BL = torch.full((len(prompt_ids), L), pad_token_id, dtype=torch.long)
     is_output_BL = torch.zeros((len(prompt_ids), L), dtype=torch.bool)
+    is_real_BL = torch.zeros((len(prompt_ids), L), dtype=torch.long)
     for b, (p, o) in enumerate(zip(prompt_ids, output_ids)):
-        full_BL[b, : len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)
+        full_BL[b, : len(p) + len(o)] = torch.tensor(list(p) + list(o), dtype=torch.long)
         is_output_BL[b, len(p) : len(p) + len(o)] = True
+        is_real_BL[b, : len(p) + len(o)] = 1
     return {
         "input_ids": full_BL[:, :-1],  # (B, L-1)
         "labels": full_BL[:, 1:],  # (B, L-1): token predicted at each position
         "response_mask": is_output_BL[:, 1:],  # (B, L-1)
+        "attention_mask": is_real_BL[:, :-1],  # (B, L-1)
     }
 
 

@@ -75,6 +75,35 @@ def r1_zero_format_reward_fn(response: str, ground_truth: Any) -> RewardDict:
     return _rewards(format_ok, format_ok and answer_ok, format_ok)
 
 
+def r1_zero_format_shaped_reward_fn(response: str, ground_truth: Any) -> RewardDict:
+    """R1-Zero format with partial credit, for models that never produce the full format at first.
+
+    `reward` = 0.25 for a `</think>`, + 0.25 for an `<answer>` after it, + 0.25 for a non-empty `</answer>`-closed
+    answer after that, + 0.25 when the exact R1-Zero format holds (so the maximum, 1, is the binary format
+    reward). A group whose completions all score 0 gives no learning signal; partial credit breaks such ties.
+    `format_reward` / `answer_reward` are the strict R1-Zero ones, for logging.
+    """
+    format_ok, answer_ok = _r1_zero_parts(response, ground_truth)
+    text = response[-MAX_RESPONSE_CHARS:] if isinstance(response, str) else ""
+    credit = 0.0
+    think = text.find("</think>")
+    if think != -1:
+        credit += 0.25
+        opened = text.find(_OPEN, think)
+        if opened != -1:
+            credit += 0.25
+            closed = text.find(_CLOSE, opened)
+            if closed != -1 and text[opened + len(_OPEN) : closed].strip():
+                credit += 0.25
+    if format_ok:
+        credit = 1.0
+    return {
+        "format_reward": float(format_ok),
+        "answer_reward": float(format_ok and answer_ok),
+        "reward": credit,
+    }
+
+
 def question_only_reward_fn(response: str, ground_truth: Any) -> RewardDict:
     """Free-form reward: last `\\boxed{}` (else "answer is ..." / last number) against the ground truth.
 
@@ -115,6 +144,7 @@ def gsm8k_reward_fn(response: str, ground_truth: Any) -> RewardDict:
 REWARD_FUNCTIONS: dict[str, Callable[[str, Any], RewardDict]] = {
     "r1_zero": r1_zero_reward_fn,
     "r1_zero_format": r1_zero_format_reward_fn,
+    "r1_zero_format_shaped": r1_zero_format_shaped_reward_fn,
     "question_only": question_only_reward_fn,
     "gsm8k": gsm8k_reward_fn,
 }

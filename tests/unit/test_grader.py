@@ -422,3 +422,24 @@ def test_in_process_main_thread_uses_math_verify_signal_timeout():
     start = time.monotonic()
     assert math_answers_equal(r"9^{9^{9^{9^{9}}}}", "1") is False
     assert time.monotonic() - start < 3 + 2.0
+
+
+@pytest.mark.parametrize(
+    "response, reward, fmt",
+    [
+        ("no tags at all", 0.0, 0.0),
+        ("reasoning </think> then nothing", 0.25, 0.0),
+        ("reasoning </think>\n<answer> 5", 0.5, 0.0),
+        ("reasoning </think>\n<answer> 5 </answer>", 0.75, 0.0),  # newline instead of the exact separator
+        ("reasoning </think>\n<answer>  </answer>", 0.5, 0.0),  # empty answer earns no third quarter
+        ("<answer> 5 </answer> before </think>", 0.25, 0.0),  # wrong order: only the </think> counts
+        ("reasoning </think> <answer> 5 </answer>", 1.0, 1.0),
+        ("reasoning </think> <answer> 7 </answer>", 1.0, 1.0),  # format reward ignores correctness
+    ],
+)
+def test_r1_zero_format_shaped_reward(response, reward, fmt):
+    from hf_align.rewards import REWARD_FUNCTIONS
+
+    out = REWARD_FUNCTIONS["r1_zero_format_shaped"](response, "5")
+    assert out["reward"] == reward and out["format_reward"] == fmt
+    assert out["answer_reward"] == float(fmt == 1.0 and "5 </answer>" in response)

@@ -1,0 +1,442 @@
+"""GRPOTrainer: group-relative policy optimisation on top of `transformers.Trainer`.
+
+The loop, in one paragraph: each rollout step takes the next ``rollout_batch_size / group_size`` prompts
+(this process's share), samples ``group_size`` completions per prompt from the rollout engine (HF generate,
+a colocated vLLM, or a vLLM server; the engine gets the trained weights whenever an optimizer step has
+happened since the last sync), grades them in the grader's worker pool, normalises rewards within each
+group into advantages, and cuts the batch into micro-batches. Trainer's own loop then runs
+``epochs_per_rollout_batch x rollout_batch_size / train_batch_size`` optimizer steps of
+``gradient_accumulation_steps`` micro-batches over it; ``_prepare_inputs`` hands out the micro-batches and
+``compute_loss`` applies ``hf_align.losses.grpo.policy_loss`` with the optimizer step's global counts (so
+every reduction is exact under any micro-batch / accumulation / process split) times the number of
+processes (DDP averages gradients).
+
+Choices:
+- Trainer's data loader iterates a placeholder of the right length; prompts come from our own seeded
+  stream, so the number of optimizer steps is ``max_steps`` exactly.
+- Old log-probs (for ratio losses) are computed once per rollout batch with the policy as it was when
+  sampling; the engine's own sampling log-probs are not used for the ratio (vLLM's kernels differ slightly).
+- The reference policy for the KL term is the policy with its LoRA adapters disabled when training LoRA,
+  otherwise a frozen copy (or ``ref_model``).
+- The rollout state (prompt cursor, unused micro-batches) is saved with every checkpoint and restored on
+  ``resume_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from hf_align.config import GRPOConfig
+from hf_align.data import format_prompt, load_prompt_template
+from hf_align.logprobs import get_response_log_probs, masked_mean
+from hf_align.losses.grpo import policy_loss
+from hf_align.rewards import Grader
+from hf_align.rollout import SamplingConfig, make_engine
+from hf_align.trainers import grpo_rollouts as R
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_STATE = "rollout_state_rank{rank}.pt"
+
+
+class _Placeholder(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _placeholder_collate(items: list[int]) -> dict[str, torch.Tensor]:
+    return {"index": torch.tensor(items)}
+
+
+class GRPOTrainer(Trainer):
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model,
+        args: GRPOConfig,
+        train_dataset: list[dict],
+        eval_dataset: list[dict] | None = None,
+        processing_class=None,
+        reward_funcs: list | None = None,
+        rollout_engine=None,
+        ref_model=None,
+        peft_config=None,
+        callbacks=None,
+    ):
+        if args.max_steps <= 0:
+            raise ValueError("GRPO needs max_steps > 0 (optimizer steps); epochs over prompts are not used")
+        if processing_class is None:
+            raise ValueError("GRPOTrainer needs processing_class (the tokenizer)")
+        if not train_dataset:
+            raise ValueError("train_dataset is empty: GRPO needs rows with 'question' and 'answer'")
+        if peft_config is not None:
+            from hf_align.modeling import wrap_lora
+
+            model = wrap_lora(model, peft_config)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=_Placeholder(args.max_steps * args.train_batch_size),
+            eval_dataset=_Placeholder(len(eval_dataset))
+            if eval_dataset
+            else None,  # evaluate() uses the rows
+            data_collator=_placeholder_collate,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        self.prompt_rows = list(train_dataset)
+        self.eval_rows = list(eval_dataset or [])
+        self.template = load_prompt_template(args.prompt_template)
+        funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
+        self.reward_weights = args.reward_weights or [1.0] * len(funcs)
+        if len(self.reward_weights) != len(funcs):
+            raise ValueError(f"{len(self.reward_weights)} reward weights for {len(funcs)} reward functions")
+        self._reward_funcs = list(funcs)
+        self._graders: list[Grader] | None = None
+        self._engine = rollout_engine
+        self.ref_model = ref_model
+        if args.beta > 0 and ref_model is None and not hasattr(self.model, "disable_adapter"):
+            from hf_align.modeling import create_reference_model
+
+            self.ref_model = create_reference_model(self.model)
+        self._buffer: list[dict[str, torch.Tensor]] = []
+        self._prompt_cursor = 0
+        self._synced_step = -1
+        self._dropped_prompts = 0
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ rollouts
+
+    @property
+    def graders(self) -> list[Grader]:
+        if self._graders is None:
+            a = self.args
+            self._graders = [Grader(f, a.grader_timeout_s, a.grader_num_workers) for f in self._reward_funcs]
+        return self._graders
+
+    def close(self) -> None:
+        """Stop grader workers and the rollout engine (a later call to train / evaluate restarts them)."""
+        for g in self._graders or []:
+            g.close()
+        self._graders = None
+        if self._engine is not None and self.args.rollout_engine != "hf":
+            self._engine.close()
+            self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            a = self.args
+            kind = a.rollout_engine
+            kwargs = {"batch_size": a.generation_batch_size} if kind == "hf" else {}
+            if kind == "vllm":
+                kwargs = {
+                    "gpu_memory_utilization": a.vllm_gpu_memory_utilization,
+                    "enable_sleep_mode": a.vllm_enable_sleep_mode,
+                    "seed": a.seed,
+                }
+            elif kind == "vllm_server":
+                kwargs = {"base_url": a.vllm_server_url}
+            self._engine = make_engine(
+                kind, self.accelerator.unwrap_model(self.model), self.processing_class, **kwargs
+            )
+        return self._engine
+
+    def _sampling(self) -> SamplingConfig:
+        a = self.args
+        seed = (
+            None
+            if a.seed is None
+            else a.seed * 1_000_003 + self._prompt_cursor * 31 + self.accelerator.process_index
+        )
+        return SamplingConfig(
+            n=a.group_size,
+            max_new_tokens=a.max_completion_length,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            min_new_tokens=a.min_completion_length,
+            stop=list(a.stop_strings),
+            seed=seed,
+        )
+
+    def _next_prompts(self, count: int) -> list[dict]:
+        """This process's next ``count`` prompts: a seeded permutation per pass, strided over processes."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        n = len(self.prompt_rows)
+        out = []
+        while len(out) < count:
+            position = self._prompt_cursor * world + rank
+            epoch, index = divmod(position, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
+            row = self.prompt_rows[perm[index].item()]
+            self._prompt_cursor += 1
+            prompt = format_prompt(self.template, row["question"])
+            if (
+                len(self.processing_class(prompt, add_special_tokens=True)["input_ids"])
+                > self.args.max_prompt_length
+            ):
+                self._dropped_prompts += 1
+                logger.warning(
+                    "prompt longer than max_prompt_length=%d dropped (%d so far): %.60r",
+                    self.args.max_prompt_length, self._dropped_prompts, row["question"],
+                )  # fmt: skip
+                if self._dropped_prompts > 10 * n:
+                    raise ValueError(
+                        "every prompt exceeds max_prompt_length: raise it or shorten the prompts"
+                    )
+                continue
+            out.append({"prompt": prompt, "answer": row["answer"]})
+        return out
+
+    def _sync_engine(self) -> None:
+        if self._synced_step == self.state.global_step:
+            return
+        start = time.perf_counter()
+        self.engine.sync_weights(self.accelerator.unwrap_model(self.model))
+        self._synced_step = self.state.global_step
+        self._metrics["time/weight_sync_s"].append(time.perf_counter() - start)
+
+    def _make_rollout_batch(self) -> None:
+        a = self.args
+        world = self.accelerator.num_processes
+        want_groups = a.rollout_batch_size // a.group_size // world
+        self._sync_engine()
+        keep, filler = R.ScoredGroups(), R.ScoredGroups()
+        gen_time = grade_time = 0.0
+        tokens = nonfinite = rounds = 0
+        while len(keep) < want_groups * a.group_size and rounds < max(1, a.max_dynamic_sampling_rounds):
+            rounds += 1
+            need = want_groups - len(keep) // a.group_size
+            prompts = self._next_prompts(need)
+            start = time.perf_counter()
+            groups = self.engine.generate([p["prompt"] for p in prompts], self._sampling())
+            gen_time += time.perf_counter() - start
+            tokens += sum(len(r.completion_ids) for g in groups for r in g)
+            start = time.perf_counter()
+            scored, bad = R.score_groups(
+                groups, [p["answer"] for p in prompts], self.graders, self.reward_weights
+            )
+            grade_time += time.perf_counter() - start
+            nonfinite += bad
+            if rounds == 1:
+                for k, v in R.rollout_metrics(scored, a.group_size, a.max_completion_length).items():
+                    self._metrics[k].append(v)
+            R.select_groups(scored, a.group_size, keep, want_groups, filler, a.dynamic_sampling)
+            if not a.dynamic_sampling:
+                break
+        if len(keep) < want_groups * a.group_size:  # dynamic sampling ran out of rounds
+            keep.extend(filler, 0, want_groups * a.group_size - len(keep))
+        rewards_B, advantages_B = R.advantages_for(keep, a.group_size, a.advantage_eps, a.normalize_by_std)
+        micro = R.build_micro_batches(
+            keep, rewards_B, advantages_B, self.processing_class.pad_token_id,
+            a.per_device_train_batch_size, a.gradient_accumulation_steps,
+        )  # fmt: skip
+        self._add_reference_logprobs(micro)
+        self._attach_global_counts(micro)
+        self._buffer = [b for _ in range(a.epochs_per_rollout_batch) for b in micro]
+        m = self._metrics
+        m["time/generation_s"].append(gen_time)
+        m["time/grading_s"].append(grade_time)
+        m["generation_tokens_per_s"].append(tokens / max(gen_time, 1e-9))
+        m["dynamic_sampling_rounds"].append(rounds)
+        m["reward_nonfinite"].append(nonfinite)
+        m["grader_timeouts"].append(sum(g.stats.get("timeouts", 0) for g in self.graders))
+        m["prompts_dropped_too_long"].append(self._dropped_prompts)
+
+    @torch.no_grad()
+    def _add_reference_logprobs(self, micro: list[dict]) -> None:
+        """Old log-probs (ratio losses) and reference log-probs (KL), computed once per rollout batch."""
+        a = self.args
+        need_old = a.loss_type in ("grpo_clip", "grpo_no_clip")
+        if not need_old and a.beta == 0:
+            return
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            for b in micro:
+                if need_old:
+                    b["old_log_probs"] = self._logps(model, b)
+                if a.beta > 0:
+                    if self.ref_model is not None:
+                        b["ref_log_probs"] = self._logps(self.ref_model, b)
+                    else:
+                        with self.accelerator.unwrap_model(model).disable_adapter():
+                            b["ref_log_probs"] = self._logps(model, b)
+        finally:
+            model.train(was_training)
+
+    def _attach_global_counts(self, micro: list[dict]) -> None:
+        """Sequences and response tokens of each optimizer step, summed over processes."""
+        steps = max(b["step_index"].item() for b in micro) + 1
+        tokens = torch.zeros(steps, dtype=torch.float64, device=self.accelerator.device)
+        for b in micro:
+            tokens[b["step_index"]] += b["response_mask"].sum()
+        if self.accelerator.num_processes > 1:
+            tokens = self.accelerator.reduce(tokens, reduction="sum")
+        for b in micro:
+            b["num_tokens"] = tokens[b["step_index"]].float().cpu()
+            b["num_sequences"] = torch.tensor(float(self.args.train_batch_size))
+
+    def _logps(self, model, b: dict, with_entropy: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+        device = self.accelerator.device
+        out = get_response_log_probs(
+            model,
+            b["input_ids"].to(device),
+            b["labels"].to(device),
+            return_token_entropy=with_entropy,
+            temperature=self.args.temperature,
+            attention_mask=b["attention_mask"].to(device),
+            chunk_tokens=self.args.logprob_chunk_tokens,
+        )
+        return out if with_entropy else out["log_probs"]
+
+    # ------------------------------------------------------------------ Trainer hooks
+
+    def _prepare_inputs(self, inputs):
+        if not self._buffer:
+            self._make_rollout_batch()
+        return self._buffer.pop(0)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return None  # counts come with each micro-batch (see _attach_global_counts)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        a, device = self.args, self.accelerator.device
+        out = self._logps(model, inputs, with_entropy=True)
+        mask_BT = inputs["response_mask"].to(device)
+        opt = {k: inputs[k].to(device) for k in ("old_log_probs", "ref_log_probs") if k in inputs}
+        loss, metrics = policy_loss(
+            out["log_probs"],
+            mask_BT,
+            loss_type=a.loss_type,
+            reduction=a.loss_reduction,
+            advantages_B=inputs["advantages"].to(device),
+            raw_rewards_B=inputs["raw_rewards"].to(device),
+            old_log_probs_BT=opt.get("old_log_probs"),
+            ref_log_probs_BT=opt.get("ref_log_probs"),
+            cliprange=a.cliprange,
+            cliprange_low=a.cliprange_low,
+            cliprange_high=a.cliprange_high,
+            ratio_level=a.ratio_level,
+            beta=a.beta,
+            num_sequences=inputs["num_sequences"].item(),
+            num_tokens=inputs["num_tokens"].item(),
+            max_completion_length=a.max_completion_length,
+        )
+        for k, v in metrics.items():
+            if k != "loss":
+                self._metrics[k].append(v.item())
+        self._metrics["entropy"].append(masked_mean(out["token_entropy"], mask_BT).item())
+        loss = loss * self.accelerator.num_processes
+        return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._metrics["time/training_s"].append(time.perf_counter() - start)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not any(k.startswith("eval_") for k in logs):
+            for key, values in self._metrics.items():
+                if values:
+                    reduce = sum if key.startswith("time/") else (lambda v: sum(v) / len(v))
+                    logs[key] = reduce(values)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation, checkpoints, curves
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        from hf_align.evaluation import evaluate as run_eval
+
+        rows = list(eval_dataset) if eval_dataset is not None else self.eval_rows
+        rows = rows[: self.args.eval_max_examples] if self.args.eval_max_examples else rows
+        if not rows:
+            return {}
+        self._sync_engine()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        sampling = self._sampling()
+        sampling.n, sampling.temperature, sampling.seed = 1, self.args.eval_temperature, self.args.seed
+        summary = run_eval(
+            self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
+        )
+        local = (
+            torch.tensor(
+                [summary["accuracy"], summary["format_rate"], summary["mean_reward"]],
+                device=self.accelerator.device,
+            )
+            * summary["n"]
+        )
+        count = torch.tensor([float(summary["n"])], device=self.accelerator.device)
+        if world > 1:
+            local, count = self.accelerator.reduce(local, "sum"), self.accelerator.reduce(count, "sum")
+        acc, fmt, rew = (local / count.clamp(min=1)).tolist()
+        metrics = {
+            f"{metric_key_prefix}_accuracy": acc,
+            f"{metric_key_prefix}_format_rate": fmt,
+            f"{metric_key_prefix}_mean_reward": rew,
+        }
+        self.log(metrics)
+        return metrics
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        state = {
+            "prompt_cursor": self._prompt_cursor,
+            "buffer": self._buffer,
+            "dropped": self._dropped_prompts,
+        }
+        torch.save(state, folder / ROLLOUT_STATE.format(rank=self.accelerator.process_index))
+
+    def _load_rollout_state(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / ROLLOUT_STATE.format(rank=self.accelerator.process_index)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by GRPOTrainer")
+        state = torch.load(path, weights_only=False)
+        self._prompt_cursor, self._buffer = state["prompt_cursor"], state["buffer"]
+        self._dropped_prompts = state["dropped"]
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self._load_rollout_state(resume_from_checkpoint)
+        try:
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for g in self._graders or []:
+                g.close()
+            self._graders = None
+        if self.args.plot_curves and self.is_world_process_zero():
+            from hf_align.plotting import plot_training_curves
+
+            path = plot_training_curves(
+                self.state.log_history, os.path.join(self.args.output_dir, "curves.png")
+            )
+            logger.info("wrote %s", path)
+            with open(os.path.join(self.args.output_dir, "log_history.json"), "w") as f:
+                json.dump(self.state.log_history, f, indent=1)
+        return result

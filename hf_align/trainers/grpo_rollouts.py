@@ -1,0 +1,145 @@
+"""From sampled groups to training micro-batches: grading, dynamic sampling, advantages, tensors, splitting.
+
+Kept apart from the trainer so each step can be read (and tested) on its own. Nothing here touches the
+model except through the log-prob function handed in.
+
+Choices:
+- Rewards of several reward functions are summed with weights; the first function's ``format_reward`` and
+  ``answer_reward`` feed the format-rate and accuracy metrics.
+- A reward that comes back non-finite (NaN / inf) is replaced by 0 and counted (``reward_nonfinite``), and
+  that completion's advantage is zeroed, so it contributes nothing to the gradient. A grader timeout or
+  error already grades as 0 and is counted by the grader.
+- Dynamic sampling (DAPO, Yu et al. 2025) drops groups whose rewards are all equal (zero advantage: no
+  learning signal) and samples more prompts; after ``max_rounds`` generation rounds the batch is completed
+  with zero-std groups so that every step has the same shape.
+- Every optimizer step's global sequence and token counts are computed once per rollout batch (token counts
+  summed over processes), so each micro-batch's loss is normalised exactly as the full batch would be.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_align.data import build_shifted_sequences
+from hf_align.losses.grpo import group_normalize_rewards
+from hf_align.rollout.base import Rollout
+
+
+@dataclass
+class ScoredGroups:
+    """Completions of whole groups, flattened group-major (prompt 0's G samples, then prompt 1's, ...)."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    format_rewards: list[float] = field(default_factory=list)
+    answer_rewards: list[float] = field(default_factory=list)
+    valid: list[bool] = field(default_factory=list)  # False where the reward was not finite
+
+    def extend(self, other: ScoredGroups, start: int, stop: int) -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name)[start:stop])
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+def score_groups(
+    groups: list[list[Rollout]], answers: list, graders: list, weights: list[float]
+) -> tuple[ScoredGroups, int]:
+    """Grade every completion with every grader; returns the scored groups and the non-finite reward count."""
+    out = ScoredGroups()
+    truths = []
+    for group, answer in zip(groups, answers):
+        for r in group:
+            out.prompt_ids.append(r.prompt_ids)
+            out.completion_ids.append(r.completion_ids)
+            out.texts.append(r.text)
+            out.finish_reasons.append(r.finish_reason)
+            truths.append(answer)
+    totals = [0.0] * len(out.texts)
+    valid = [True] * len(out.texts)
+    for k, (grader, weight) in enumerate(zip(graders, weights)):
+        graded = grader.grade(out.texts, truths)
+        for i, d in enumerate(graded):
+            value = d.get("reward") if isinstance(d, dict) else None
+            if value is None or not math.isfinite(float(value)):
+                valid[i] = False
+                continue
+            totals[i] += weight * float(value)
+        if k == 0:
+            out.format_rewards = [float(d.get("format_reward", 0.0) or 0.0) for d in graded]
+            out.answer_rewards = [float(d.get("answer_reward", 0.0) or 0.0) for d in graded]
+    out.rewards = [t if v else 0.0 for t, v in zip(totals, valid)]
+    out.valid = valid
+    return out, valid.count(False)
+
+
+def group_has_signal(rewards: list[float], start: int, group_size: int) -> bool:
+    group = rewards[start : start + group_size]
+    return max(group) > min(group)
+
+
+def select_groups(
+    scored: ScoredGroups, group_size: int, keep: ScoredGroups, want: int, filler: ScoredGroups, dynamic: bool
+) -> None:
+    """Move whole groups into ``keep`` until it has ``want`` groups; zero-signal groups go to ``filler`` when
+    ``dynamic`` (to be used only if the rounds run out)."""
+    for start in range(0, len(scored), group_size):
+        if len(keep) >= want * group_size:
+            return
+        target = keep if (not dynamic or group_has_signal(scored.rewards, start, group_size)) else filler
+        target.extend(scored, start, start + group_size)
+
+
+def advantages_for(scored: ScoredGroups, group_size: int, eps: float, normalize_by_std: bool):
+    rewards_B = torch.tensor(scored.rewards, dtype=torch.float32)
+    advantages_B = group_normalize_rewards(rewards_B, group_size, eps, normalize_by_std)
+    advantages_B = advantages_B * torch.tensor(
+        scored.valid, dtype=torch.float32
+    )  # invalid rewards: no signal
+    return rewards_B, advantages_B
+
+
+def build_micro_batches(
+    scored: ScoredGroups,
+    rewards_B: torch.Tensor,
+    advantages_B: torch.Tensor,
+    pad_token_id: int,
+    micro_batch_size: int,
+    micro_batches_per_step: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Split this process's rollout batch into micro-batches (in order), each trimmed to its own length.
+
+    Each carries ``step_index``: which optimizer step (within one pass over the rollout batch) it belongs to.
+    """
+    batches = []
+    for i, start in enumerate(range(0, len(scored), micro_batch_size)):
+        sl = slice(start, start + micro_batch_size)
+        seqs = build_shifted_sequences(scored.prompt_ids[sl], scored.completion_ids[sl], pad_token_id)
+        seqs["advantages"] = advantages_B[sl]
+        seqs["raw_rewards"] = rewards_B[sl]
+        seqs["step_index"] = torch.tensor(i // micro_batches_per_step)
+        batches.append(seqs)
+    return batches
+
+
+def rollout_metrics(scored: ScoredGroups, group_size: int, max_completion_length: int) -> dict[str, float]:
+    rewards = torch.tensor(scored.rewards)
+    lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
+    groups = rewards.view(-1, group_size)  # (num_groups, G)
+    return {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "format_rate": sum(scored.format_rewards) / max(len(scored), 1),
+        "accuracy": sum(scored.answer_rewards) / max(len(scored), 1),
+        "zero_std_group_fraction": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+        "completion_length_mean": lengths.mean().item(),
+        "completion_length_max": lengths.max().item(),
+        "truncated_fraction": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
+    }

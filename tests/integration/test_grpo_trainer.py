@@ -1,0 +1,159 @@
+"""GRPOTrainer end to end on the tiny model with the HF generate engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_align.config import GRPOConfig
+from hf_align.trainers.grpo import GRPOTrainer
+from tests.conftest import build_model
+
+TARGET = "blue"
+
+
+def target_word_reward(response: str, ground_truth) -> dict[str, float]:
+    """A reward a random tiny model can learn: how often it says the target word (capped at 1)."""
+    hits = min(response.count(TARGET), 4) / 4
+    return {"format_reward": float(hits > 0), "answer_reward": 0.0, "reward": hits}
+
+
+ROWS = [{"question": q, "answer": "0"} for q in ["red", "green", "cat", "dog", "yes", "no", "good", "bad"]]
+
+
+def _config(tmp_path, template, **kw) -> GRPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        prompt_template=str(template),
+        rollout_batch_size=32,
+        group_size=8,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=2,
+        max_steps=20,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        max_completion_length=8,
+        stop_strings=[],
+        temperature=1.0,
+        grader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        max_prompt_length=64,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+@pytest.fixture()
+def template(tmp_path):
+    path = tmp_path / "colour.prompt"
+    path.write_text("Q: {question} A:")
+    return path
+
+
+def _rewards(trainer):
+    return [h["reward_mean"] for h in trainer.state.log_history if "reward_mean" in h]
+
+
+@pytest.mark.slow
+def test_reward_rises_and_parameters_change(tmp_path, tokenizer, template):
+    model = build_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = GRPOTrainer(
+        model,
+        _config(tmp_path, template),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+        reward_funcs=[target_word_reward],
+    )
+    trainer.train()
+    rewards = _rewards(trainer)
+    assert len(rewards) == 20
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.2, rewards
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    history = trainer.state.log_history
+    for key in ("loss", "grad_norm", "entropy", "completion_length_mean", "zero_std_group_fraction",
+                "time/generation_s", "time/grading_s", "time/training_s", "generation_tokens_per_s"):  # fmt: skip
+        assert any(key in h for h in history), key
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+def test_checkpoint_saved_and_resumed(tmp_path, tokenizer, template):
+    """Save at step 2, resume from it: the resumed run reproduces steps 3-4 of the uninterrupted one."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, plot_curves=False)
+    full = GRPOTrainer(
+        build_model(tokenizer), _config(tmp_path / "a", template, **kw), train_dataset=ROWS,
+        processing_class=tokenizer, reward_funcs=[target_word_reward],
+    )  # fmt: skip
+    full.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / "rollout_state_rank0.pt").is_file()
+
+    resumed = GRPOTrainer(
+        build_model(tokenizer, seed=123), _config(tmp_path / "a", template, **kw), train_dataset=ROWS,
+        processing_class=tokenizer, reward_funcs=[target_word_reward],
+    )  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+
+    def losses(t):
+        return {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}
+
+    got = {step: loss for step, loss in losses(resumed).items() if step > 2}  # 1-2 come from the checkpoint
+    want = losses(full)
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-7), (got, want)
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_dynamic_sampling_fills_batch_and_counts(tmp_path, tokenizer, template):
+    cfg = _config(tmp_path, template, max_steps=1, dynamic_sampling=True, max_dynamic_sampling_rounds=2,
+                  plot_curves=False)  # fmt: skip
+    trainer = GRPOTrainer(
+        build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+        reward_funcs=[target_word_reward],
+    )  # fmt: skip
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "dynamic_sampling_rounds" in h)
+    assert 1 <= logged["dynamic_sampling_rounds"] <= 2
+
+
+def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer, template):
+    cfg = _config(tmp_path, template, max_steps=4, epochs_per_rollout_batch=2, loss_type="grpo_clip",
+                  per_device_train_batch_size=8, plot_curves=False)  # fmt: skip
+    trainer = GRPOTrainer(
+        build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+        reward_funcs=[target_word_reward],
+    )  # fmt: skip
+    trainer.train()
+    ratios = [h["ratio_max"] for h in trainer.state.log_history if "ratio_max" in h]
+    assert ratios and all(r == r for r in ratios)
+    # two optimizer steps per pass x two passes over one rollout batch: one generation for 4 steps
+    gens = [h for h in trainer.state.log_history if "time/generation_s" in h]
+    assert len(gens) == 1, json.dumps(trainer.state.log_history)[:2000]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(rollout_batch_size=30), "multiple of group_size"),
+        (dict(per_device_train_batch_size=4, train_batch_size=16), "train_batch_size"),
+        (dict(epochs_per_rollout_batch=2), "off-policy"),
+        (dict(ratio_level="sequence"), "GSPO"),
+        (dict(cliprange_high=1.5), "cliprange_high"),
+        (dict(reward_funcs=["r1_zero"], reward_weights=[1.0, 2.0]), "reward_weights"),
+    ],
+)
+def test_config_validation(tmp_path, template, bad, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, template, **bad)
