@@ -186,7 +186,7 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
 
     One *rollout step* samples ``rollout_batch_size`` completions (``rollout_batch_size / group_size`` prompts,
     ``group_size`` samples each), grades them and computes advantages; then ``epochs_per_rollout_batch`` passes
-    over them make ``rollout_batch_size / train_batch_size`` optimizer steps each. ``max_steps`` counts optimizer
+    over them make ``rollout_batch_size / optimizer_batch_size`` optimizer steps each. ``max_steps`` counts optimizer
     steps, as everywhere in transformers. With several processes each generates its share of the prompts.
     """
 
@@ -200,11 +200,11 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     # --- rollouts
     rollout_batch_size: int = field(default=256, metadata={"help": "Completions sampled per rollout step."})
     group_size: int = field(default=8, metadata={"help": "Completions per prompt (the group of GRPO)."})
-    train_batch_size: int | None = field(
+    optimizer_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Completions per optimizer step = per_device_train_batch_size x gradient_accumulation_steps x "
-            "processes. None: derived from those."
+            "help": "Completions per optimizer step (the seed's train_batch_size) = per_device_train_batch_size x "
+            "gradient_accumulation_steps x processes. None: derived from those."
         },
     )
     epochs_per_rollout_batch: int = field(
@@ -314,18 +314,18 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
                 f"({self.group_size}): every prompt gets a full group"
             )
         derived = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
-        if self.train_batch_size is None:
-            self.train_batch_size = derived
-        elif self.train_batch_size != derived:
+        if self.optimizer_batch_size is None:
+            self.optimizer_batch_size = derived
+        elif self.optimizer_batch_size != derived:
             raise ValueError(
-                f"train_batch_size ({self.train_batch_size}) must equal per_device_train_batch_size "
+                f"optimizer_batch_size ({self.optimizer_batch_size}) must equal per_device_train_batch_size "
                 f"({self.per_device_train_batch_size}) x gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps}) x processes ({self.world_size}) = {derived}"
             )
-        if self.rollout_batch_size % self.train_batch_size:
+        if self.rollout_batch_size % self.optimizer_batch_size:
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of train_batch_size "
-                f"({self.train_batch_size})"
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of optimizer_batch_size "
+                f"({self.optimizer_batch_size})"
             )
         if self.rollout_batch_size % (self.group_size * self.world_size):
             raise ValueError(
@@ -355,4 +355,4 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     @property
     def steps_per_rollout(self) -> int:
         """Optimizer steps made from one rollout batch."""
-        return self.epochs_per_rollout_batch * (self.rollout_batch_size // self.train_batch_size)
+        return self.epochs_per_rollout_batch * (self.rollout_batch_size // self.optimizer_batch_size)

@@ -5,7 +5,7 @@ The loop, in one paragraph: each rollout step takes the next ``rollout_batch_siz
 a colocated vLLM, or a vLLM server; the engine gets the trained weights whenever an optimizer step has
 happened since the last sync), grades them in the grader's worker pool, normalises rewards within each
 group into advantages, and cuts the batch into micro-batches. Trainer's own loop then runs
-``epochs_per_rollout_batch x rollout_batch_size / train_batch_size`` optimizer steps of
+``epochs_per_rollout_batch x rollout_batch_size / optimizer_batch_size`` optimizer steps of
 ``gradient_accumulation_steps`` micro-batches over it; ``_prepare_inputs`` hands out the micro-batches and
 ``compute_loss`` applies ``hf_align.losses.grpo.policy_loss`` with the optimizer step's global counts (so
 every reduction is exact under any micro-batch / accumulation / process split) times the number of
@@ -91,7 +91,7 @@ class GRPOTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            train_dataset=_Placeholder(args.max_steps * args.train_batch_size),
+            train_dataset=_Placeholder(args.max_steps * args.optimizer_batch_size),
             eval_dataset=_Placeholder(len(eval_dataset))
             if eval_dataset
             else None,  # evaluate() uses the rows
@@ -292,7 +292,7 @@ class GRPOTrainer(Trainer):
             tokens = self.accelerator.reduce(tokens, reduction="sum")
         for b in micro:
             b["num_tokens"] = tokens[b["step_index"]].float().cpu()
-            b["num_sequences"] = torch.tensor(float(self.args.train_batch_size))
+            b["num_sequences"] = torch.tensor(float(self.args.optimizer_batch_size))
 
     def _logps(self, model, b: dict, with_entropy: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
         device = self.accelerator.device

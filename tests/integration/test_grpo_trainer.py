@@ -20,6 +20,11 @@ def target_word_reward(response: str, ground_truth) -> dict[str, float]:
     return {"format_reward": float(hits > 0), "answer_reward": 0.0, "reward": hits}
 
 
+def letter_e_reward(response: str, ground_truth) -> dict[str, float]:
+    """Continuous (almost never tied within a group), so every group carries a learning signal."""
+    return {"reward": response.count("e") / max(len(response), 1)}
+
+
 ROWS = [{"question": q, "answer": "0"} for q in ["red", "green", "cat", "dog", "yes", "no", "good", "bad"]]
 
 
@@ -147,7 +152,7 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer, template):
     "bad, message",
     [
         (dict(rollout_batch_size=30), "multiple of group_size"),
-        (dict(per_device_train_batch_size=4, train_batch_size=16), "train_batch_size"),
+        (dict(per_device_train_batch_size=4, optimizer_batch_size=16), "optimizer_batch_size"),
         (dict(epochs_per_rollout_batch=2), "off-policy"),
         (dict(ratio_level="sequence"), "GSPO"),
         (dict(cliprange_high=1.5), "cliprange_high"),
@@ -157,3 +162,51 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer, template):
 def test_config_validation(tmp_path, template, bad, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, template, **bad)
+
+
+class GradCapture:
+    """TrainerCallback-compatible: copies gradients right before the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def __getattr__(self, name):  # every other callback event is a no-op
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
+
+
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean", "constant"])
+def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, template, reduction):
+    """One optimizer step over the same 8 rollouts, split 8x1, 4x2, 1x8: identical gradients (1e-6)."""
+    grads = {}
+    for micro, accum in [(8, 1), (4, 2), (1, 8)]:
+        cap = GradCapture()
+        cfg = _config(
+            tmp_path / f"{micro}x{accum}", template, max_steps=1, rollout_batch_size=8,
+            per_device_train_batch_size=micro, gradient_accumulation_steps=accum, loss_reduction=reduction,
+            max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
+        )  # fmt: skip
+        trainer = GRPOTrainer(
+            build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+            reward_funcs=[letter_e_reward], callbacks=[cap],
+        )  # fmt: skip
+        trainer.train()
+        grads[(micro, accum)] = cap.grads
+    ref = grads[(8, 1)]
+    assert ref and any(g.abs().sum() > 0 for g in ref.values())
+    for split, g in grads.items():
+        for name in ref:
+            diff = (g[name] - ref[name]).abs().max().item()
+            assert diff <= 1e-6 + 1e-5 * ref[name].abs().max().item(), (
+                split,
+                name,
+                diff,
+                ref[name].abs().max().item(),
+            )
