@@ -89,3 +89,17 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Release the engine's resources; it cannot generate afterwards."""
         ...
+
+
+def check_prompt_lengths(
+    prompt_ids: list[list[int]], max_new_tokens: int, limit: int | None, limit_name: str = "engine's max_model_len"
+) -> None:
+    """Every engine refuses, before generating, an empty prompt or one that cannot fit ``max_new_tokens`` more."""
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"{limit_name}={limit}: shorten the prompt or lower max_new_tokens"
+            )

@@ -41,7 +41,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig
+from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +175,7 @@ class HFEngine:
         config = _unwrap(self.model).config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         limit = getattr(text_config, "max_position_embeddings", None)
-        for i, ids in enumerate(prompt_ids):
-            if not ids:
-                raise ValueError(f"prompt {i} is empty after tokenization")
-            if limit is not None and len(ids) + max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                    f"model's max_position_embeddings={limit}: shorten the prompt or lower max_new_tokens"
-                )
+        check_prompt_lengths(prompt_ids, max_new_tokens, limit, "model's max_position_embeddings")
 
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
         kwargs = dict(

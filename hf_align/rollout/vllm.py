@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig
+from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths
 from hf_align.rollout.hf import find_stop
 
 logger = logging.getLogger(__name__)
@@ -224,17 +224,6 @@ def finish_completion(
     else:
         completion, text, reason = ids, decode(ids), "length"
     return completion, text, (None if logprobs is None else logprobs[: len(completion)]), reason
-
-
-def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit: int | None) -> None:
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty after tokenization")
-        if limit is not None and len(ids) + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"engine's max_model_len={limit}: shorten the prompt or lower max_new_tokens"
-            )
 
 
 def prompt_seed(sampling: SamplingConfig, prompt_index: int) -> int | None:

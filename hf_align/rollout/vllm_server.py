@@ -38,12 +38,11 @@ from typing import Any
 
 import torch
 
-from hf_align.rollout.base import Rollout, SamplingConfig
+from hf_align.rollout.base import Rollout, SamplingConfig, check_prompt_lengths
 from hf_align.rollout.vllm import (
     CPU_KV_CACHE_BYTES,
     LOAD_METHOD,
     WORKER_EXTENSION,
-    check_prompt_lengths,
     eos_token_ids,
     finish_completion,
     prompt_seed,
