@@ -151,9 +151,21 @@ REWARD_FUNCTIONS: dict[str, Callable[[str, Any], RewardDict]] = {
 
 
 def get_reward_fn(name_or_fn: str | Callable[[str, Any], RewardDict]) -> Callable[[str, Any], RewardDict]:
-    """Look a reward function up by name in `REWARD_FUNCTIONS`, or return a callable unchanged."""
+    """Look a reward function up by name in `REWARD_FUNCTIONS`, import it from a ``"package.module:function"``
+    path (your own reward in a YAML config), or return a callable unchanged."""
     if callable(name_or_fn):
         return name_or_fn
+    if isinstance(name_or_fn, str) and ":" in name_or_fn:
+        import importlib
+
+        module_name, _, attr = name_or_fn.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import reward function {name_or_fn!r}: {e}") from e
+        if not callable(fn):
+            raise ValueError(f"reward function {name_or_fn!r} is not callable")
+        return fn
     try:
         return REWARD_FUNCTIONS[name_or_fn]
     except KeyError:

@@ -76,9 +76,9 @@ def _worker_main(task_fd: int, result_fd: int) -> None:
         if max_memory_mb:
             _limit_memory(max_memory_mb)
         from hf_align.rewards import grader
-        from hf_align.rewards.math import REWARD_FUNCTIONS
+        from hf_align.rewards.math import get_reward_fn
 
-        fn = REWARD_FUNCTIONS[fn_spec] if isinstance(fn_spec, str) else pickle.loads(fn_spec)
+        fn = get_reward_fn(fn_spec) if isinstance(fn_spec, str) else pickle.loads(fn_spec)
         grader.warm_up()
     except Exception as exc:  # report why we cannot serve, then exit
         results.send(("init_error", f"{type(exc).__name__}: {exc}"))

@@ -36,6 +36,9 @@ class SamplingConfig:
     min_new_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # One seed per prompt (overrides `seed`): the samples of a prompt then depend only on that prompt's seed,
+    # not on which other prompts share the call, so a trainer gets the same rollouts whatever its process layout.
+    prompt_seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -91,8 +94,19 @@ class RolloutEngine(Protocol):
         ...
 
 
+def prompt_seed(sampling: SamplingConfig, prompt_index: int) -> int | None:
+    """The seed every engine uses for prompt ``prompt_index`` of a call: ``prompt_seeds[i]`` when given,
+    else ``seed + i * n`` (engines add the sample index within the group where they can), else None."""
+    if sampling.prompt_seeds is not None:
+        return sampling.prompt_seeds[prompt_index]
+    return None if sampling.seed is None else sampling.seed + prompt_index * sampling.n
+
+
 def check_prompt_lengths(
-    prompt_ids: list[list[int]], max_new_tokens: int, limit: int | None, limit_name: str = "engine's max_model_len"
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    limit: int | None,
+    limit_name: str = "engine's max_model_len",
 ) -> None:
     """Every engine refuses, before generating, an empty prompt or one that cannot fit ``max_new_tokens`` more."""
     for i, ids in enumerate(prompt_ids):

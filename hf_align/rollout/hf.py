@@ -41,7 +41,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths
+from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths, prompt_seed
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +139,22 @@ class HFEngine:
         results: list[list[Rollout]] = []
         model = _unwrap(self.model)
         device = next(model.parameters()).device
-        seeded = sampling.seed is not None
+        seeded = sampling.seed is not None or sampling.prompt_seeds is not None
         rng = (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
             if seeded
             else nullcontext()
         )
+        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompt_ids):
+            raise ValueError(f"{len(sampling.prompt_seeds)} prompt_seeds for {len(prompt_ids)} prompts")
         with rng, torch.no_grad(), _eval_mode(self.model):
+            if sampling.prompt_seeds is not None:
+                # generate's sampler draws from one global RNG for the whole batch: per-prompt seeds mean one
+                # prompt (its n samples) per call.
+                for i, ids in enumerate(prompt_ids):
+                    torch.manual_seed(prompt_seed(sampling, i))
+                    results.extend(self._generate_batch(model, device, [ids], i, sampling))
+                return results
             if seeded:
                 torch.manual_seed(sampling.seed)
             for start in range(0, len(prompt_ids), per_batch):

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths
+from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths, prompt_seed
 from hf_align.rollout.hf import find_stop
 
 logger = logging.getLogger(__name__)
@@ -224,10 +224,6 @@ def finish_completion(
     else:
         completion, text, reason = ids, decode(ids), "length"
     return completion, text, (None if logprobs is None else logprobs[: len(completion)]), reason
-
-
-def prompt_seed(sampling: SamplingConfig, prompt_index: int) -> int | None:
-    return None if sampling.seed is None else sampling.seed + prompt_index * sampling.n
 
 
 class VLLMEngine:

@@ -38,14 +38,13 @@ from typing import Any
 
 import torch
 
-from hf_align.rollout.base import Rollout, SamplingConfig, check_prompt_lengths
+from hf_align.rollout.base import Rollout, SamplingConfig, check_prompt_lengths, prompt_seed
 from hf_align.rollout.vllm import (
     CPU_KV_CACHE_BYTES,
     LOAD_METHOD,
     WORKER_EXTENSION,
     eos_token_ids,
     finish_completion,
-    prompt_seed,
     write_safetensors,
 )
 

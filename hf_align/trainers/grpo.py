@@ -157,13 +157,11 @@ class GRPOTrainer(Trainer):
             )
         return self._engine
 
-    def _sampling(self) -> SamplingConfig:
+    def _sampling(self, positions: list[int] | None = None) -> SamplingConfig:
+        """Sampling settings; with ``positions`` (global prompt positions) each prompt gets its own seed, so the
+        rollouts are the same whatever the number of processes or the generation batch size."""
         a = self.args
-        seed = (
-            None
-            if a.seed is None
-            else a.seed * 1_000_003 + self._prompt_cursor * 31 + self.accelerator.process_index
-        )
+        seeds = None if positions is None else [a.seed * 1_000_003 + p for p in positions]
         return SamplingConfig(
             n=a.group_size,
             max_new_tokens=a.max_completion_length,
@@ -172,7 +170,8 @@ class GRPOTrainer(Trainer):
             top_k=a.top_k,
             min_new_tokens=a.min_completion_length,
             stop=list(a.stop_strings),
-            seed=seed,
+            seed=a.seed,
+            prompt_seeds=seeds,
         )
 
     def _next_prompts(self, count: int) -> list[dict]:
@@ -201,7 +200,7 @@ class GRPOTrainer(Trainer):
                         "every prompt exceeds max_prompt_length: raise it or shorten the prompts"
                     )
                 continue
-            out.append({"prompt": prompt, "answer": row["answer"]})
+            out.append({"prompt": prompt, "answer": row["answer"], "position": position})
         return out
 
     def _sync_engine(self) -> None:
@@ -225,7 +224,8 @@ class GRPOTrainer(Trainer):
             need = want_groups - len(keep) // a.group_size
             prompts = self._next_prompts(need)
             start = time.perf_counter()
-            groups = self.engine.generate([p["prompt"] for p in prompts], self._sampling())
+            sampling = self._sampling([p["position"] for p in prompts])
+            groups = self.engine.generate([p["prompt"] for p in prompts], sampling)
             gen_time += time.perf_counter() - start
             tokens += sum(len(r.completion_ids) for g in groups for r in g)
             start = time.perf_counter()
@@ -355,10 +355,16 @@ class GRPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(k.startswith("eval_") for k in logs):
-            for key, values in self._metrics.items():
-                if values:
-                    reduce = sum if key.startswith("time/") else (lambda v: sum(v) / len(v))
-                    logs[key] = reduce(values)
+            # Every process logs the same keys (same code path), so one collective averages them all.
+            keys = sorted(k for k, v in self._metrics.items() if v)
+            local = [
+                sum(v) if k.startswith("time/") else sum(v) / len(v)
+                for k, v in ((k, self._metrics[k]) for k in keys)
+            ]
+            values = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
+            if self.accelerator.num_processes > 1 and keys:
+                values = self.accelerator.reduce(values, reduction="mean")
+            logs.update(zip(keys, values.tolist()))
             self._metrics.clear()
         super().log(logs, start_time)
 
@@ -376,7 +382,7 @@ class GRPOTrainer(Trainer):
         self._sync_engine()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         sampling = self._sampling()
-        sampling.n, sampling.temperature, sampling.seed = 1, self.args.eval_temperature, self.args.seed
+        sampling.n, sampling.temperature = 1, self.args.eval_temperature
         summary = run_eval(
             self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
         )

@@ -113,9 +113,11 @@ class SFTTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        for key, values in self._metrics[mode].items():
-            if values:
-                name = f"eval_{key}" if mode == "eval" else key
-                logs[name] = sum(values) / len(values)
+        keys = sorted(k for k, v in self._metrics[mode].items() if v)  # same keys on every process
+        values = torch.tensor([sum(self._metrics[mode][k]) / len(self._metrics[mode][k]) for k in keys],
+                              dtype=torch.float64, device=self.accelerator.device)  # fmt: skip
+        if self.accelerator.num_processes > 1 and keys:
+            values = self.accelerator.reduce(values, reduction="mean")
+        logs.update({(f"eval_{k}" if mode == "eval" else k): v for k, v in zip(keys, values.tolist())})
         self._metrics[mode].clear()
         super().log(logs, start_time)

@@ -210,3 +210,52 @@ def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, templ
                 diff,
                 ref[name].abs().max().item(),
             )
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
+    """accelerate multi_cpu (2 processes x 4 x accumulation 2) == 1 process (8 x 2) at global batch 16, for two
+    steps: same rollouts (seeded per prompt position), same loss and gradient norm."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    model_dir = tmp_path / "model"
+    build_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def run(launcher: list[str], out: Path, micro: int) -> dict[int, dict]:
+        cmd = launcher + [
+            str(repo / "recipes" / "grpo.py"),
+            "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--dataset_kind", "qa",
+            "--output_dir", str(out), "--prompt_template", str(template),
+            "--reward_funcs", "tests.integration.test_grpo_trainer:letter_e_reward", "--grader_num_workers", "0",
+            "--rollout_batch_size", "16", "--group_size", "8",
+            "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", "2",
+            "--max_steps", "2", "--learning_rate", "1e-2", "--max_completion_length", "6",
+            "--max_prompt_length", "64", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+            "--plot_curves", "false", "--seed", "0",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return {h["step"]: h for h in history if "loss" in h}
+
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    one = run(accelerate + ["--num_processes", "1", "--cpu"], tmp_path / "one", 8)
+    two = run(
+        accelerate + ["--config_file", str(repo / "accelerate_configs" / "multi_cpu.yaml")],
+        tmp_path / "two",
+        4,
+    )
+    assert set(one) == set(two) == {1, 2}
+    for step in (1, 2):
+        assert two[step]["reward_mean"] == pytest.approx(one[step]["reward_mean"], rel=1e-6)
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-7)
+        assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5)
+        assert one[step]["grad_norm"] > 0
