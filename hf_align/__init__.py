@@ -28,6 +28,13 @@ _LAZY = {
     "ModelArguments": "hf_align.config",
     "ScriptArguments": "hf_align.config",
     "SFTTrainer": "hf_align.trainers.sft",
+    "GRPOConfig": "hf_align.config",
+    "GRPOTrainer": "hf_align.trainers.grpo",
+    "DPOConfig": "hf_align.config",
+    "DPOTrainer": "hf_align.trainers.dpo",
+    "RewardConfig": "hf_align.config",
+    "RewardTrainer": "hf_align.trainers.reward_model",
+    "per_instance_dpo_loss": "hf_align.dpo_instance",
     "load_model_and_tokenizer": "hf_align.modeling",
 }
 

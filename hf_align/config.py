@@ -356,3 +356,122 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     def steps_per_rollout(self) -> int:
         """Optimizer steps made from one rollout batch."""
         return self.epochs_per_rollout_batch * (self.rollout_batch_size // self.optimizer_batch_size)
+
+
+@dataclass
+class DPOConfig(_CPUSafeMixin, TrainingArguments):
+    """Direct preference optimisation (and its sigmoid / robust / hinge / IPO variants) on preference pairs."""
+
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
+    )
+    learning_rate: float = field(
+        default=5e-7, metadata={"help": "AdamW learning rate (DPO uses small ones)."}
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "Inverse temperature of the implicit reward (KL strength); IPO's tau."}
+    )
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = field(
+        default="sigmoid", metadata={"help": "Preference loss (hf_align.losses.dpo.DPO_LOSSES)."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Assumed label-flip probability in [0, 0.5): cDPO (sigmoid) or rDPO (robust)."},
+    )
+    max_length: int = field(default=1024, metadata={"help": "Tokens of prompt + response, per answer."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts longer than this keep their LAST max_prompt_length tokens."}
+    )
+    ref_mode: Literal["copy", "adapter_disabled", "precomputed"] = field(
+        default="copy",
+        metadata={
+            "help": "Reference policy. copy: a frozen copy of the initial model (or ref_model); adapter_disabled: "
+            "the policy with its LoRA adapters off (no second model; needs use_peft); precomputed: reference "
+            "log-probs computed once over the data before training and stored in the examples."
+        },
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (a string or messages)."})
+    chosen_field: str = field(default="chosen", metadata={"help": "Preferred answer column."})
+    rejected_field: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template name in data/prompts (e.g. alpaca_sft) or a file, applied to plain prompts."
+        },
+    )
+    use_chat_template: bool = field(
+        default=False, metadata={"help": "Format rows with the tokenizer's chat template."}
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Set every dropout to 0 so policy and reference log-probs are deterministic."},
+    )
+    precompute_batch_size: int = field(
+        default=8, metadata={"help": "Pairs per forward when ref_mode=precomputed fills the reference cache."}
+    )
+    logprob_chunk_tokens: int = field(
+        default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep our tokenized columns as they are."}
+    )
+
+    def __post_init__(self):
+        self._resolve_precision()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(
+                f"label_smoothing applies to loss_type sigmoid or robust; set it to 0 for {self.loss_type!r}."
+            )
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length}) "
+                "so that every answer keeps at least one token."
+            )
+        super().__post_init__()
+
+
+@dataclass
+class RewardConfig(_CPUSafeMixin, TrainingArguments):
+    """Bradley-Terry reward model: a sequence classifier with one output scored on chosen vs rejected answers."""
+
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Tokens of prompt + response, per answer."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts longer than this keep their LAST max_prompt_length tokens."}
+    )
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2), which keeps rewards centred (0: off)."}
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (a string or messages)."})
+    chosen_field: str = field(default="chosen", metadata={"help": "Preferred answer column."})
+    rejected_field: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template name in data/prompts (e.g. alpaca_sft) or a file, applied to plain prompts."
+        },
+    )
+    use_chat_template: bool = field(
+        default=False, metadata={"help": "Format rows with the tokenizer's chat template."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep our tokenized columns as they are."}
+    )
+
+    def __post_init__(self):
+        self._resolve_precision()
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})."
+            )
+        if self.center_rewards_coefficient < 0:
+            raise ValueError(
+                f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}."
+            )
+        super().__post_init__()

@@ -1,0 +1,89 @@
+"""Bradley-Terry reward model: a one-output sequence classifier trained on preference pairs.
+
+accelerate launch recipes/reward_model.py --config recipes/configs/reward_model/smollm2_cpu.yaml [--field value ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from transformers import AutoModelForSequenceClassification, set_seed
+
+from hf_align.cli import parse_args
+from hf_align.config import ModelArguments, RewardConfig, ScriptArguments
+from hf_align.modeling import load_tokenizer, lora_config_from_args, resolve_dtype, wrap_lora
+from hf_align.trainers.dpo import load_preference_rows, tokenize_preference_dataset
+from hf_align.trainers.reward_model import RewardTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def load_reward_model(model_args: ModelArguments):
+    """``AutoModelForSequenceClassification`` with one output (a fresh score head), its tokenizer, and LoRA
+    (the score head fully trained) when ``use_peft``."""
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
+        revision=model_args.revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    kwargs = {"num_labels": 1, "dtype": resolve_dtype(model_args.dtype), "revision": model_args.revision}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.gguf_file:
+        kwargs["gguf_file"] = model_args.gguf_file
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **kwargs
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    if model_args.use_peft:
+        model = wrap_lora(model, dataclasses.replace(lora_config_from_args(model_args), task_type="SEQ_CLS"))
+    return model, tokenizer
+
+
+def build_dataset(source: str, split: str, script_args, cfg, tokenizer, max_rows: int | None) -> list[dict]:
+    rows = load_preference_rows(
+        source,
+        split=split,
+        prompt_field=cfg.prompt_field,
+        chosen_field=cfg.chosen_field,
+        rejected_field=cfg.rejected_field,
+        on_error=script_args.on_bad_rows,
+        max_rows=max_rows,
+    )
+    examples, stats = tokenize_preference_dataset(
+        rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_template, cfg.use_chat_template
+    )
+    logger.info("%s: %d pairs (%s)", source, len(examples), stats)
+    return examples
+
+
+def main(argv: list[str] | None = None) -> RewardTrainer:
+    model_args, script_args, cfg = parse_args((ModelArguments, ScriptArguments, RewardConfig), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if script_args.dataset_name is None:
+        raise ValueError("dataset_name is required: a .jsonl path or a Hub dataset id with preference pairs")
+    set_seed(cfg.seed)
+    model, tokenizer = load_reward_model(model_args)
+    s = script_args
+    train = build_dataset(s.dataset_name, s.dataset_split, s, cfg, tokenizer, s.max_train_samples)
+    evals = None
+    if s.eval_dataset_name:
+        evals = build_dataset(
+            s.eval_dataset_name, s.eval_dataset_split, s, cfg, tokenizer, s.max_eval_samples
+        )
+    trainer = RewardTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    if evals is not None:
+        logger.info("held-out pair accuracy: %.3f", trainer.evaluate()["eval_accuracy"])
+    trainer.save_state()
+    trainer.save_model(cfg.output_dir)
+    if cfg.push_to_hub:
+        trainer.push_to_hub()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
