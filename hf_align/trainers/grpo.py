@@ -403,6 +403,9 @@ class GRPOTrainer(Trainer):
             f"{metric_key_prefix}_mean_reward": rew,
         }
         self.log(metrics)
+        # As Trainer.evaluate does: callbacks see the metrics, and the pending-evaluation flag is cleared (without
+        # this the epoch-end hook evaluates a second time).
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _save_checkpoint(self, model, trial):

@@ -259,3 +259,15 @@ def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-7)
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5)
         assert one[step]["grad_norm"] > 0
+
+
+def test_evaluation_runs_once_per_eval_step(tmp_path, tokenizer, template):
+    cfg = _config(tmp_path, template, max_steps=2, eval_strategy="steps", eval_steps=2, eval_on_start=True,
+                  max_completion_length=4, plot_curves=False)  # fmt: skip
+    trainer = GRPOTrainer(
+        build_model(tokenizer), cfg, train_dataset=ROWS, eval_dataset=ROWS[:2], processing_class=tokenizer,
+        reward_funcs=[target_word_reward],
+    )  # fmt: skip
+    trainer.train()
+    evals = [h["step"] for h in trainer.state.log_history if "eval_mean_reward" in h]
+    assert evals == [0, 2]
