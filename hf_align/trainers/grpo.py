@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -211,37 +212,51 @@ class GRPOTrainer(Trainer):
         self._synced_step = self.state.global_step
         self._metrics["time/weight_sync_s"].append(time.perf_counter() - start)
 
+    @contextmanager
+    def _engine_awake(self):
+        """A colocated vLLM in sleep mode is woken for syncing and sampling and put back to sleep for training,
+        so its KV cache (and, at level 1, its weights) do not sit in GPU memory during the backward pass."""
+        sleepy = self.args.vllm_enable_sleep_mode and hasattr(self.engine, "sleep")
+        if sleepy:
+            self.engine.wake_up()
+        try:
+            yield
+        finally:
+            if sleepy:
+                self.engine.sleep()
+
     def _make_rollout_batch(self) -> None:
         a = self.args
         world = self.accelerator.num_processes
         want_groups = a.rollout_batch_size // a.group_size // world
-        self._sync_engine()
-        keep, filler = R.ScoredGroups(), R.ScoredGroups()
-        gen_time = grade_time = 0.0
-        tokens = nonfinite = rounds = 0
-        while len(keep) < want_groups * a.group_size and rounds < max(1, a.max_dynamic_sampling_rounds):
-            rounds += 1
-            need = want_groups - len(keep) // a.group_size
-            prompts = self._next_prompts(need)
-            start = time.perf_counter()
-            sampling = self._sampling([p["position"] for p in prompts])
-            groups = self.engine.generate([p["prompt"] for p in prompts], sampling)
-            gen_time += time.perf_counter() - start
-            tokens += sum(len(r.completion_ids) for g in groups for r in g)
-            start = time.perf_counter()
-            scored, bad = R.score_groups(
-                groups, [p["answer"] for p in prompts], self.graders, self.reward_weights
-            )
-            grade_time += time.perf_counter() - start
-            nonfinite += bad
-            if rounds == 1:
-                for k, v in R.rollout_metrics(scored, a.group_size, a.max_completion_length).items():
-                    self._metrics[k].append(v)
-            R.select_groups(scored, a.group_size, keep, want_groups, filler, a.dynamic_sampling)
-            if not a.dynamic_sampling:
-                break
-        if len(keep) < want_groups * a.group_size:  # dynamic sampling ran out of rounds
-            keep.extend(filler, 0, want_groups * a.group_size - len(keep))
+        with self._engine_awake():
+            self._sync_engine()
+            keep, filler = R.ScoredGroups(), R.ScoredGroups()
+            gen_time = grade_time = 0.0
+            tokens = nonfinite = rounds = 0
+            while len(keep) < want_groups * a.group_size and rounds < max(1, a.max_dynamic_sampling_rounds):
+                rounds += 1
+                need = want_groups - len(keep) // a.group_size
+                prompts = self._next_prompts(need)
+                start = time.perf_counter()
+                sampling = self._sampling([p["position"] for p in prompts])
+                groups = self.engine.generate([p["prompt"] for p in prompts], sampling)
+                gen_time += time.perf_counter() - start
+                tokens += sum(len(r.completion_ids) for g in groups for r in g)
+                start = time.perf_counter()
+                scored, bad = R.score_groups(
+                    groups, [p["answer"] for p in prompts], self.graders, self.reward_weights
+                )
+                grade_time += time.perf_counter() - start
+                nonfinite += bad
+                if rounds == 1:
+                    for k, v in R.rollout_metrics(scored, a.group_size, a.max_completion_length).items():
+                        self._metrics[k].append(v)
+                R.select_groups(scored, a.group_size, keep, want_groups, filler, a.dynamic_sampling)
+                if not a.dynamic_sampling:
+                    break
+            if len(keep) < want_groups * a.group_size:  # dynamic sampling ran out of rounds
+                keep.extend(filler, 0, want_groups * a.group_size - len(keep))
         rewards_B, advantages_B = R.advantages_for(keep, a.group_size, a.advantage_eps, a.normalize_by_std)
         micro = R.build_micro_batches(
             keep, rewards_B, advantages_B, self.processing_class.pad_token_id,
@@ -379,13 +394,14 @@ class GRPOTrainer(Trainer):
         rows = rows[: self.args.eval_max_examples] if self.args.eval_max_examples else rows
         if not rows:
             return {}
-        self._sync_engine()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         sampling = self._sampling()
         sampling.n, sampling.temperature = 1, self.args.eval_temperature
-        summary = run_eval(
-            self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
-        )
+        with self._engine_awake():
+            self._sync_engine()
+            summary = run_eval(
+                self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
+            )
         local = (
             torch.tensor(
                 [summary["accuracy"], summary["format_rate"], summary["mean_reward"]],
