@@ -42,6 +42,7 @@ from hf_align.data import (
 )
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.dpo import dpo_loss, sequence_logps, split_concatenated
+from hf_align.trainers.metrics import global_sum, merge_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +303,7 @@ class DPOTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Preference pairs in this optimizer step (each batch holds 2B rows), over all processes."""
-        count = torch.as_tensor(sum(b["input_ids"].shape[0] // 2 for b in batch_samples), device=device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        return count
+        return global_sum(self.accelerator, sum(b["input_ids"].shape[0] // 2 for b in batch_samples), device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy_chosen_B, policy_rejected_B = self._pair_logps(model, inputs)
@@ -338,8 +336,5 @@ class DPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        for key, values in self._metrics[mode].items():
-            if values:
-                logs[f"eval_{key}" if mode == "eval" else key] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        logs.update(merge_metrics(self.accelerator, self._metrics[mode], "eval_" if mode == "eval" else ""))
         super().log(logs, start_time)

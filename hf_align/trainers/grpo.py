@@ -42,6 +42,7 @@ from hf_align.losses.grpo import policy_loss
 from hf_align.rewards import Grader
 from hf_align.rollout import SamplingConfig, make_engine
 from hf_align.trainers import grpo_rollouts as R
+from hf_align.trainers.metrics import merge_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -370,17 +371,7 @@ class GRPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(k.startswith("eval_") for k in logs):
-            # Every process logs the same keys (same code path), so one collective averages them all.
-            keys = sorted(k for k, v in self._metrics.items() if v)
-            local = [
-                sum(v) if k.startswith("time/") else sum(v) / len(v)
-                for k, v in ((k, self._metrics[k]) for k in keys)
-            ]
-            values = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
-            if self.accelerator.num_processes > 1 and keys:
-                values = self.accelerator.reduce(values, reduction="mean")
-            logs.update(zip(keys, values.tolist()))
-            self._metrics.clear()
+            logs.update(merge_metrics(self.accelerator, self._metrics))
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation, checkpoints, curves

@@ -25,6 +25,7 @@ from transformers import EvalPrediction, Trainer
 from hf_align.config import RewardConfig
 from hf_align.losses.dpo import split_concatenated
 from hf_align.losses.reward_model import bradley_terry_loss
+from hf_align.trainers.metrics import global_sum, merge_metrics
 
 
 @dataclass
@@ -97,10 +98,7 @@ class RewardTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Preference pairs in this optimizer step (each batch holds 2B rows), over all processes."""
-        count = torch.as_tensor(sum(b["input_ids"].shape[0] // 2 for b in batch_samples), device=device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        return count
+        return global_sum(self.accelerator, sum(b["input_ids"].shape[0] // 2 for b in batch_samples), device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
@@ -129,9 +127,7 @@ class RewardTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        for key, values in self._metrics[mode].items():
-            if values:
-                name = f"eval_batch_{key}" if mode == "eval" else key
-                logs[name] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        logs.update(
+            merge_metrics(self.accelerator, self._metrics[mode], "eval_batch_" if mode == "eval" else "")
+        )
         super().log(logs, start_time)

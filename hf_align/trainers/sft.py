@@ -25,6 +25,7 @@ from transformers import Trainer
 from hf_align.config import SFTConfig
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.sft import sft_loss
+from hf_align.trainers.metrics import global_sum, merge_metrics
 
 
 class SFTTrainer(Trainer):
@@ -69,11 +70,9 @@ class SFTTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Response tokens (shifted labels != -100) in this optimizer step, over all processes."""
-        count = sum((batch["labels"][:, 1:] != -100).sum() for batch in batch_samples)
-        count = torch.as_tensor(count, device=device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        return count
+        return global_sum(
+            self.accelerator, sum((b["labels"][:, 1:] != -100).sum() for b in batch_samples), device
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"][:, :-1]
@@ -113,11 +112,5 @@ class SFTTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        keys = sorted(k for k, v in self._metrics[mode].items() if v)  # same keys on every process
-        values = torch.tensor([sum(self._metrics[mode][k]) / len(self._metrics[mode][k]) for k in keys],
-                              dtype=torch.float64, device=self.accelerator.device)  # fmt: skip
-        if self.accelerator.num_processes > 1 and keys:
-            values = self.accelerator.reduce(values, reduction="mean")
-        logs.update({(f"eval_{k}" if mode == "eval" else k): v for k, v in zip(keys, values.tolist())})
-        self._metrics[mode].clear()
+        logs.update(merge_metrics(self.accelerator, self._metrics[mode], "eval_" if mode == "eval" else ""))
         super().log(logs, start_time)

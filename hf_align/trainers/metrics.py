@@ -1,0 +1,28 @@
+"""Glue shared by the trainers: per-step metric buffers merged across processes, and global counts.
+
+Metrics are recorded per micro-batch on each process; at logging time each key is averaged over its calls
+(``time/*`` keys are summed: seconds spent in the step), then averaged over processes with one collective.
+Every process records the same keys (same code path), which keeps that collective aligned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_metrics(accelerator, buffer: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+    keys = sorted(k for k, v in buffer.items() if v)
+    local = [sum(buffer[k]) if k.startswith("time/") else sum(buffer[k]) / len(buffer[k]) for k in keys]
+    values = torch.tensor(local, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1 and keys:
+        values = accelerator.reduce(values, reduction="mean")
+    buffer.clear()
+    return {prefix + k: v for k, v in zip(keys, values.tolist())}
+
+
+def global_sum(accelerator, count, device) -> torch.Tensor:
+    """A count summed over processes (e.g. response tokens or pairs in an optimizer step)."""
+    count = torch.as_tensor(count, device=device)
+    if accelerator.num_processes > 1:
+        count = accelerator.gather(count.reshape(1)).sum()
+    return count
