@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from hf_align.cli import parse_args
 from hf_align.config import ModelArguments, RewardConfig, ScriptArguments
 from hf_align.modeling import load_tokenizer, lora_config_from_args, resolve_dtype, wrap_lora
-from hf_align.trainers.dpo import load_preference_rows, tokenize_preference_dataset
+from hf_align.trainers.dpo import build_preference_dataset
 from hf_align.trainers.reward_model import RewardTrainer
 
 logger = logging.getLogger(__name__)
@@ -43,23 +43,6 @@ def load_reward_model(model_args: ModelArguments):
     return model, tokenizer
 
 
-def build_dataset(source: str, split: str, script_args, cfg, tokenizer, max_rows: int | None) -> list[dict]:
-    rows = load_preference_rows(
-        source,
-        split=split,
-        prompt_field=cfg.prompt_field,
-        chosen_field=cfg.chosen_field,
-        rejected_field=cfg.rejected_field,
-        on_error=script_args.on_bad_rows,
-        max_rows=max_rows,
-    )
-    examples, stats = tokenize_preference_dataset(
-        rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_template, cfg.use_chat_template
-    )
-    logger.info("%s: %d pairs (%s)", source, len(examples), stats)
-    return examples
-
-
 def main(argv: list[str] | None = None) -> RewardTrainer:
     model_args, script_args, cfg = parse_args((ModelArguments, ScriptArguments, RewardConfig), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,11 +51,13 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
     set_seed(cfg.seed)
     model, tokenizer = load_reward_model(model_args)
     s = script_args
-    train = build_dataset(s.dataset_name, s.dataset_split, s, cfg, tokenizer, s.max_train_samples)
+    train = build_preference_dataset(
+        s.dataset_name, s.dataset_split, cfg, tokenizer, s.on_bad_rows, s.max_train_samples
+    )
     evals = None
     if s.eval_dataset_name:
-        evals = build_dataset(
-            s.eval_dataset_name, s.eval_dataset_split, s, cfg, tokenizer, s.max_eval_samples
+        evals = build_preference_dataset(
+            s.eval_dataset_name, s.eval_dataset_split, cfg, tokenizer, s.on_bad_rows, s.max_eval_samples
         )
     trainer = RewardTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)

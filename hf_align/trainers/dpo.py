@@ -175,6 +175,26 @@ def tokenize_preference_dataset(
     return examples, stats
 
 
+def build_preference_dataset(
+    source: str, split: str, cfg, tokenizer, on_error: str, max_rows: int | None
+) -> list[dict]:
+    """Preference rows from a jsonl path or Hub id, tokenized and truncated as ``cfg`` (DPO / reward config) says."""
+    rows = load_preference_rows(
+        source,
+        split=split,
+        prompt_field=cfg.prompt_field,
+        chosen_field=cfg.chosen_field,
+        rejected_field=cfg.rejected_field,
+        on_error=on_error,
+        max_rows=max_rows,
+    )
+    examples, stats = tokenize_preference_dataset(
+        rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_template, cfg.use_chat_template
+    )
+    logger.info("%s: %d pairs (%s)", source, len(examples), stats)
+    return examples
+
+
 @dataclass
 class PreferenceCollator:
     """B pairs -> 2B shifted rows ``[chosen; rejected]`` (``build_shifted_sequences``), plus cached reference
