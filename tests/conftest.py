@@ -101,6 +101,23 @@ def build_model(tokenizer, seed: int = 0, num_layers: int = 2, hidden: int = 64)
     return Qwen2ForCausalLM(config).float().eval()
 
 
+def grad_capture():
+    """A TrainerCallback that copies the gradients right before the first optimizer step (split-invariance tests)."""
+    from transformers import TrainerCallback
+
+    class GradCapture(TrainerCallback):
+        def __init__(self):
+            self.grads = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.grads is None:
+                self.grads = {
+                    n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+                }
+
+    return GradCapture()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from hf_align.config import DPOConfig
 from hf_align.data import DataError
 from hf_align.trainers.dpo import DPOTrainer, load_preference_rows, tokenize_preference_dataset
-from tests.conftest import build_model
+from tests.conftest import build_model, grad_capture
 from tests.integration.test_reward_model_trainer import HELD_OUT, SUBJECTS, _pairs
 
 # Chosen answers say "yes"/"good"/"true", rejected ones "no"/"bad"/"false"; lengths vary so padding differs
@@ -67,19 +66,6 @@ def _live_qwen2_models() -> int:
     return sum(type(o).__name__ == "Qwen2ForCausalLM" for o in gc.get_objects())
 
 
-class GradCapture(TrainerCallback):
-    """Copies the gradients right before the first optimizer step."""
-
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {
-                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-            }
-
-
 def test_load_preference_rows_formats_and_errors(tmp_path, tokenizer):
     path = tmp_path / "pairs.jsonl"
     conv = {
@@ -116,7 +102,7 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
     examples = _examples(tokenizer)
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
-        cap = GradCapture()
+        cap = grad_capture()
         cfg = _config(
             tmp_path,
             per_device_train_batch_size=micro,

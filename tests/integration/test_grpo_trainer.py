@@ -9,7 +9,7 @@ import torch
 
 from hf_align.config import GRPOConfig
 from hf_align.trainers.grpo import GRPOTrainer
-from tests.conftest import build_model
+from tests.conftest import build_model, grad_capture
 
 TARGET = "blue"
 
@@ -164,30 +164,12 @@ def test_config_validation(tmp_path, template, bad, message):
         _config(tmp_path, template, **bad)
 
 
-class GradCapture:
-    """TrainerCallback-compatible: copies gradients right before the first optimizer step."""
-
-    def __init__(self):
-        self.grads = None
-
-    def __getattr__(self, name):  # every other callback event is a no-op
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {
-                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-            }
-
-
 @pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean", "constant"])
 def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, template, reduction):
     """One optimizer step over the same 8 rollouts, split 8x1, 4x2, 1x8: identical gradients (1e-6)."""
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
-        cap = GradCapture()
+        cap = grad_capture()
         cfg = _config(
             tmp_path / f"{micro}x{accum}", template, max_steps=1, rollout_batch_size=8,
             per_device_train_batch_size=micro, gradient_accumulation_steps=accum, loss_reduction=reduction,

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2ForSequenceClassification, TrainerCallback
+from transformers import Qwen2ForSequenceClassification
 
 from hf_align.config import RewardConfig
 from hf_align.trainers.dpo import tokenize_preference_dataset
 from hf_align.trainers.reward_model import RewardTrainer
-from tests.conftest import build_model
+from tests.conftest import build_model, grad_capture
 
 SUBJECTS = [
     "the cat",
@@ -88,17 +88,10 @@ def test_held_out_pair_accuracy(tmp_path, tokenizer):
 
 
 def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokenizer):
-    class GradCapture(TrainerCallback):
-        grads = None
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if self.grads is None:
-                self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     train = _examples(tokenizer, _pairs(SUBJECTS[:4]))
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
-        cap = GradCapture()
+        cap = grad_capture()
         cfg = _config(
             tmp_path, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_grad_norm=0
         )

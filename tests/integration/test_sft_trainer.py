@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from hf_align.config import SFTConfig
 from hf_align.data import tokenize_sft_dataset
 from hf_align.trainers.sft import SFTTrainer
-from tests.conftest import build_model
+from tests.conftest import build_model, grad_capture
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,25 +51,12 @@ def _config(tmp_path, **kw) -> SFTConfig:
     return SFTConfig(**defaults)
 
 
-class GradCapture(TrainerCallback):
-    """Copies the gradients right before the first optimizer step."""
-
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {
-                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-            }
-
-
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_sum"])
 def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, normalization):
     examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
-        cap = GradCapture()
+        cap = grad_capture()
         cfg = _config(
             tmp_path,
             per_device_train_batch_size=micro,
