@@ -359,7 +359,36 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
 
 
 @dataclass
-class DPOConfig(_CPUSafeMixin, TrainingArguments):
+class _PreferenceDataArgs:
+    """Fields shared by the trainers that read preference pairs (DPO, reward model)."""
+
+    max_length: int = field(default=1024, metadata={"help": "Tokens of prompt + response, per answer."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts longer than this keep their LAST max_prompt_length tokens."}
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (a string or messages)."})
+    chosen_field: str = field(default="chosen", metadata={"help": "Preferred answer column."})
+    rejected_field: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template name in data/prompts (e.g. alpaca_sft) or a file, applied to plain prompts."
+        },
+    )
+    use_chat_template: bool = field(
+        default=False, metadata={"help": "Format rows with the tokenizer's chat template."}
+    )
+
+    def _check_preference_lengths(self) -> None:
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length}) "
+                "so that every answer keeps at least one token."
+            )
+
+
+@dataclass
+class DPOConfig(_PreferenceDataArgs, _CPUSafeMixin, TrainingArguments):
     """Direct preference optimisation (and its sigmoid / robust / hinge / IPO variants) on preference pairs."""
 
     bf16: bool | None = field(
@@ -378,10 +407,6 @@ class DPOConfig(_CPUSafeMixin, TrainingArguments):
         default=0.0,
         metadata={"help": "Assumed label-flip probability in [0, 0.5): cDPO (sigmoid) or rDPO (robust)."},
     )
-    max_length: int = field(default=1024, metadata={"help": "Tokens of prompt + response, per answer."})
-    max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts longer than this keep their LAST max_prompt_length tokens."}
-    )
     ref_mode: Literal["copy", "adapter_disabled", "precomputed"] = field(
         default="copy",
         metadata={
@@ -389,18 +414,6 @@ class DPOConfig(_CPUSafeMixin, TrainingArguments):
             "the policy with its LoRA adapters off (no second model; needs use_peft); precomputed: reference "
             "log-probs computed once over the data before training and stored in the examples."
         },
-    )
-    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (a string or messages)."})
-    chosen_field: str = field(default="chosen", metadata={"help": "Preferred answer column."})
-    rejected_field: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
-    prompt_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Template name in data/prompts (e.g. alpaca_sft) or a file, applied to plain prompts."
-        },
-    )
-    use_chat_template: bool = field(
-        default=False, metadata={"help": "Format rows with the tokenizer's chat template."}
     )
     disable_dropout: bool = field(
         default=True,
@@ -426,39 +439,19 @@ class DPOConfig(_CPUSafeMixin, TrainingArguments):
             raise ValueError(
                 f"label_smoothing applies to loss_type sigmoid or robust; set it to 0 for {self.loss_type!r}."
             )
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length}) "
-                "so that every answer keeps at least one token."
-            )
+        self._check_preference_lengths()
         super().__post_init__()
 
 
 @dataclass
-class RewardConfig(_CPUSafeMixin, TrainingArguments):
+class RewardConfig(_PreferenceDataArgs, _CPUSafeMixin, TrainingArguments):
     """Bradley-Terry reward model: a sequence classifier with one output scored on chosen vs rejected answers."""
 
     bf16: bool | None = field(
         default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
     )
-    max_length: int = field(default=1024, metadata={"help": "Tokens of prompt + response, per answer."})
-    max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts longer than this keep their LAST max_prompt_length tokens."}
-    )
     center_rewards_coefficient: float = field(
         default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2), which keeps rewards centred (0: off)."}
-    )
-    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (a string or messages)."})
-    chosen_field: str = field(default="chosen", metadata={"help": "Preferred answer column."})
-    rejected_field: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
-    prompt_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Template name in data/prompts (e.g. alpaca_sft) or a file, applied to plain prompts."
-        },
-    )
-    use_chat_template: bool = field(
-        default=False, metadata={"help": "Format rows with the tokenizer's chat template."}
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep our tokenized columns as they are."}
@@ -466,10 +459,7 @@ class RewardConfig(_CPUSafeMixin, TrainingArguments):
 
     def __post_init__(self):
         self._resolve_precision()
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})."
-            )
+        self._check_preference_lengths()
         if self.center_rewards_coefficient < 0:
             raise ValueError(
                 f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}."
