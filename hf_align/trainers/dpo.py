@@ -43,6 +43,7 @@ from hf_align.data import (
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.dpo import dpo_loss, sequence_logps, split_concatenated
 from hf_align.trainers.metrics import global_sum, merge_metrics
+from hf_align.trainers.safety import SafeTrainingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(SafeTrainingMixin, Trainer):
     # compute_loss already divides by the optimizer step's pair count: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 

@@ -36,13 +36,14 @@ import torch
 from transformers import Trainer
 
 from hf_align.config import GRPOConfig
-from hf_align.data import format_prompt, load_prompt_template
+from hf_align.data import load_prompt_template
 from hf_align.logprobs import get_response_log_probs, masked_mean
 from hf_align.losses.grpo import policy_loss
 from hf_align.rewards import Grader
 from hf_align.rollout import SamplingConfig, make_engine
 from hf_align.trainers import grpo_rollouts as R
 from hf_align.trainers.metrics import merge_metrics
+from hf_align.trainers.safety import SafeTrainingMixin, engine_faults
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _placeholder_collate(items: list[int]) -> dict[str, torch.Tensor]:
     return {"index": torch.tensor(items)}
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(SafeTrainingMixin, Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(
@@ -101,9 +102,11 @@ class GRPOTrainer(Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
         )
-        self.prompt_rows = list(train_dataset)
         self.eval_rows = list(eval_dataset or [])
         self.template = load_prompt_template(args.prompt_template)
+        self.prompts = R.PromptStream(
+            list(train_dataset), self.template, processing_class, args.max_prompt_length, args.seed
+        )
         funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
         self.reward_weights = args.reward_weights or [1.0] * len(funcs)
         if len(self.reward_weights) != len(funcs):
@@ -111,16 +114,31 @@ class GRPOTrainer(Trainer):
         self._reward_funcs = list(funcs)
         self._graders: list[Grader] | None = None
         self._engine = rollout_engine
-        self.ref_model = ref_model
-        if args.beta > 0 and ref_model is None and not hasattr(self.model, "disable_adapter"):
-            from hf_align.modeling import create_reference_model
-
-            self.ref_model = create_reference_model(self.model)
+        self.ref_model = self._reference_policy(ref_model)
         self._buffer: list[dict[str, torch.Tensor]] = []
-        self._prompt_cursor = 0
         self._synced_step = -1
-        self._dropped_prompts = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _reference_policy(self, ref_model):
+        """The frozen model for the KL term, or None when the LoRA policy with adapters off serves (or beta = 0)."""
+        a, lora = self.args, hasattr(self.model, "disable_adapter")
+        if a.beta == 0:
+            if ref_model is not None:
+                logger.warning("ref_model is unused: beta = 0 (no KL penalty)")
+            return None
+        mode = a.ref_mode or ("adapter_disabled" if lora and ref_model is None else "copy")
+        if mode == "adapter_disabled":
+            if not lora:
+                raise ValueError(
+                    f"beta={a.beta} with ref_mode='adapter_disabled' needs a LoRA policy (use_peft: true); "
+                    "set ref_mode: copy (a frozen copy of the initial model), pass ref_model, or set beta: 0"
+                )
+            return None
+        if ref_model is not None:
+            return ref_model
+        from hf_align.modeling import create_reference_model
+
+        return create_reference_model(self.model)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -140,23 +158,26 @@ class GRPOTrainer(Trainer):
             self._engine.close()
             self._engine = None
 
+    def _faults(self, action: str):
+        return engine_faults(self, self.args.rollout_engine, action)
+
     @property
     def engine(self):
         if self._engine is None:
-            a = self.args
-            kind = a.rollout_engine
-            kwargs = {"batch_size": a.generation_batch_size} if kind == "hf" else {}
-            if kind == "vllm":
+            a, kind = self.args, self.args.rollout_engine
+            source, kwargs = self.accelerator.unwrap_model(self.model), {}
+            if kind == "hf":
+                kwargs = {"batch_size": a.generation_batch_size}
+            elif kind == "vllm":
                 kwargs = {
                     "gpu_memory_utilization": a.vllm_gpu_memory_utilization,
                     "enable_sleep_mode": a.vllm_enable_sleep_mode,
                     "seed": a.seed,
                 }
-            elif kind == "vllm_server":
-                kwargs = {"base_url": a.vllm_server_url}
-            self._engine = make_engine(
-                kind, self.accelerator.unwrap_model(self.model), self.processing_class, **kwargs
-            )
+            else:  # the server already holds the model; weights are pushed before the first rollout
+                source = a.vllm_server_url
+            with self._faults("starting"):
+                self._engine = make_engine(kind, source, self.processing_class, **kwargs)
         return self._engine
 
     def _sampling(self, positions: list[int] | None = None) -> SamplingConfig:
@@ -176,40 +197,12 @@ class GRPOTrainer(Trainer):
             prompt_seeds=seeds,
         )
 
-    def _next_prompts(self, count: int) -> list[dict]:
-        """This process's next ``count`` prompts: a seeded permutation per pass, strided over processes."""
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        n = len(self.prompt_rows)
-        out = []
-        while len(out) < count:
-            position = self._prompt_cursor * world + rank
-            epoch, index = divmod(position, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
-            row = self.prompt_rows[perm[index].item()]
-            self._prompt_cursor += 1
-            prompt = format_prompt(self.template, row["question"])
-            if (
-                len(self.processing_class(prompt, add_special_tokens=True)["input_ids"])
-                > self.args.max_prompt_length
-            ):
-                self._dropped_prompts += 1
-                logger.warning(
-                    "prompt longer than max_prompt_length=%d dropped (%d so far): %.60r",
-                    self.args.max_prompt_length, self._dropped_prompts, row["question"],
-                )  # fmt: skip
-                if self._dropped_prompts > 10 * n:
-                    raise ValueError(
-                        "every prompt exceeds max_prompt_length: raise it or shorten the prompts"
-                    )
-                continue
-            out.append({"prompt": prompt, "answer": row["answer"], "position": position})
-        return out
-
     def _sync_engine(self) -> None:
         if self._synced_step == self.state.global_step:
             return
         start = time.perf_counter()
-        self.engine.sync_weights(self.accelerator.unwrap_model(self.model))
+        with self._faults("syncing weights"):
+            self.engine.sync_weights(self.accelerator.unwrap_model(self.model))
         self._synced_step = self.state.global_step
         self._metrics["time/weight_sync_s"].append(time.perf_counter() - start)
 
@@ -219,12 +212,14 @@ class GRPOTrainer(Trainer):
         so its KV cache (and, at level 1, its weights) do not sit in GPU memory during the backward pass."""
         sleepy = self.args.vllm_enable_sleep_mode and hasattr(self.engine, "sleep")
         if sleepy:
-            self.engine.wake_up()
+            with self._faults("waking up"):
+                self.engine.wake_up()
         try:
             yield
         finally:
             if sleepy:
-                self.engine.sleep()
+                with self._faults("going to sleep"):
+                    self.engine.sleep()
 
     def _make_rollout_batch(self) -> None:
         a = self.args
@@ -234,14 +229,15 @@ class GRPOTrainer(Trainer):
             self._sync_engine()
             keep, filler = R.ScoredGroups(), R.ScoredGroups()
             gen_time = grade_time = 0.0
-            tokens = nonfinite = rounds = 0
+            tokens = invalid = rounds = 0
             while len(keep) < want_groups * a.group_size and rounds < max(1, a.max_dynamic_sampling_rounds):
                 rounds += 1
                 need = want_groups - len(keep) // a.group_size
-                prompts = self._next_prompts(need)
+                prompts = self.prompts.take(need, self.accelerator.process_index, world)
                 start = time.perf_counter()
                 sampling = self._sampling([p["position"] for p in prompts])
-                groups = self.engine.generate([p["prompt"] for p in prompts], sampling)
+                with self._faults("generating"):
+                    groups = self.engine.generate([p["prompt"] for p in prompts], sampling)
                 gen_time += time.perf_counter() - start
                 tokens += sum(len(r.completion_ids) for g in groups for r in g)
                 start = time.perf_counter()
@@ -249,7 +245,7 @@ class GRPOTrainer(Trainer):
                     groups, [p["answer"] for p in prompts], self.graders, self.reward_weights
                 )
                 grade_time += time.perf_counter() - start
-                nonfinite += bad
+                invalid += bad
                 if rounds == 1:
                     for k, v in R.rollout_metrics(scored, a.group_size, a.max_completion_length).items():
                         self._metrics[k].append(v)
@@ -271,9 +267,9 @@ class GRPOTrainer(Trainer):
         m["time/grading_s"].append(grade_time)
         m["generation_tokens_per_s"].append(tokens / max(gen_time, 1e-9))
         m["dynamic_sampling_rounds"].append(rounds)
-        m["reward_nonfinite"].append(nonfinite)
+        m["reward_invalid"].append(invalid)
         m["grader_timeouts"].append(sum(g.stats.get("timeouts", 0) for g in self.graders))
-        m["prompts_dropped_too_long"].append(self._dropped_prompts)
+        m["prompts_dropped_too_long"].append(self.prompts.dropped)
 
     @torch.no_grad()
     def _add_reference_logprobs(self, micro: list[dict]) -> None:
@@ -390,9 +386,10 @@ class GRPOTrainer(Trainer):
         sampling.n, sampling.temperature = 1, self.args.eval_temperature
         with self._engine_awake():
             self._sync_engine()
-            summary = run_eval(
-                self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
-            )
+            with self._faults("generating for evaluation"):
+                summary = run_eval(
+                    self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
+                )
         local = (
             torch.tensor(
                 [summary["accuracy"], summary["format_rate"], summary["mean_reward"]],
@@ -415,23 +412,17 @@ class GRPOTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-        state = {
-            "prompt_cursor": self._prompt_cursor,
-            "buffer": self._buffer,
-            "dropped": self._dropped_prompts,
-        }
-        torch.save(state, folder / ROLLOUT_STATE.format(rank=self.accelerator.process_index))
+    def _save_extra_state(self, folder: str) -> None:
+        state = {**self.prompts.state_dict(), "buffer": self._buffer}
+        torch.save(state, Path(folder) / ROLLOUT_STATE.format(rank=self.accelerator.process_index))
 
     def _load_rollout_state(self, checkpoint: str) -> None:
         path = Path(checkpoint) / ROLLOUT_STATE.format(rank=self.accelerator.process_index)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by GRPOTrainer")
         state = torch.load(path, weights_only=False)
-        self._prompt_cursor, self._buffer = state["prompt_cursor"], state["buffer"]
-        self._dropped_prompts = state["dropped"]
+        self.prompts.load_state_dict(state)
+        self._buffer = state["buffer"]
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:

@@ -6,9 +6,11 @@ model except through the log-prob function handed in.
 Choices:
 - Rewards of several reward functions are summed with weights; the first function's ``format_reward`` and
   ``answer_reward`` feed the format-rate and accuracy metrics.
-- A reward that comes back non-finite (NaN / inf) is replaced by 0 and counted (``reward_nonfinite``), and
-  that completion's advantage is zeroed, so it contributes nothing to the gradient. A grader timeout or
-  error already grades as 0 and is counted by the grader.
+- No reward, no signal: a completion whose reward function raised, returned None / a non-dict, or returned a
+  NaN / inf reward (the grader flags the first cases ``grader_error``) gets reward 0 for the group statistics
+  and advantage 0, so it adds nothing to the gradient; it is counted (``reward_invalid`` per step) and the
+  grader logs the cause. A grading *timeout* is different: the completion made the grader hang (hostile or
+  pathological text), so it is graded 0 like a wrong answer, counted in ``grader_timeouts``.
 - Dynamic sampling (DAPO, Yu et al. 2025) drops groups whose rewards are all equal (zero advantage: no
   learning signal) and samples more prompts; after ``max_rounds`` generation rounds the batch is completed
   with zero-std groups so that every step has the same shape.
@@ -18,14 +20,63 @@ Choices:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from hf_align.data import build_shifted_sequences
+from hf_align.data import build_shifted_sequences, format_prompt
 from hf_align.losses.grpo import group_normalize_rewards
+from hf_align.rewards.pool import ERROR_FLAG
 from hf_align.rollout.base import Rollout
+
+logger = logging.getLogger(__name__)
+
+
+class PromptStream:
+    """This process's endless stream of prompts: a seeded permutation of the rows per pass, strided over processes.
+
+    Position ``p = cursor x world + rank`` is row ``perm_epoch[p mod n]`` with ``epoch = p div n``, so the prompt
+    order depends only on the seed (not on the number of processes), and ``p`` doubles as the prompt's sampling
+    seed offset. Prompts longer than ``max_prompt_length`` tokens are skipped, counted and logged.
+    """
+
+    def __init__(self, rows: list[dict], template: str, tokenizer, max_prompt_length: int, seed: int):
+        self.rows, self.template, self.tokenizer = rows, template, tokenizer
+        self.max_prompt_length, self.seed = max_prompt_length, seed
+        self.cursor = 0
+        self.dropped = 0
+
+    def take(self, count: int, rank: int, world: int) -> list[dict]:
+        n = len(self.rows)
+        out = []
+        while len(out) < count:
+            position = self.cursor * world + rank
+            epoch, index = divmod(position, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            row = self.rows[perm[index].item()]
+            self.cursor += 1
+            prompt = format_prompt(self.template, row["question"])
+            if len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) > self.max_prompt_length:
+                self.dropped += 1
+                logger.warning(
+                    "prompt longer than max_prompt_length=%d dropped (%d so far): %.60r",
+                    self.max_prompt_length, self.dropped, row["question"],
+                )  # fmt: skip
+                if self.dropped > 10 * n:
+                    raise ValueError(
+                        "every prompt exceeds max_prompt_length: raise it or shorten the prompts"
+                    )
+                continue
+            out.append({"prompt": prompt, "answer": row["answer"], "position": position})
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"prompt_cursor": self.cursor, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor, self.dropped = state["prompt_cursor"], state["dropped"]
 
 
 @dataclass
@@ -49,6 +100,11 @@ class ScoredGroups:
         return len(self.rewards)
 
 
+def _finite_or_zero(value) -> float:
+    value = float(value or 0.0)
+    return value if math.isfinite(value) else 0.0
+
+
 def score_groups(
     groups: list[list[Rollout]], answers: list, graders: list, weights: list[float]
 ) -> tuple[ScoredGroups, int]:
@@ -68,13 +124,13 @@ def score_groups(
         graded = grader.grade(out.texts, truths)
         for i, d in enumerate(graded):
             value = d.get("reward") if isinstance(d, dict) else None
-            if value is None or not math.isfinite(float(value)):
+            if value is None or d.get(ERROR_FLAG) or not math.isfinite(float(value)):
                 valid[i] = False
                 continue
             totals[i] += weight * float(value)
         if k == 0:
-            out.format_rewards = [float(d.get("format_reward", 0.0) or 0.0) for d in graded]
-            out.answer_rewards = [float(d.get("answer_reward", 0.0) or 0.0) for d in graded]
+            out.format_rewards = [_finite_or_zero(d.get("format_reward")) for d in graded]
+            out.answer_rewards = [_finite_or_zero(d.get("answer_reward")) for d in graded]
     out.rewards = [t if v else 0.0 for t, v in zip(totals, valid)]
     out.valid = valid
     return out, valid.count(False)

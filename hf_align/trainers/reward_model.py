@@ -26,6 +26,7 @@ from hf_align.config import RewardConfig
 from hf_align.losses.dpo import split_concatenated
 from hf_align.losses.reward_model import bradley_terry_loss
 from hf_align.trainers.metrics import global_sum, merge_metrics
+from hf_align.trainers.safety import SafeTrainingMixin
 
 
 @dataclass
@@ -52,7 +53,7 @@ def pair_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((rewards[:, 0] > rewards[:, 1]).mean())}
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(SafeTrainingMixin, Trainer):
     # compute_loss already divides by the optimizer step's pair count: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 

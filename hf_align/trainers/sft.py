@@ -26,9 +26,10 @@ from hf_align.config import SFTConfig
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.sft import sft_loss
 from hf_align.trainers.metrics import global_sum, merge_metrics
+from hf_align.trainers.safety import SafeTrainingMixin
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(SafeTrainingMixin, Trainer):
     # compute_loss already normalizes by the optimizer step's token count: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 

@@ -157,6 +157,11 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer, template):
         (dict(ratio_level="sequence"), "GSPO"),
         (dict(cliprange_high=1.5), "cliprange_high"),
         (dict(reward_funcs=["r1_zero"], reward_weights=[1.0, 2.0]), "reward_weights"),
+        (dict(loss_type="grpo_clip", cliprange=None), "grpo_clip' needs a clip range"),
+        (dict(loss_type="grpo_clip", cliprange=None, cliprange_low=0.2), "grpo_clip' needs a clip range"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(group_size=1, rollout_batch_size=8), "group_size must be >= 2"),
+        (dict(beta=-0.1), "beta must be >= 0"),
     ],
 )
 def test_config_validation(tmp_path, template, bad, message):
@@ -253,3 +258,67 @@ def test_evaluation_runs_once_per_eval_step(tmp_path, tokenizer, template):
     trainer.train()
     evals = [h["step"] for h in trainer.state.log_history if "eval_mean_reward" in h]
     assert evals == [0, 2]
+
+
+def test_beta_without_a_usable_reference_fails_at_start(tmp_path, tokenizer, template):
+    cfg = _config(tmp_path, template, beta=0.1, ref_mode="adapter_disabled")
+    with pytest.raises(ValueError, match="needs a LoRA policy"):
+        GRPOTrainer(build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+                    reward_funcs=[target_word_reward])  # fmt: skip
+
+
+def test_kl_to_a_frozen_copy_starts_at_zero_and_grows(tmp_path, tokenizer, template):
+    cfg = _config(tmp_path, template, max_steps=3, beta=0.1, plot_curves=False)
+    trainer = GRPOTrainer(build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+                          reward_funcs=[letter_e_reward])  # fmt: skip
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    trainer.train()
+    kl = [h["kl_mean"] for h in trainer.state.log_history if "kl_mean" in h]
+    assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-6, kl
+
+
+def flaky_reward(response: str, ground_truth) -> dict[str, float] | None:
+    """Raises, returns None, returns NaN, or a real reward, depending on the completion."""
+    kind = len(response) % 4
+    if kind == 0:
+        raise RuntimeError("reward service unavailable")
+    if kind == 1:
+        return None
+    if kind == 2:
+        return {"reward": float("nan")}
+    return {"reward": response.count("e") / max(len(response), 1)}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_failing_rewards_are_counted_and_get_zero_advantage(tmp_path, tokenizer, template, workers):
+    """Documented policy (hf_align/trainers/grpo_rollouts.py): a reward that raises or comes back None / NaN
+    counts in reward_invalid and its completion's advantage is 0; the loss never sees a NaN."""
+    from hf_align.rewards import Grader
+    from hf_align.rollout import HFEngine, SamplingConfig
+    from hf_align.trainers import grpo_rollouts as R
+
+    model = build_model(tokenizer)
+    groups = HFEngine(model, tokenizer).generate(
+        ["Q: red A:", "Q: cat A:"], SamplingConfig(n=8, max_new_tokens=8, temperature=1.0, seed=3)
+    )
+    with Grader(flaky_reward, timeout_s=5.0, num_workers=workers) as grader:
+        scored, invalid = R.score_groups(groups, ["0", "0"], [grader], [1.0])
+        assert grader.stats["errors"] == sum(len(t) % 4 in (0, 1) for t in scored.texts)
+    kinds = [len(t) % 4 for t in scored.texts]
+    assert invalid == sum(k != 3 for k in kinds) and 0 < invalid < len(kinds), kinds
+    _, advantages = R.advantages_for(scored, 8, 1e-6, True)
+    for k, a, r in zip(kinds, advantages.tolist(), scored.rewards):
+        assert r == r and a == a  # finite
+        if k != 3:
+            assert a == 0.0 and r == 0.0
+
+    cfg = _config(tmp_path, template, max_steps=2, plot_curves=False, grader_num_workers=workers)
+    trainer = GRPOTrainer(
+        model, cfg, train_dataset=ROWS, processing_class=tokenizer, reward_funcs=[flaky_reward]
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "reward_invalid" in h]
+    assert logged and sum(h["reward_invalid"] for h in logged) > 0
+    for h in logged:
+        assert all(h[k] == h[k] for k in ("loss", "grad_norm", "reward_mean")), h
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

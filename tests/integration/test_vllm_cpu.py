@@ -11,6 +11,7 @@ own subprocess server on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -269,21 +270,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@vllm_test
-def test_server_generates_and_takes_weight_pushes(tiny_model_dir, base_model, tokenizer, tmp_path):
-    from hf_align.rollout import make_engine
+@contextlib.contextmanager
+def _served(model_dir, tmp_path):
+    """A real `hf_align.rollout.vllm_server` subprocess on a free port; yields (process, base URL)."""
     from hf_align.rollout.vllm_server import wait_for_server
 
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")  # closed in finally
-    cmd = [sys.executable, "-m", "hf_align.rollout.vllm_server", "serve", "--model", str(tiny_model_dir)]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "hf_align.rollout.vllm_server", "serve", "--model", str(model_dir)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for_server(url, timeout=300, process=proc)
-        except (RuntimeError, TimeoutError) as e:
-            raise AssertionError(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}") from e
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_for_server(url, timeout=300, process=proc)
+            except (RuntimeError, TimeoutError) as e:
+                raise AssertionError(f"{e}\n{log_path.read_text()[-3000:]}") from e
+            yield proc, url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@vllm_test
+def test_server_generates_and_takes_weight_pushes(tiny_model_dir, base_model, tokenizer, tmp_path):
+    from hf_align.rollout import make_engine
+
+    with _served(tiny_model_dir, tmp_path) as (_, url):
         client = make_engine("vllm_server", url, tokenizer)
         _assert_same_rollouts(
             client.generate(PROMPTS, GREEDY), HFEngine(base_model, tokenizer).generate(PROMPTS, GREEDY)
@@ -302,11 +319,51 @@ def test_server_generates_and_takes_weight_pushes(tiny_model_dir, base_model, to
                     torch.tensor(r.logprobs), _reference_logprobs(trained, r, 0.7), atol=1e-4, rtol=0
                 )
         client.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+
+def _length_reward(response: str, ground_truth) -> dict[str, float]:
+    return {"reward": min(len(response), 20) / 20}
+
+
+@vllm_test
+def test_server_death_stops_grpo_with_a_clear_error_and_an_intact_checkpoint(tiny_model_dir, tmp_path):
+    """The server is SIGKILLed right after checkpoint-1 is written: the next rollout fails with a
+    RolloutEngineError naming the engine, the step and the checkpoint, which still loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from hf_align.config import GRPOConfig
+    from hf_align.rollout import RolloutEngineError
+    from hf_align.trainers.grpo import GRPOTrainer
+
+    template = tmp_path / "q.prompt"
+    template.write_text("Q: {question} A:")
+    with _served(tiny_model_dir, tmp_path) as (proc, url):
+
+        class KillServerAfterFirstSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                proc.kill()
+                proc.wait()
+
+        args = GRPOConfig(
+            output_dir=str(tmp_path / "out"), prompt_template=str(template), rollout_engine="vllm_server",
+            vllm_server_url=url, rollout_batch_size=4, group_size=4, per_device_train_batch_size=4,
+            max_steps=3, save_steps=1, max_completion_length=6, stop_strings=[], grader_num_workers=0,
+            max_prompt_length=64, report_to="none", disable_tqdm=True, plot_curves=False, seed=0,
+        )  # fmt: skip
+        trainer = GRPOTrainer(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            args,
+            train_dataset=[{"question": q, "answer": "0"} for q in ("red", "green", "cat")],
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            reward_funcs=[_length_reward],
+            callbacks=[KillServerAfterFirstSave()],
+        )
+        with pytest.raises(RolloutEngineError) as info:
+            trainer.train()
+    message = str(info.value)
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert "vllm_server" in message and "optimizer step 2" in message and str(checkpoint) in message
+    assert "cannot reach the vLLM server" in message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())

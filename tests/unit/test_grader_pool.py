@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from hf_align.rewards import ZERO_REWARDS, Grader, grade_batch, r1_zero_reward_fn
+from hf_align.rewards.pool import ERROR_FLAG
 
 TIMEOUT_S = 2.0
 
@@ -113,7 +114,8 @@ def test_errors_in_reward_fn_grade_zero(grader, caplog):
     errors = grader.stats["errors"]
     with caplog.at_level(logging.WARNING, logger="hf_align.rewards.pool"):
         out = grader.grade(["raise", answer("7"), "not a dict"], ["1", "7", "1"])
-    assert out == [ZERO_REWARDS, r1_zero_reward_fn(answer("7"), "7"), ZERO_REWARDS]
+    failed = {**ZERO_REWARDS, ERROR_FLAG: 1.0}  # zeros, flagged so a trainer can zero the advantage
+    assert out == [failed, r1_zero_reward_fn(answer("7"), "7"), failed]
     assert grader.stats["errors"] == errors + 2
     messages = [r.getMessage() for r in caplog.records]
     assert any("item 0 failed" in m and "ValueError: boom" in m for m in messages)
@@ -124,7 +126,7 @@ def test_errors_in_reward_fn_grade_zero(grader, caplog):
 def test_worker_that_dies_is_replaced(grader):
     errors = grader.stats["errors"]
     out = grader.grade(["exit", answer("7")], ["1", "7"])
-    assert out[0] == ZERO_REWARDS and out[1]["reward"] == 1.0
+    assert out[0] == {**ZERO_REWARDS, ERROR_FLAG: 1.0} and out[1]["reward"] == 1.0
     assert grader.stats["errors"] == errors + 1
 
 
@@ -201,7 +203,10 @@ def test_unimportable_reward_fn_fails_with_a_clear_error(monkeypatch):
 
 def test_in_process_mode_and_close():
     g = Grader(probe_reward_fn, num_workers=0)
-    assert g.grade([answer("2"), "raise"], ["2", "1"]) == [r1_zero_reward_fn(answer("2"), "2"), ZERO_REWARDS]
+    assert g.grade([answer("2"), "raise"], ["2", "1"]) == [
+        r1_zero_reward_fn(answer("2"), "2"),
+        {**ZERO_REWARDS, ERROR_FLAG: 1.0},
+    ]
     assert g.stats == {"graded": 2, "timeouts": 0, "errors": 1, "worker_restarts": 0}
     g.close()
     g.close()  # idempotent
