@@ -55,3 +55,18 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
             )
         parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
+def resume_target(value: str | bool | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: "true" / "latest" resume from the newest checkpoint in output_dir; a path must
+    be a checkpoint folder (an error names it otherwise); "false" / empty start fresh."""
+    if value is None or isinstance(value, bool):
+        return value or None
+    text = str(value).strip()
+    if text.lower() in ("", "false", "no", "none"):
+        return None
+    if text.lower() in ("true", "yes", "latest", "last"):
+        return True
+    if not Path(text).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {text}: no such checkpoint folder")
+    return text

@@ -81,7 +81,10 @@ def build_tokenizer():
     return fast
 
 
-def build_model(tokenizer, seed: int = 0, num_layers: int = 2, hidden: int = 64):
+def build_model(
+    tokenizer, seed: int = 0, num_layers: int = 2, hidden: int = 64, attention_dropout: float = 0.0
+):
+    """``attention_dropout > 0`` makes training draw from the global RNG (resume tests need it to matter)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -97,6 +100,7 @@ def build_model(tokenizer, seed: int = 0, num_layers: int = 2, hidden: int = 64)
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        attention_dropout=attention_dropout,
     )
     return Qwen2ForCausalLM(config).float().eval()
 

@@ -428,7 +428,12 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         if resume_from_checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
 
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            found = os.path.isdir(self.args.output_dir) and get_last_checkpoint(self.args.output_dir)
+            if not found:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint"
+                )
+            resume_from_checkpoint = found
         if resume_from_checkpoint:
             self._load_rollout_state(resume_from_checkpoint)
         try:

@@ -30,3 +30,13 @@ def test_unknown_key_names_file_and_key(tmp_path):
     bad.write_text("# launch\nwarmup_ratioo: 0.1\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown config key\(s\) \['warmup_ratioo'\]"):
         parse_args((ModelArguments, ScriptArguments, SFTConfig), ["--config", str(bad)])
+
+
+def test_resume_target_reads_the_flag(tmp_path):
+    from hf_align.cli import resume_target
+
+    assert resume_target("latest") is True and resume_target("true") is True
+    assert resume_target("false") is None and resume_target(None) is None and resume_target("") is None
+    assert resume_target(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        resume_target(str(tmp_path / "checkpoint-9"))

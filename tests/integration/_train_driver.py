@@ -1,0 +1,166 @@
+"""Train SFT, DPO or GRPO on the integration tests' toy data in a process that a test can kill and resume.
+
+    PYTHONPATH=. python tests/integration/_train_driver.py --trainer sft|dpo|grpo --output_dir D --max_steps N \
+        [--save_steps S] [--resume] [--kill_at_step K] [--kill_during_save_at_step K]
+
+Model, tokenizer, data and config come from tests/conftest.py and the trainers' own integration tests, with
+attention dropout on (so training draws from the global RNG and a resume must restore it) and batches that do
+not divide the data evenly (so the shuffled data order and the position in it matter).
+
+Every logged step is appended to ``D/steps.jsonl`` when it is logged, ``{"run", "step", "loss", "grad_norm"}``,
+so a process that dies keeps what it logged; a run that finishes appends ``{"run", "final": true, "param_sum",
+"param_sq_sum"}``. ``run`` is "resume" with ``--resume`` (``train(resume_from_checkpoint=True)``), else "fresh".
+``--kill_at_step K`` SIGKILLs the process once checkpoint-K is complete; ``--kill_during_save_at_step K``
+SIGKILLs it halfway through writing checkpoint K (after the model, optimizer and RNG files, before
+``trainer_state.json`` and the rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from hf_align.cli import resume_target
+from tests.conftest import build_model, build_tokenizer
+
+DROPOUT = 0.1
+TRAINERS = ("sft", "dpo", "grpo")
+
+
+def build_trainer(
+    kind: str, output_dir: str | Path, max_steps: int, save_steps: int, callbacks=(), tokenizer=None
+):
+    """The trainer of ``kind`` on its toy task, saving every ``save_steps`` steps into ``output_dir``."""
+    tokenizer = tokenizer or build_tokenizer()
+    out = Path(output_dir)
+    model = build_model(tokenizer, attention_dropout=DROPOUT)
+    common = dict(
+        output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=save_steps, seed=0
+    )
+    if kind == "sft":
+        from hf_align.data import tokenize_sft_dataset
+        from hf_align.trainers.sft import SFTTrainer
+        from tests.integration.test_sft_trainer import TOY, _config
+
+        # 8 examples in batches of 3: steps 1-3 are epoch 0 (3 + 3 + 2), step 4 starts a reshuffled epoch 1, and
+        # checkpoint-2 is in the middle of an epoch.
+        examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
+        cfg = _config(out, per_device_train_batch_size=3, **common)
+        return SFTTrainer(
+            model, cfg, train_dataset=examples, processing_class=tokenizer, callbacks=list(callbacks)
+        )
+    if kind == "dpo":
+        from hf_align.trainers.dpo import DPOTrainer
+        from tests.integration.test_dpo_trainer import _config, _examples
+
+        # 8 pairs, 2 x 2 per step: two steps per epoch, checkpoint-2 at an epoch boundary.
+        cfg = _config(
+            out, per_device_train_batch_size=2, gradient_accumulation_steps=2, disable_dropout=False, **common
+        )
+        return DPOTrainer(
+            model,
+            cfg,
+            train_dataset=_examples(tokenizer),
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
+    if kind == "grpo":
+        from hf_align.trainers.grpo import GRPOTrainer
+        from tests.integration.test_grpo_trainer import ROWS, _config, letter_e_reward
+
+        out.mkdir(parents=True, exist_ok=True)
+        template = out / "colour.prompt"
+        template.write_text("Q: {question} A:")
+        # A rollout batch of 48 lasts 3 optimizer steps of 16: checkpoint-2 holds one unused step of rollouts, and
+        # step 4 samples a new batch (temperature 1) from where the prompt stream stopped. The reward is continuous,
+        # so every group carries a gradient.
+        cfg = _config(
+            out, template, rollout_batch_size=48, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+            plot_curves=False, **common,
+        )  # fmt: skip
+        return GRPOTrainer(
+            model, cfg, train_dataset=ROWS, processing_class=tokenizer, reward_funcs=[letter_e_reward],
+            callbacks=list(callbacks),
+        )  # fmt: skip
+    raise ValueError(f"--trainer must be one of {TRAINERS}, got {kind!r}")
+
+
+class StepLog(TrainerCallback):
+    """Appends each logged training step to a jsonl file at once (a SIGKILL loses nothing already logged)."""
+
+    def __init__(self, path: Path, run: str):
+        self.path, self.run = path, run
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"run": self.run, **record}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.write({"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm")})
+
+
+class KillAfterSave(TrainerCallback):
+    """SIGKILL right after checkpoint-``step`` is complete (on_save runs after the rename)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            assert (Path(args.output_dir) / f"checkpoint-{self.step}" / "trainer_state.json").is_file()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_while_saving(trainer, step: int) -> None:
+    """Make ``trainer`` SIGKILL its own process once the RNG state of checkpoint ``step`` is on disk."""
+    save_rng_state = trainer._save_rng_state
+
+    def save_then_die(output_dir):
+        save_rng_state(output_dir)
+        if trainer.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer._save_rng_state = save_then_die
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trainer", choices=TRAINERS, required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--max_steps", type=int, default=4)
+    parser.add_argument("--save_steps", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill_at_step", type=int)
+    parser.add_argument("--kill_during_save_at_step", type=int)
+    a = parser.parse_args(argv)
+
+    log = StepLog(Path(a.output_dir) / "steps.jsonl", "resume" if a.resume else "fresh")
+    callbacks = [log] + ([KillAfterSave(a.kill_at_step)] if a.kill_at_step else [])
+    trainer = build_trainer(a.trainer, a.output_dir, a.max_steps, a.save_steps, callbacks)
+    if a.kill_during_save_at_step:
+        die_while_saving(trainer, a.kill_during_save_at_step)
+    Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+    # the recipes' reading of `--resume_from_checkpoint latest`
+    trainer.train(resume_from_checkpoint=resume_target("latest" if a.resume else None))
+    params = [p.detach().double() for p in trainer.model.parameters()]
+    log.write(
+        {
+            "final": True,
+            "param_sum": sum(p.sum().item() for p in params),
+            "param_sq_sum": sum(p.square().sum().item() for p in params),
+        }
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
