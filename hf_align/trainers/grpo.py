@@ -40,9 +40,9 @@ from hf_align.data import load_prompt_template
 from hf_align.logprobs import get_response_log_probs, masked_mean
 from hf_align.losses.grpo import policy_loss
 from hf_align.rewards import Grader
-from hf_align.rollout import SamplingConfig, make_engine
+from hf_align.rollout import make_engine
 from hf_align.trainers import grpo_rollouts as R
-from hf_align.trainers.metrics import merge_metrics
+from hf_align.trainers.metrics import merge_metrics, weighted_mean
 from hf_align.trainers.safety import SafeTrainingMixin, engine_faults
 
 logger = logging.getLogger(__name__)
@@ -180,23 +180,6 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
                 self._engine = make_engine(kind, source, self.processing_class, **kwargs)
         return self._engine
 
-    def _sampling(self, positions: list[int] | None = None) -> SamplingConfig:
-        """Sampling settings; with ``positions`` (global prompt positions) each prompt gets its own seed, so the
-        rollouts are the same whatever the number of processes or the generation batch size."""
-        a = self.args
-        seeds = None if positions is None else [a.seed * 1_000_003 + p for p in positions]
-        return SamplingConfig(
-            n=a.group_size,
-            max_new_tokens=a.max_completion_length,
-            temperature=a.temperature,
-            top_p=a.top_p,
-            top_k=a.top_k,
-            min_new_tokens=a.min_completion_length,
-            stop=list(a.stop_strings),
-            seed=a.seed,
-            prompt_seeds=seeds,
-        )
-
     def _sync_engine(self) -> None:
         if self._synced_step == self.state.global_step:
             return
@@ -235,7 +218,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
                 need = want_groups - len(keep) // a.group_size
                 prompts = self.prompts.take(need, self.accelerator.process_index, world)
                 start = time.perf_counter()
-                sampling = self._sampling([p["position"] for p in prompts])
+                sampling = R.sampling_for(a, [p["position"] for p in prompts])
                 with self._faults("generating"):
                     groups = self.engine.generate([p["prompt"] for p in prompts], sampling)
                 gen_time += time.perf_counter() - start
@@ -260,7 +243,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
             a.per_device_train_batch_size, a.gradient_accumulation_steps,
         )  # fmt: skip
         self._add_reference_logprobs(micro)
-        self._attach_global_counts(micro)
+        R.attach_global_counts(micro, self.accelerator, a.optimizer_batch_size)
         self._buffer = [b for _ in range(a.epochs_per_rollout_batch) for b in micro]
         m = self._metrics
         m["time/generation_s"].append(gen_time)
@@ -294,18 +277,6 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         finally:
             model.train(was_training)
 
-    def _attach_global_counts(self, micro: list[dict]) -> None:
-        """Sequences and response tokens of each optimizer step, summed over processes."""
-        steps = max(b["step_index"].item() for b in micro) + 1
-        tokens = torch.zeros(steps, dtype=torch.float64, device=self.accelerator.device)
-        for b in micro:
-            tokens[b["step_index"]] += b["response_mask"].sum()
-        if self.accelerator.num_processes > 1:
-            tokens = self.accelerator.reduce(tokens, reduction="sum")
-        for b in micro:
-            b["num_tokens"] = tokens[b["step_index"]].float().cpu()
-            b["num_sequences"] = torch.tensor(float(self.args.optimizer_batch_size))
-
     def _logps(self, model, b: dict, with_entropy: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
         device = self.accelerator.device
         out = get_response_log_probs(
@@ -327,7 +298,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         return self._buffer.pop(0)
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        return None  # counts come with each micro-batch (see _attach_global_counts)
+        return None  # counts come with each micro-batch (see grpo_rollouts.attach_global_counts)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a, device = self.args, self.accelerator.device
@@ -382,7 +353,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         if not rows:
             return {}
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        sampling = self._sampling()
+        sampling = R.sampling_for(self.args)
         sampling.n, sampling.temperature = 1, self.args.eval_temperature
         with self._engine_awake():
             self._sync_engine()
@@ -390,17 +361,8 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
                 summary = run_eval(
                     self.engine, rows[rank::world], self.template, self.graders[0], sampling, progress=False
                 )
-        local = (
-            torch.tensor(
-                [summary["accuracy"], summary["format_rate"], summary["mean_reward"]],
-                device=self.accelerator.device,
-            )
-            * summary["n"]
-        )
-        count = torch.tensor([float(summary["n"])], device=self.accelerator.device)
-        if world > 1:
-            local, count = self.accelerator.reduce(local, "sum"), self.accelerator.reduce(count, "sum")
-        acc, fmt, rew = (local / count.clamp(min=1)).tolist()
+        keys = ("accuracy", "format_rate", "mean_reward")
+        acc, fmt, rew = weighted_mean(self.accelerator, [summary[k] for k in keys], summary["n"])
         metrics = {
             f"{metric_key_prefix}_accuracy": acc,
             f"{metric_key_prefix}_format_rate": fmt,

@@ -29,7 +29,7 @@ import torch
 from hf_align.data import build_shifted_sequences, format_prompt
 from hf_align.losses.grpo import group_normalize_rewards
 from hf_align.rewards.pool import ERROR_FLAG
-from hf_align.rollout.base import Rollout
+from hf_align.rollout.base import Rollout, SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -199,3 +199,34 @@ def rollout_metrics(scored: ScoredGroups, group_size: int, max_completion_length
         "completion_length_max": lengths.max().item(),
         "truncated_fraction": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
     }
+
+
+def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
+    """Sampling settings of a GRPOConfig; with ``positions`` (global prompt positions) each prompt gets its own
+    seed, so the rollouts are the same whatever the number of processes or the generation batch size."""
+    seeds = None if positions is None else [args.seed * 1_000_003 + p for p in positions]
+    return SamplingConfig(
+        n=args.group_size,
+        max_new_tokens=args.max_completion_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_new_tokens=args.min_completion_length,
+        stop=list(args.stop_strings),
+        seed=args.seed,
+        prompt_seeds=seeds,
+    )
+
+
+def attach_global_counts(micro: list[dict], accelerator, optimizer_batch_size: int) -> None:
+    """Give each micro-batch its optimizer step's sequence count and response-token count summed over
+    processes, so the loss of every reduction is normalised exactly as over the whole step."""
+    steps = max(b["step_index"].item() for b in micro) + 1
+    tokens = torch.zeros(steps, dtype=torch.float64, device=accelerator.device)
+    for b in micro:
+        tokens[b["step_index"]] += b["response_mask"].sum()
+    if accelerator.num_processes > 1:
+        tokens = accelerator.reduce(tokens, reduction="sum")
+    for b in micro:
+        b["num_tokens"] = tokens[b["step_index"]].float().cpu()
+        b["num_sequences"] = torch.tensor(float(optimizer_batch_size))

@@ -26,3 +26,13 @@ def global_sum(accelerator, count, device) -> torch.Tensor:
     if accelerator.num_processes > 1:
         count = accelerator.gather(count.reshape(1)).sum()
     return count
+
+
+def weighted_mean(accelerator, values: list[float], count: int) -> list[float]:
+    """Means computed on each process over ``count`` items, combined into the mean over all items."""
+    totals = torch.tensor(
+        [*(v * count for v in values), float(count)], dtype=torch.float64, device=accelerator.device
+    )
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
