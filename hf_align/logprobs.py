@@ -10,6 +10,11 @@ Choices:
   (chunk x V), in the forward *and* the backward pass, instead of B x T x V. The forward still runs through
   the (possibly DDP / FSDP / DeepSpeed wrapped) model, so gradient synchronisation and parameter gathering
   behave as in a plain forward.
+- The output layer only runs where a log-prob is wanted: positions whose label is ignored (-100) or outside
+  the optional ``logprob_mask`` (e.g. GRPO's response mask: prompt positions are never used) are skipped and
+  get log-prob 0 (and entropy 0). On a 128-prompt / 256-completion rollout that is a third of the head's work.
+- Token entropy, when asked, comes from the same logits chunk as the log-probs (no second pass through the
+  output layer); it is detached, and not recomputed when activation checkpointing recomputes the chunk.
 - Models that do not expose a decoder or do not accept ``logits_to_keep`` fall back to full logits, still
   reduced chunk by chunk.
 - ``masked_mean`` / ``masked_normalize`` accept bool or 0/1 masks. A fully masked row has masked mean 0
@@ -129,9 +134,18 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 
 def _head_chunk(
-    head: torch.nn.Module, hidden_NH: torch.Tensor, labels_N: torch.Tensor, temperature: float
+    head: torch.nn.Module,
+    hidden_NH: torch.Tensor,
+    labels_N: torch.Tensor,
+    temperature: float,
+    entropy_out: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    logp, _ = _label_logprobs_and_entropy(head(hidden_NH), labels_N, temperature, with_entropy=False)
+    """Log-probs of one chunk; its entropy is appended to ``entropy_out`` if that list is still empty (so the
+    recomputation in a checkpointed backward pass does not compute it again)."""
+    with_entropy = entropy_out is not None and not entropy_out
+    logp, entropy = _label_logprobs_and_entropy(head(hidden_NH), labels_N, temperature, with_entropy)
+    if with_entropy:
+        entropy_out.append(entropy)
     return logp
 
 
@@ -143,13 +157,16 @@ def get_response_log_probs(
     temperature: float = 1.0,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    logprob_mask: torch.Tensor | None = None,
     **model_kwargs,
 ) -> dict[str, torch.Tensor]:
     """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked.
 
     ``labels`` are already aligned with ``input_ids`` (labels[:, t] is the token predicted at position t),
     as produced by ``tokenize_prompt_and_output``. ``temperature`` divides the logits first, matching a
-    sampler that used the same temperature. Extra ``model_kwargs`` (e.g. ``position_ids`` for packed
+    sampler that used the same temperature. ``logprob_mask`` (B, T), optional: only these positions are
+    scored (e.g. the response mask); the others, like labels outside [0, V), get log-prob 0 and entropy 0
+    without running the output layer on them. Extra ``model_kwargs`` (e.g. ``position_ids`` for packed
     sequences) go to the model forward.
     """
     found = _decoder_and_head(model)
@@ -185,24 +202,41 @@ def get_response_log_probs(
     labels_N = labels.reshape(B * T)
     vocab = head.weight.shape[0] if hasattr(head, "weight") else None
     valid_N = labels_N >= 0 if vocab is None else (labels_N >= 0) & (labels_N < vocab)
-    safe_labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
+    if logprob_mask is not None:
+        valid_N = valid_N & logprob_mask.reshape(B * T).to(valid_N.device, torch.bool)
+    labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
+    # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
+    keep_K = None
+    if bool(valid_N.any()) and not bool(valid_N.all()):
+        keep_K = valid_N.nonzero().squeeze(1)
+        hidden_NH = hidden_NH.index_select(0, keep_K)  # (K, H)
+        labels_N = labels_N.index_select(0, keep_K)  # (K,)
     logps, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
-    for start in range(0, B * T, chunk_tokens):
+    for start in range(0, hidden_NH.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
+        ent: list[torch.Tensor] | None = [] if return_token_entropy else None
         if use_ckpt:
             # Recompute this chunk's logits in backward instead of storing them: memory stays O(chunk x V).
             lp = checkpoint(
-                _head_chunk, head, hidden_NH[sl], safe_labels_N[sl], temperature, use_reentrant=False
+                _head_chunk, head, hidden_NH[sl], labels_N[sl], temperature, ent, use_reentrant=False
             )
         else:
-            lp = _head_chunk(head, hidden_NH[sl], safe_labels_N[sl], temperature)
+            lp = _head_chunk(head, hidden_NH[sl], labels_N[sl], temperature, ent)
         logps.append(lp)
-        if return_token_entropy:
-            with torch.no_grad():
-                logits = head(hidden_NH[sl]).float()
-                entropies.append(compute_entropy(logits / temperature if temperature != 1.0 else logits))
-    out = {"log_probs": (torch.cat(logps) * valid_N).reshape(B, T)}
+        if ent is not None:
+            entropies.append(ent[0])
+    logps_K = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
+    if keep_K is None:
+        out = {"log_probs": (logps_K * valid_N).reshape(B, T)}
+    else:  # scatter back; index_copy is differentiable in its source
+        out = {"log_probs": logps_K.new_zeros(B * T).index_copy(0, keep_K, logps_K).reshape(B, T)}
     if return_token_entropy:
-        out["token_entropy"] = torch.cat(entropies).reshape(B, T)
+        ent_K = torch.cat(entropies) if entropies else logps_K.detach()
+        ent_K = ent_K if keep_K is not None else ent_K * valid_N
+        out["token_entropy"] = (
+            ent_K.reshape(B, T)
+            if keep_K is None
+            else ent_K.new_zeros(B * T).index_copy(0, keep_K, ent_K).reshape(B, T)
+        )
     return out

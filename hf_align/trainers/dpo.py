@@ -285,6 +285,7 @@ class DPOTrainer(SafeTrainingMixin, Trainer):
             inputs["labels"],
             attention_mask=inputs["attention_mask"],
             chunk_tokens=self.args.logprob_chunk_tokens,
+            logprob_mask=inputs["response_mask"],  # the output layer skips prompt and padding positions
         )["log_probs"]
         return split_concatenated(sequence_logps(logps_BT, inputs["response_mask"]))
 

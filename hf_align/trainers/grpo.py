@@ -287,6 +287,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
             temperature=self.args.temperature,
             attention_mask=b["attention_mask"].to(device),
             chunk_tokens=self.args.logprob_chunk_tokens,
+            logprob_mask=b["response_mask"].to(device),  # the output layer skips prompt positions
         )
         return out if with_entropy else out["log_probs"]
 
