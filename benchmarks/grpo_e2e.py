@@ -41,22 +41,29 @@ def _settings(model: str, steps: int, out: str) -> list[str]:
     ]  # fmt: skip
 
 
-def worker_ours(model: str, steps: int, out: str) -> dict:
+def _setup(model: str, steps: int, out: str):
+    """The recipe's config (stop strings off, see the module docstring), policy, tokenizer and prompt rows."""
     from transformers import set_seed
 
     from hf_align.cli import parse_args
     from hf_align.config import GRPOConfig, ModelArguments, ScriptArguments
     from hf_align.data import load_dataset_rows
     from hf_align.modeling import load_from_args
-    from hf_align.trainers.grpo import GRPOTrainer
 
     model_args, s, cfg = parse_args(
         (ModelArguments, ScriptArguments, GRPOConfig), _settings(model, steps, out)
     )
-    cfg.stop_strings = []  # see the module docstring
+    cfg.stop_strings = []
     set_seed(cfg.seed)
     policy, tokenizer = load_from_args(model_args)
     rows = load_dataset_rows(str(REPO / s.dataset_name), kind=s.dataset_kind, max_rows=s.max_train_samples)
+    return cfg, policy, tokenizer, rows
+
+
+def worker_ours(model: str, steps: int, out: str) -> dict:
+    from hf_align.trainers.grpo import GRPOTrainer
+
+    cfg, policy, tokenizer, rows = _setup(model, steps, out)
     trainer = GRPOTrainer(policy, cfg, train_dataset=rows, processing_class=tokenizer)
     memory = PeakMemory("cpu")
     memory.start()
@@ -100,21 +107,12 @@ class _Timer:
 def worker_trl(model: str, steps: int, out: str) -> dict:
     import datasets
     import trl
-    from transformers import TrainerCallback, set_seed
+    from transformers import TrainerCallback
 
-    from hf_align.cli import parse_args
-    from hf_align.config import GRPOConfig, ModelArguments, ScriptArguments
-    from hf_align.data import format_prompt, load_dataset_rows, load_prompt_template
-    from hf_align.modeling import load_from_args
+    from hf_align.data import format_prompt, load_prompt_template
     from hf_align.rewards import REWARD_FUNCTIONS
 
-    model_args, s, cfg = parse_args(
-        (ModelArguments, ScriptArguments, GRPOConfig), _settings(model, steps, out)
-    )
-    cfg.stop_strings = []  # see the module docstring
-    set_seed(cfg.seed)
-    policy, tokenizer = load_from_args(model_args)
-    rows = load_dataset_rows(str(REPO / s.dataset_name), kind=s.dataset_kind, max_rows=s.max_train_samples)
+    cfg, policy, tokenizer, rows = _setup(model, steps, out)
     template = load_prompt_template(cfg.prompt_template)
     data = datasets.Dataset.from_list(
         [{"prompt": format_prompt(template, r["question"]), "answer": str(r["answer"])} for r in rows]
