@@ -13,6 +13,10 @@ Choices:
 - The output layer only runs where a log-prob is wanted: positions whose label is ignored (-100) or outside
   the optional ``logprob_mask`` (e.g. GRPO's response mask: prompt positions are never used) are skipped and
   get log-prob 0 (and entropy 0). On a 128-prompt / 256-completion rollout that is a third of the head's work.
+- With an ordinary linear output layer (the common case; not under FSDP / ZeRO-3 sharding or a LoRA'd head)
+  the chunk goes through a small autograd function instead of checkpointing: it keeps only the per-token
+  logsumexp and rebuilds the logits' gradient in place in the backward pass (one chunk-sized buffer instead of
+  about four). Anything else takes the checkpointed path.
 - Token entropy, when asked, comes from the same logits chunk as the log-probs (no second pass through the
   output layer); it is detached, and not recomputed when activation checkpointing recomputes the chunk.
 - Models that do not expose a decoder or do not accept ``logits_to_keep`` fall back to full logits, still
@@ -149,6 +153,74 @@ def _head_chunk(
     return logp
 
 
+class _LinearHeadLogprob(torch.autograd.Function):
+    """log p(label) of one chunk through a bias-free linear output layer (and its detached entropy).
+
+    Saves only the chunk's hidden states and per-token logsumexp; the backward pass recomputes the chunk's
+    logits and turns them into their own gradient in place (softmax, minus one-hot, times the incoming
+    gradient), so one (chunk x V) float32 buffer is alive at a time instead of the ~4 that autograd through a
+    checkpointed log-softmax + gather holds. Autocast state is replayed in the backward matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, labels_N, temperature: float, with_entropy: bool):
+        logits_NV = (hidden_NH @ weight_VH.t()).float()
+        if temperature != 1.0:
+            logits_NV = logits_NV / temperature
+        lse_N = torch.logsumexp(logits_NV, dim=-1)
+        logp_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1) - lse_N
+        entropy_N = logp_N.new_zeros(0)
+        if with_entropy:  # H = lse - sum p * logits, with p = exp(logits - lse) built in place
+            entropy_N = lse_N - logits_NV.sub(lse_N.unsqueeze(-1)).exp_().mul_(logits_NV).sum(-1)
+        device = hidden_NH.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.temperature = temperature
+        ctx.save_for_backward(hidden_NH, weight_VH, labels_N, lse_N)
+        ctx.mark_non_differentiable(entropy_N)
+        return logp_N, entropy_N
+
+    @staticmethod
+    def backward(ctx, grad_logp_N, _grad_entropy):
+        hidden_NH, weight_VH, labels_N, lse_N = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            logits_NV = (hidden_NH @ weight_VH.t()).float()
+        if ctx.temperature != 1.0:
+            logits_NV.div_(ctx.temperature)  # a fresh buffer: safe to change in place
+        # d logp / d logits = onehot(label) - softmax; chain with the incoming gradient and 1 / temperature
+        grad_NV = logits_NV.sub_(lse_N.unsqueeze(-1)).exp_().mul_(-grad_logp_N.unsqueeze(-1))
+        grad_NV.scatter_add_(-1, labels_N.unsqueeze(-1), grad_logp_N.unsqueeze(-1).to(grad_NV.dtype))
+        if ctx.temperature != 1.0:
+            grad_NV.div_(ctx.temperature)
+        grad_hidden = grad_weight = None
+        if not enabled:  # e.g. a bf16 model without autocast: the matmuls run in the weights' dtype
+            grad_NV = grad_NV.to(weight_VH.dtype)
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_NV @ weight_VH).to(hidden_NH.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad_NV.t() @ hidden_NH).to(weight_VH.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    """True when the output layer is an ordinary bias-free ``nn.Linear`` whose full weight is right there (not a
+    LoRA / quantised wrapper, not sharded by FSDP or DeepSpeed ZeRO-3, no hooks that gather or change it)."""
+    from torch.nn.modules import module as nn_module
+
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and type(weight) is torch.nn.Parameter
+        and type(weight.data) is torch.Tensor  # a DTensor (FSDP2) is a subclass
+        and weight.shape == (head.out_features, head.in_features)
+        and not hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3 partitioned parameter
+        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+    )
+
+
 def get_response_log_probs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -213,10 +285,16 @@ def get_response_log_probs(
         labels_N = labels_N.index_select(0, keep_K)  # (K,)
     logps, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
+    fused = use_ckpt and _plain_linear(head)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         ent: list[torch.Tensor] | None = [] if return_token_entropy else None
-        if use_ckpt:
+        if fused:
+            lp, entropy = _LinearHeadLogprob.apply(
+                hidden_NH[sl], head.weight, labels_N[sl], temperature, return_token_entropy
+            )
+            ent = [entropy] if return_token_entropy else None
+        elif use_ckpt:
             # Recompute this chunk's logits in backward instead of storing them: memory stays O(chunk x V).
             lp = checkpoint(
                 _head_chunk, head, hidden_NH[sl], labels_N[sl], temperature, ent, use_reentrant=False

@@ -117,6 +117,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         self.ref_model = self._reference_policy(ref_model)
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._synced_step = -1
+        self._rollout_s = 0.0  # seconds spent making rollout batches (kept out of time/training_s)
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def _reference_policy(self, ref_model):
@@ -295,7 +296,9 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
 
     def _prepare_inputs(self, inputs):
         if not self._buffer:
+            start = time.perf_counter()
             self._make_rollout_batch()
+            self._rollout_s += time.perf_counter() - start
         return self._buffer.pop(0)
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -332,9 +335,10 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        start = time.perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._metrics["time/training_s"].append(time.perf_counter() - start)
+        start, rollout_before = time.perf_counter(), self._rollout_s
+        loss = super().training_step(model, inputs, num_items_in_batch)  # may run a rollout step first
+        elapsed = time.perf_counter() - start - (self._rollout_s - rollout_before)
+        self._metrics["time/training_s"].append(elapsed)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -175,3 +175,45 @@ def test_peft_wrapped_model(tiny_model):
     torch.testing.assert_close(
         get_response_log_probs(peft_model, ids, labels)["log_probs"], want, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_head_equals_checkpointed_head(tiny_model, autocast):
+    """The fused output-layer function (plain nn.Linear head) and the checkpointed path it replaces give the
+    same log-probs, entropies and gradients, with a temperature, a logprob_mask and ignored labels. A forward
+    hook on the head (as FSDP / ZeRO-3 / adapters add) sends the computation down the checkpointed path."""
+    from hf_align.logprobs import _plain_linear
+
+    tiny_model.train()
+    torch.manual_seed(4)
+    V = tiny_model.config.vocab_size
+    ids, labels = torch.randint(0, V, (3, 16)), torch.randint(0, V, (3, 16))
+    labels[0, :4] = -100
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[1, :6] = False
+    weights = torch.linspace(0.1, 1.0, 16)
+    head = tiny_model.get_output_embeddings()
+
+    def run():
+        tiny_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = get_response_log_probs(
+                tiny_model, ids, labels, True, temperature=0.7, chunk_tokens=5, logprob_mask=mask
+            )
+        (out["log_probs"] * weights).sum().backward()
+        return out, {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+
+    assert _plain_linear(head)
+    fused, fused_grads = run()
+    handle = head.register_forward_hook(lambda *args: None)
+    try:
+        assert not _plain_linear(head)
+        ckpt, ckpt_grads = run()
+    finally:
+        handle.remove()
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused["log_probs"], ckpt["log_probs"], **tol)
+    torch.testing.assert_close(fused["token_entropy"], ckpt["token_entropy"], **tol)
+    assert (fused["log_probs"][~mask] == 0).all() and (fused["log_probs"][0, :4] == 0).all()
+    for n, g in ckpt_grads.items():
+        torch.testing.assert_close(fused_grads[n], g, **tol, msg=n)
