@@ -52,7 +52,8 @@ def engine_faults(trainer, engine_kind: str, action: str):
     except RolloutEngineError:
         raise
     except Exception as e:
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        # CUDA OOM, vLLM's "No available memory for the cache blocks", ...
+        oom = isinstance(e, torch.OutOfMemoryError) or "memory" in str(e).lower()
         raise RolloutEngineError(
             f"rollout engine {engine_kind!r} failed while {action} before optimizer step "
             f"{trainer.state.global_step + 1}: {type(e).__name__}: {str(e)[:500]}. Training stopped. "

@@ -367,3 +367,44 @@ def test_server_death_stops_grpo_with_a_clear_error_and_an_intact_checkpoint(tin
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+@vllm_test
+def test_vllm_out_of_memory_stops_grpo_with_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
+    """A run resumed from checkpoint-1 with a colocated vLLM that has no room for its KV cache: vLLM really
+    fails at start-up ("No available memory for the cache blocks"); training stops with a RolloutEngineError
+    that says so, names the step and the checkpoint, and the checkpoint still loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_align.rollout.vllm as vllm_module
+    from hf_align.config import GRPOConfig
+    from hf_align.rollout import RolloutEngineError
+    from hf_align.trainers.grpo import GRPOTrainer
+
+    template = tmp_path / "q.prompt"
+    template.write_text("Q: {question} A:")
+
+    def trainer(engine: str, steps: int) -> GRPOTrainer:
+        args = GRPOConfig(
+            output_dir=str(tmp_path / "out"), prompt_template=str(template), rollout_engine=engine,
+            rollout_batch_size=4, group_size=4, per_device_train_batch_size=4, max_steps=steps, save_steps=1,
+            max_completion_length=6, stop_strings=[], grader_num_workers=0, max_prompt_length=64,
+            report_to="none", disable_tqdm=True, plot_curves=False, seed=0,
+        )  # fmt: skip
+        return GRPOTrainer(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), args,
+            train_dataset=[{"question": q, "answer": "0"} for q in ("red", "green", "cat")],
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), reward_funcs=[_length_reward],
+        )  # fmt: skip
+
+    trainer("hf", 1).train()
+    monkeypatch.setattr(vllm_module, "CPU_KV_CACHE_BYTES", 1024)  # room for no KV-cache block at all
+    with pytest.raises(RolloutEngineError) as info:
+        trainer("vllm", 2).train(resume_from_checkpoint=True)
+    message = str(info.value)
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert "'vllm' failed while starting before optimizer step 2" in message and str(checkpoint) in message
+    assert "No available memory" in message and "lower vllm_gpu_memory_utilization" in message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
