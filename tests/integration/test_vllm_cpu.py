@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -270,6 +271,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 @contextlib.contextmanager
 def _served(model_dir, tmp_path):
     """A real `hf_align.rollout.vllm_server` subprocess on a free port; yields (process, base URL)."""
@@ -279,7 +287,10 @@ def _served(model_dir, tmp_path):
     log_path = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "hf_align.rollout.vllm_server", "serve", "--model", str(model_dir)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        # its own process group: the server's engine-core child dies with it (no orphan holding memory)
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             try:
@@ -288,12 +299,13 @@ def _served(model_dir, tmp_path):
                 raise AssertionError(f"{e}\n{log_path.read_text()[-3000:]}") from e
             yield proc, url
         finally:
-            proc.terminate()
+            _kill_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill_group(proc, signal.SIGKILL)
                 proc.wait()
+            _kill_group(proc, signal.SIGKILL)  # children that outlived the server
 
 
 @vllm_test
@@ -341,7 +353,7 @@ def test_server_death_stops_grpo_with_a_clear_error_and_an_intact_checkpoint(tin
 
         class KillServerAfterFirstSave(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):
-                proc.kill()
+                _kill_group(proc, signal.SIGKILL)  # the server and its engine core die at once
                 proc.wait()
 
         args = GRPOConfig(
