@@ -58,10 +58,10 @@ lint: setup
 	$(BIN)/ruff format --check hf_align recipes tests benchmarks scripts
 	$(BIN)/ruff check hf_align recipes tests benchmarks scripts
 
-# The CPU benchmark set, 12 min on the shared 2-core machine (budget 30; results in BENCHMARKS.md). Training-step
-# shapes are cut from the issue's 8 x (128 + 256) to 4 x (32 + 64) tokens so the 14 fresh-process runs fit the
-# budget at load; override with BENCH_TRAIN_FLAGS. hf_align_masked: a proposed GRPO/DPO trainer change, measured
-# alongside. JSON lines of every run go to outputs/bench/.
+# The CPU benchmark set (budget 30 min on the 2-core machine: ~12 min for log-prob memory, the 12 training-step
+# runs and rollouts, ~8 min for GRPO end to end; results in BENCHMARKS.md). Training-step shapes are cut from
+# the issue's 8 x (128 + 256) to 4 x (32 + 64) tokens to fit the budget; override with BENCH_TRAIN_FLAGS.
+# JSON lines of the training-step and rollout runs go to outputs/bench/.
 BENCH_TRAIN_FLAGS ?= --batch 4 --prompt-len 32 --completion-len 64 --warmup 1 --steps 2
 bench: setup model setup-vllm
 	mkdir -p outputs/bench
@@ -71,6 +71,7 @@ bench: setup model setup-vllm
 	$(BIN)/python benchmarks/train_step.py --algo all --model qwen2-tiny $(BENCH_TRAIN_FLAGS) \
 		--json outputs/bench/train_step.jsonl
 	$(VLLM_VENV)/bin/python benchmarks/rollouts.py --json outputs/bench/rollouts.jsonl
+	$(BIN)/python benchmarks/grpo_e2e.py --steps 4
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache outputs
