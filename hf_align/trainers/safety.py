@@ -124,6 +124,8 @@ class SafeTrainingMixin:
             self._save_optimizer_and_scheduler(staging)
             self._save_scaler(staging)
             self._save_rng_state(staging)
+        # with save_only_model, a process other than the saving one may not have written anything yet
+        os.makedirs(staging, exist_ok=True)
         self._save_extra_state(staging)
         if args.should_save:
             for cb in self.callback_handler.callbacks + [self.control]:
