@@ -70,3 +70,16 @@ def resume_target(value: str | bool | None) -> str | bool | None:
     if not Path(text).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {text}: no such checkpoint folder")
     return text
+
+
+def train_and_save(trainer, cfg, after_train=None):
+    """The recipes' ending: train (resuming as ``--resume_from_checkpoint`` says), run ``after_train(trainer)``
+    if given, then save the trainer state and the final model, and push to the Hub if asked."""
+    trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
+    if after_train is not None:
+        after_train(trainer)
+    trainer.save_state()
+    trainer.save_model(cfg.output_dir)
+    if cfg.push_to_hub:
+        trainer.push_to_hub()
+    return trainer

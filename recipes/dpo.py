@@ -9,7 +9,7 @@ import logging
 
 from transformers import set_seed
 
-from hf_align.cli import parse_args, resume_target
+from hf_align.cli import parse_args, train_and_save
 from hf_align.config import DPOConfig, ModelArguments, ScriptArguments
 from hf_align.modeling import load_from_args
 from hf_align.trainers.dpo import DPOTrainer, build_preference_dataset
@@ -36,11 +36,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
             s.eval_dataset_name, s.eval_dataset_split, cfg, tokenizer, s.on_bad_rows, s.max_eval_samples
         )
     trainer = DPOTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
-    trainer.save_state()
-    trainer.save_model(cfg.output_dir)
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
+    train_and_save(trainer, cfg)
     return trainer
 
 

@@ -9,7 +9,7 @@ import logging
 
 from transformers import set_seed
 
-from hf_align.cli import parse_args, resume_target
+from hf_align.cli import parse_args, train_and_save
 from hf_align.config import GRPOConfig, ModelArguments, ScriptArguments
 from hf_align.data import load_dataset_rows
 from hf_align.modeling import load_from_args
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
         evals = rows(s.eval_dataset_name, s.eval_dataset_kind, s.eval_dataset_split, s.max_eval_samples)
     logger.info("prompts: %d train, %d eval", len(train), len(evals or []))
     trainer = GRPOTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
-    trainer.save_state()
-    trainer.save_model(cfg.output_dir)
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
+    train_and_save(trainer, cfg)
     trainer.close()
     return trainer
 

@@ -10,7 +10,7 @@ import logging
 
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from hf_align.cli import parse_args, resume_target
+from hf_align.cli import parse_args, train_and_save
 from hf_align.config import ModelArguments, RewardConfig, ScriptArguments
 from hf_align.modeling import load_tokenizer, lora_config_from_args, resolve_dtype, wrap_lora
 from hf_align.trainers.dpo import build_preference_dataset
@@ -60,13 +60,12 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
             s.eval_dataset_name, s.eval_dataset_split, cfg, tokenizer, s.on_bad_rows, s.max_eval_samples
         )
     trainer = RewardTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
-    if evals is not None:
-        logger.info("held-out pair accuracy: %.3f", trainer.evaluate()["eval_accuracy"])
-    trainer.save_state()
-    trainer.save_model(cfg.output_dir)
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
+
+    def report_accuracy(t) -> None:
+        if evals is not None:
+            logger.info("held-out pair accuracy: %.3f", t.evaluate()["eval_accuracy"])
+
+    train_and_save(trainer, cfg, after_train=report_accuracy)
     return trainer
 
 

@@ -9,7 +9,7 @@ import logging
 
 from transformers import set_seed
 
-from hf_align.cli import parse_args, resume_target
+from hf_align.cli import parse_args, train_and_save
 from hf_align.config import ModelArguments, ScriptArguments, SFTConfig
 from hf_align.data import load_prompt_template, load_sft_rows, pack_examples, tokenize_sft_dataset
 from hf_align.modeling import load_from_args
@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
             script_args.max_eval_samples,
         )
     trainer = SFTTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
-    trainer.save_state()
-    trainer.save_model(cfg.output_dir)
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
+    train_and_save(trainer, cfg)
     return trainer
 
 
