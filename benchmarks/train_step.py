@@ -9,8 +9,9 @@ the same weights), the library's real trainer, and one fixed batch in that libra
 
 - GRPO: one rollout batch of ``batch`` sequences (one prompt, a group of ``batch`` completions), fixed
   advantages. hf_align: ``GRPOTrainer`` with ``loss_type=grpo_clip`` and ``sequence_mean`` (GRPO's
-  per-sequence mean), the micro-batch prepared as its rollout step prepares it (old log-probs, global counts:
-  not timed, they belong to the rollout phase). TRL: ``GRPOTrainer`` with ``loss_type=grpo``,
+  per-sequence mean) and its default ``share_prompt_prefix`` (the group's prompt goes through the decoder
+  once; ``--impls hf_align_one_pass`` adds a run with it off), the micro-batch prepared as its rollout
+  step prepares it (old log-probs, global counts: not timed, they belong to the rollout phase). TRL: ``GRPOTrainer`` with ``loss_type=grpo``,
   ``num_iterations=1`` (old log-probs = the current ones, detached), its ``prompt_ids / completion_ids /
   advantages`` dict handed to ``training_step`` with generation bypassed. beta = 0, epsilon = 0.2 for both.
 - DPO: ``batch / 2`` pairs (so ``batch`` rows, like the others), sigmoid loss, beta 0.1, a separate frozen
@@ -56,7 +57,7 @@ from _common import MIB, PeakMemory, load_average, machine_info, run_worker  # n
 
 SMOLLM2_DIR = ROOT / "models" / "smollm2-135m-instruct"
 ALGOS = ("grpo", "dpo", "sft")
-IMPLS = ("hf_align", "trl")
+IMPLS = ("hf_align", "trl", "hf_align_one_pass")  # the last: GRPO with share_prompt_prefix off
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -153,6 +154,7 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
             max_completion_length=C,
             grader_num_workers=0,
             plot_curves=False,
+            share_prompt_prefix=impl == "hf_align",
             **_chunk(args),
         )
         trainer = GRPOTrainer(
@@ -421,7 +423,13 @@ def main() -> None:
     p.add_argument("--completion-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (>= 1)")
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=list(IMPLS),
+        default=list(IMPLS[:2]),
+        help="hf_align_one_pass: GRPO with share_prompt_prefix=false (each row's prompt through the decoder)",
+    )
     p.add_argument(
         "--chunk-tokens", type=int, help="hf_align's logprob_chunk_tokens (default: the library's)"
     )
@@ -462,7 +470,7 @@ def main() -> None:
     for algo in algos:
         print(header)
         res = {}
-        for impl in args.impls:
+        for impl in [i for i in args.impls if algo == "grpo" or i != "hf_align_one_pass"]:
             res[impl] = r = run_worker([__file__, "--worker", impl, algo, *flags], env=env)
             print(
                 f"{algo:>5} {impl:>15} {r['tokens_per_s']:9.1f} {r['step_peak_mib']:9.0f} "

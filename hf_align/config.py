@@ -31,6 +31,13 @@ def _other_accelerator_available() -> bool:
     return bool((mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available()))
 
 
+SHARE_PROMPT_HELP = (
+    "Run each distinct prompt of a micro-batch through the decoder once and its answers on its key/value cache "
+    "(same numbers up to float rounding). Used with sdpa/eager attention and no gradient checkpointing, DeepSpeed "
+    "or FSDP; elsewhere, or when false, every row runs whole"
+)
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
@@ -303,6 +310,9 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     logprob_chunk_tokens: int = field(
         default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
     )
+    share_prompt_prefix: bool = field(
+        default=True, metadata={"help": SHARE_PROMPT_HELP + " (saves 1 - 1/group_size of the prompt's work)."}
+    )
     # --- evaluation and outputs
     eval_max_examples: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many rows."}
@@ -442,6 +452,9 @@ class DPOConfig(_PreferenceDataArgs, _CPUSafeMixin, TrainingArguments):
     )
     logprob_chunk_tokens: int = field(
         default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
+    )
+    share_prompt_prefix: bool = field(
+        default=True, metadata={"help": SHARE_PROMPT_HELP + " (the chosen and rejected answers share it)."}
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep our tokenized columns as they are."}

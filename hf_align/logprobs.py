@@ -17,6 +17,11 @@ Choices:
   the chunk goes through a small autograd function instead of checkpointing: it keeps only the per-token
   logsumexp and rebuilds the logits' gradient in place in the backward pass (one chunk-sized buffer instead of
   about four). Anything else takes the checkpointed path.
+- ``share_prompts``: rows with the same prompt (a GRPO group, a DPO pair) run the prompt through the decoder
+  once and continue each row on its key/value cache (``_shared_prompt_hidden``). Causal attention makes this
+  exact up to float rounding; it saves ``1 - 1/rows_per_prompt`` of the prompt's decoder work, forward and
+  backward, and its activations. Where it is not known to be exact (gradient checkpointing in training,
+  sharded or engine-wrapped models, other attention kernels or caches) one pass is used.
 - Token entropy, when asked, comes from the same logits chunk as the log-probs (no second pass through the
   output layer); it is detached, and not recomputed when activation checkpointing recomputes the chunk.
 - Models that do not expose a decoder or do not accept ``logits_to_keep`` fall back to full logits, still
@@ -221,79 +226,150 @@ def _plain_linear(head: torch.nn.Module) -> bool:
     )
 
 
-def get_response_log_probs(
+def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
+    """Run ``model(**kwargs, logits_to_keep=1)``; return (its output, the decoder's final hidden states), or
+    None when the forward does not take ``logits_to_keep``."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        out = model(logits_to_keep=1, **kwargs)
+    except TypeError:
+        return None
+    finally:
+        handle.remove()
+    return (out, captured["hidden"]) if "hidden" in captured else None
+
+
+def _can_share_prompts(model: torch.nn.Module) -> bool:
+    """Whether the two-pass shared-prompt forward is known to be exact for this model: a plain (or DDP /
+    PEFT wrapped) decoder with sdpa or eager attention, unsharded weights, and no gradient checkpointing in
+    training (transformers' checkpointed layers drop the cache)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if hasattr(model, "module") and not isinstance(model, DistributedDataParallel):
+        return False  # DeepSpeed / FSDP1 engines: their forward does more than the module's
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if inner.training and checkpointing:
+        return False
+    weight = next(inner.parameters(), None)
+    return weight is not None and type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id")
+
+
+def _shared_prompt_hidden(
     model: torch.nn.Module,
+    decoder: torch.nn.Module,
     input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    return_token_entropy: bool = False,
-    temperature: float = 1.0,
-    attention_mask: torch.Tensor | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    logprob_mask: torch.Tensor | None = None,
-    **model_kwargs,
-) -> dict[str, torch.Tensor]:
-    """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked.
+    attention_mask: torch.Tensor | None,
+    valid_BT: torch.Tensor,
+) -> torch.Tensor | None:
+    """Final hidden states at the scored positions (K, H), in row-major order, running each distinct prompt
+    through the decoder once.
 
-    ``labels`` are already aligned with ``input_ids`` (labels[:, t] is the token predicted at position t),
-    as produced by ``tokenize_prompt_and_output``. ``temperature`` divides the logits first, matching a
-    sampler that used the same temperature. ``logprob_mask`` (B, T), optional: only these positions are
-    scored (e.g. the response mask); the others, like labels outside [0, V), get log-prob 0 and entropy 0
-    without running the output layer on them. Extra ``model_kwargs`` (e.g. ``position_ids`` for packed
-    sequences) go to the model forward.
+    GRPO scores ``group_size`` completions of the same prompt. Causal attention means a prompt's hidden
+    states and keys / values do not depend on what follows it, so the prompt is run once per distinct prompt
+    (``use_cache=True``), its cache is indexed out to every row that shares it (an ``index_select``, so the
+    backward pass sums the rows' gradients into the one prompt pass), and the completions run on top of it
+    with explicit positions. Same numbers as the one-pass forward up to float rounding; ``1 - 1/group_size`` of
+    the prompt tokens' decoder work (forward and backward) is saved.
+
+    Needs each row's scored positions to be one run ``[p - 1, p - 1 + c)`` right after a prompt of ``p``
+    tokens (the layout of ``build_shifted_sequences``) with attention on every token up to it. Returns None
+    (caller uses the one-pass forward) when the layout is different, no prompt is shared, or the model's cache
+    is not a plain full-attention cache.
     """
-    found = _decoder_and_head(model)
-    if found is not None:
-        decoder, head = found
-        captured: dict[str, torch.Tensor] = {}
+    from transformers.cache_utils import DynamicLayer
 
-        def hook(_module, _args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+    B, T = input_ids.shape
+    n_B = valid_BT.sum(1)  # completion tokens scored per row (c)
+    first_B = valid_BT.int().argmax(1)  # p - 1: the last prompt position predicts the first completion token
+    if bool((n_B == 0).any()) or bool((first_B == 0).any()):
+        return None
+    positions_T = torch.arange(T, device=input_ids.device)
+    run_BT = (positions_T >= first_B[:, None]) & (positions_T < (first_B + n_B)[:, None])
+    if not torch.equal(run_BT, valid_BT):
+        return None
+    if attention_mask is not None and not bool(
+        ((attention_mask != 0) | (positions_T >= (first_B + n_B)[:, None])).all()
+    ):
+        return None  # padding inside a prompt or a completion: not this layout
+    prompt_len = (first_B + 1).tolist()
+    ids = input_ids.tolist()
+    rows = [tuple(ids[b][: prompt_len[b]]) for b in range(B)]
+    distinct: dict[tuple, int] = {}
+    index_B = torch.tensor([distinct.setdefault(r, len(distinct)) for r in rows], device=input_ids.device)
+    if len(distinct) == B:
+        return None
+    U, P = len(distinct), max(prompt_len)
+    prompt_UP = input_ids.new_zeros(U, P)
+    prompt_mask_UP = input_ids.new_zeros(U, P)
+    for r, u in distinct.items():
+        prompt_UP[u, : len(r)] = torch.tensor(r, dtype=input_ids.dtype)
+        prompt_mask_UP[u, : len(r)] = 1
+    inner = model.module if hasattr(model, "module") else model  # DDP: one wrapped forward per step
+    ran = _run_capturing_hidden(
+        inner, decoder, input_ids=prompt_UP, attention_mask=prompt_mask_UP, use_cache=True
+    )
+    if ran is None:
+        return None
+    out, hidden_UPH = ran
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None  # sliding-window, linear-attention, ... caches: not known to continue exactly
+    last_BH = hidden_UPH[index_B, first_B]  # hidden state of each row's last prompt token
+    C = int(n_B.max())
+    pieces = [last_BH.unsqueeze(1)]
+    if C > 1:
+        cache.reorder_cache(index_B)  # (U, ...) -> (B, ...), differentiable
+        offsets_C = torch.arange(C - 1, device=input_ids.device)
+        take_BC = (first_B[:, None] + 1 + offsets_C).clamp(max=T - 1)
+        completion_mask_BC = (offsets_C < (n_B - 1)[:, None]).long()
+        ran = _run_capturing_hidden(
+            model,
+            decoder,
+            input_ids=input_ids.gather(1, take_BC),
+            attention_mask=torch.cat([prompt_mask_UP.index_select(0, index_B), completion_mask_BC], 1),
+            position_ids=first_B[:, None] + 1 + offsets_C,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        if ran is None:
+            return None
+        pieces.append(ran[1])
+    hidden_BCH = torch.cat(pieces, 1)
+    keep_BC = torch.arange(C, device=input_ids.device) < n_B[:, None]
+    return hidden_BCH[keep_BC]
 
-        handle = decoder.register_forward_hook(hook)
-        try:
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_to_keep=1,
-                use_cache=False,
-                **model_kwargs,
-            )
-        except TypeError:
-            found = None  # the model's forward does not take logits_to_keep: use full logits below
-        finally:
-            handle.remove()
-    if found is None or "hidden" not in captured:
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
-        ).logits
-        return log_probs_from_logits(logits, labels, return_token_entropy, temperature, chunk_tokens)
 
-    hidden_BTH = captured["hidden"]
-    B, T, H = hidden_BTH.shape
-    hidden_NH = hidden_BTH.reshape(B * T, H)  # (B*T, H)
-    labels_N = labels.reshape(B * T)
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
-    valid_N = labels_N >= 0 if vocab is None else (labels_N >= 0) & (labels_N < vocab)
-    if logprob_mask is not None:
-        valid_N = valid_N & logprob_mask.reshape(B * T).to(valid_N.device, torch.bool)
-    labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
-    # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
-    keep_K = None
-    if bool(valid_N.any()) and not bool(valid_N.all()):
-        keep_K = valid_N.nonzero().squeeze(1)
-        hidden_NH = hidden_NH.index_select(0, keep_K)  # (K, H)
-        labels_N = labels_N.index_select(0, keep_K)  # (K,)
+def _score(
+    head: torch.nn.Module,
+    hidden_NH: torch.Tensor,
+    labels_N: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (N,) of ``labels_N`` under ``head(hidden_NH)``, chunk by chunk, and entropies if asked."""
     logps, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
     fused = use_ckpt and _plain_linear(head)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        ent: list[torch.Tensor] | None = [] if return_token_entropy else None
+        ent: list[torch.Tensor] | None = [] if with_entropy else None
         if fused:
             lp, entropy = _LinearHeadLogprob.apply(
-                hidden_NH[sl], head.weight, labels_N[sl], temperature, return_token_entropy
+                hidden_NH[sl], head.weight, labels_N[sl], temperature, with_entropy
             )
-            ent = [entropy] if return_token_entropy else None
+            ent = [entropy] if with_entropy else None
         elif use_ckpt:
             # Recompute this chunk's logits in backward instead of storing them: memory stays O(chunk x V).
             lp = checkpoint(
@@ -304,17 +380,86 @@ def get_response_log_probs(
         logps.append(lp)
         if ent is not None:
             entropies.append(ent[0])
-    logps_K = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
-    if keep_K is None:
-        out = {"log_probs": (logps_K * valid_N).reshape(B, T)}
-    else:  # scatter back; index_copy is differentiable in its source
-        out = {"log_probs": logps_K.new_zeros(B * T).index_copy(0, keep_K, logps_K).reshape(B, T)}
-    if return_token_entropy:
-        ent_K = torch.cat(entropies) if entropies else logps_K.detach()
-        ent_K = ent_K if keep_K is not None else ent_K * valid_N
-        out["token_entropy"] = (
-            ent_K.reshape(B, T)
-            if keep_K is None
-            else ent_K.new_zeros(B * T).index_copy(0, keep_K, ent_K).reshape(B, T)
+    logps_N = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
+    if not with_entropy:
+        return logps_N, None
+    return logps_N, torch.cat(entropies) if entropies else logps_N.detach()
+
+
+def get_response_log_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    return_token_entropy: bool = False,
+    temperature: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    logprob_mask: torch.Tensor | None = None,
+    share_prompts: bool = False,
+    **model_kwargs,
+) -> dict[str, torch.Tensor]:
+    """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked.
+
+    ``labels`` are already aligned with ``input_ids`` (labels[:, t] is the token predicted at position t),
+    as produced by ``tokenize_prompt_and_output``. ``temperature`` divides the logits first, matching a
+    sampler that used the same temperature. ``logprob_mask`` (B, T), optional: only these positions are
+    scored (e.g. the response mask); the others, like labels outside [0, V), get log-prob 0 and entropy 0
+    without running the output layer on them. ``share_prompts``: rows whose prompts (the tokens before their
+    ``logprob_mask`` run) are identical run that prompt through the decoder once (see
+    ``_shared_prompt_hidden``; it falls back to one pass where that is not known to be exact). Extra
+    ``model_kwargs`` (e.g. ``position_ids`` for packed sequences) go to the model forward.
+    """
+
+    def full_logits() -> dict[str, torch.Tensor]:  # models without a separable decoder / logits_to_keep
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+        ).logits
+        return log_probs_from_logits(logits, labels, return_token_entropy, temperature, chunk_tokens)
+
+    found = _decoder_and_head(model)
+    if found is None:
+        return full_logits()
+    decoder, head = found
+    B, T = input_ids.shape
+    labels_N = labels.reshape(B * T)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
+    valid_N = labels_N >= 0 if vocab is None else (labels_N >= 0) & (labels_N < vocab)
+    if logprob_mask is not None:
+        valid_N = valid_N & logprob_mask.reshape(B * T).to(valid_N.device, torch.bool)
+    labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
+    hidden_KH = None
+    if share_prompts and logprob_mask is not None and not model_kwargs and _can_share_prompts(model):
+        hidden_KH = _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_N.reshape(B, T))
+    if hidden_KH is None:
+        ran = _run_capturing_hidden(
+            model,
+            decoder,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **model_kwargs,
         )
+        if ran is None:  # the model's forward does not take logits_to_keep
+            return full_logits()
+        hidden_NH = ran[1].reshape(B * T, -1)
+    # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
+    keep_K = None
+    if bool(valid_N.any()) and not bool(valid_N.all()):
+        keep_K = valid_N.nonzero().squeeze(1)
+        labels_N = labels_N.index_select(0, keep_K)  # (K,)
+        if hidden_KH is None:
+            hidden_KH = hidden_NH.index_select(0, keep_K)  # (K, H)
+    elif hidden_KH is None:
+        hidden_KH = hidden_NH
+    logps_K, ent_K = _score(head, hidden_KH, labels_N, temperature, chunk_tokens, return_token_entropy)
+    out = {"log_probs": _scatter(logps_K, keep_K, valid_N).reshape(B, T)}
+    if return_token_entropy:
+        out["token_entropy"] = _scatter(ent_K, keep_K, valid_N).reshape(B, T)
     return out
+
+
+def _scatter(values_K: torch.Tensor, keep_K: torch.Tensor | None, valid_N: torch.Tensor) -> torch.Tensor:
+    """Values at the scored positions -> (N,) with 0 elsewhere (index_copy is differentiable in its source)."""
+    if keep_K is None:
+        return values_K * valid_N
+    return values_K.new_zeros(valid_N.shape[0]).index_copy(0, keep_K, values_K)

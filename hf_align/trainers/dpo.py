@@ -286,6 +286,7 @@ class DPOTrainer(SafeTrainingMixin, Trainer):
             attention_mask=inputs["attention_mask"],
             chunk_tokens=self.args.logprob_chunk_tokens,
             logprob_mask=inputs["response_mask"],  # the output layer skips prompt and padding positions
+            share_prompts=self.args.share_prompt_prefix,  # a pair's prompt goes through the decoder once
         )["log_probs"]
         return split_concatenated(sequence_logps(logps_BT, inputs["response_mask"]))
 

@@ -289,6 +289,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
             attention_mask=b["attention_mask"].to(device),
             chunk_tokens=self.args.logprob_chunk_tokens,
             logprob_mask=b["response_mask"].to(device),  # the output layer skips prompt positions
+            share_prompts=self.args.share_prompt_prefix,  # a group's prompt goes through the decoder once
         )
         return out if with_entropy else out["log_probs"]
 

@@ -99,9 +99,11 @@ def test_truncation_keeps_prompt_end_and_answer_start(tokenizer):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("ipo", marks=pytest.mark.slow)])
 def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_type):
+    """8x1, 4x2 and 1x8 splits, with each pair's prompt run once (share_prompt_prefix, the default), give the
+    gradients of 8x1 with every row run whole."""
     examples = _examples(tokenizer)
     grads = {}
-    for micro, accum in [(8, 1), (4, 2), (1, 8)]:
+    for micro, accum, share in [(8, 1, False), (8, 1, True), (4, 2, True), (1, 8, True)]:
         cap = grad_capture()
         cfg = _config(
             tmp_path,
@@ -109,6 +111,7 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
             gradient_accumulation_steps=accum,
             loss_type=loss_type,
             max_grad_norm=0.0,
+            share_prompt_prefix=share,
         )
         # A reference other than the policy, so that the loss is not at its trivial point.
         trainer = DPOTrainer(
@@ -120,8 +123,8 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
             callbacks=[cap],
         )
         trainer.train()
-        grads[(micro, accum)] = cap.grads
-    ref = grads[(8, 1)]
+        grads[(micro, accum, share)] = cap.grads
+    ref = grads[(8, 1, False)]
     assert ref and all(g.abs().sum() > 0 for g in ref.values())
     for split, g in grads.items():
         for name in ref:

@@ -199,6 +199,38 @@ def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, templ
             )
 
 
+def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer, template):
+    """share_prompt_prefix (the default) runs each group's prompt through the decoder once per micro-batch:
+    the same gradients as one full pass per row (1e-5), with fewer decoder rows."""
+    grads, shapes = {}, {}
+    for share in (False, True):
+        cap = grad_capture()
+        cfg = _config(
+            tmp_path / str(share), template, max_steps=1, rollout_batch_size=16, per_device_train_batch_size=8,
+            gradient_accumulation_steps=2, max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
+            share_prompt_prefix=share,
+        )  # fmt: skip
+        model = build_model(tokenizer)
+        seen = shapes[share] = []
+        model.get_decoder().register_forward_pre_hook(
+            lambda module, _a, kw, seen=seen: (
+                seen.append(tuple(kw["input_ids"].shape)) if module.training else None
+            ),
+            with_kwargs=True,
+        )
+        trainer = GRPOTrainer(
+            model, cfg, train_dataset=ROWS, processing_class=tokenizer,
+            reward_funcs=[letter_e_reward], callbacks=[cap],
+        )  # fmt: skip
+        trainer.train()
+        grads[share] = cap.grads
+    assert [rows for rows, _ in shapes[False]] == [8, 8]
+    assert [rows for rows, _ in shapes[True]] == [1, 8, 1, 8]  # one prompt, then its 8 completions
+    for name, ref in grads[False].items():
+        diff = (grads[True][name] - ref).abs().max().item()
+        assert diff <= 1e-6 + 1e-5 * ref.abs().max().item(), (name, diff)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
     """accelerate multi_cpu (2 processes x 4 x accumulation 2) == 1 process (8 x 2) at global batch 16, for two
