@@ -33,6 +33,11 @@ state is created before it. Then the warm-up and timed steps run. "step MiB" = p
 CUDA). The gradient norm of the first step is printed for both libraries as a check that they computed the
 same loss on the same inputs.
 
+MFU (printed on a known GPU, or anywhere with ``--peak-tflops``) = 6 x parameters x tokens/s / peak FLOP/s,
+with every parameter counted (embeddings too) and the same batch-token count as tokens/s. With the shared-prompt
+forward hf_align does fewer FLOPs than that count implies, so its GRPO / DPO figure is an effective MFU; SFT's
+is exact up to attention FLOPs, which the formula leaves out.
+
 ``--profile`` profiles one extra
 step and splits its time into output-layer matmuls, decoder matmuls and other ops. ``--chunk-tokens`` sets
 hf_align's ``logprob_chunk_tokens``.
@@ -352,6 +357,9 @@ def worker(impl: str, algo: str, args: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     tokens = int(batch_tokens(algo, args))
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings once
+    tokens_per_s = tokens / (sum(times) / len(times))
+    peak = peak_flops(args)
     step_peak, total_peak = mem.peak_above_baseline(), mem.peak_total()  # before the profiler's own memory
     profile = profile_step(step, model.config.vocab_size) if args.profile else None
     return {
@@ -362,13 +370,42 @@ def worker(impl: str, algo: str, args: argparse.Namespace) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "tokens_per_step": tokens,
         "step_s": times,
-        "tokens_per_s": tokens / (sum(times) / len(times)),
+        "tokens_per_s": tokens_per_s,
+        "params": n_params,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else 6 * n_params * tokens_per_s / peak,
         "step_peak_mib": step_peak / MIB,
         "total_peak_mib": total_peak / MIB,
         "first_loss": first_loss,
         "first_grad_norm": first_norm,
         "load_avg": load_average(),
     }
+
+
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets, by device-name substring.
+GPU_PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def peak_flops(args: argparse.Namespace) -> float | None:
+    """Peak FLOP/s for MFU: ``--peak-tflops`` if given, else the table above for a known CUDA device."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if args.device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, tflops in GPU_PEAK_BF16_TFLOPS.items():  # the longer, more specific names come first
+        if key in name:
+            return tflops * 1e12
+    return None
 
 
 def profile_step(step, vocab: int) -> dict:
@@ -439,6 +476,11 @@ def main() -> None:
         help="also clip gradients and run AdamW inside each timed step (identical for both libraries; "
         "on CPU it costs ~15 s for SmolLM2's 135M parameters and swamps the difference)",
     )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak FLOP/s (in TFLOP/s) for MFU; default: the bf16 peak of a known CUDA GPU, none on CPU",
+    )
     p.add_argument("--json", type=Path, help="append each result as a JSON line to this file")
     p.add_argument(
         "--profile",
@@ -466,6 +508,7 @@ def main() -> None:
     flags += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
     flags += (["--profile"] if args.profile else []) + (["--optimizer-step"] if args.optimizer_step else [])
     flags += [] if args.chunk_tokens is None else ["--chunk-tokens", str(args.chunk_tokens)]
+    flags += [] if args.peak_tflops is None else ["--peak-tflops", str(args.peak_tflops)]
     summary = []
     for algo in algos:
         print(header)
@@ -476,6 +519,11 @@ def main() -> None:
                 f"{algo:>5} {impl:>15} {r['tokens_per_s']:9.1f} {r['step_peak_mib']:9.0f} "
                 f"{r['total_peak_mib']:10.0f} {r['first_grad_norm']:10.4f} {r['load_avg']:>15}"
             )
+            if r.get("mfu") is not None:
+                print(
+                    f"{'':>21} MFU {100 * r['mfu']:.1f}% (6 x {r['params'] / 1e6:.0f}M parameters x tokens/s / "
+                    f"{r['peak_tflops']:g} TFLOP/s)"
+                )
             if r.get("profile"):
                 pr = r["profile"]
                 print(
