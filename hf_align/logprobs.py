@@ -246,8 +246,9 @@ def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
 
 def _can_share_prompts(model: torch.nn.Module) -> bool:
     """Whether the two-pass shared-prompt forward is known to be exact for this model: a plain (or DDP /
-    PEFT wrapped) decoder with sdpa or eager attention, unsharded weights, and no gradient checkpointing in
-    training (transformers' checkpointed layers drop the cache)."""
+    PEFT wrapped) decoder with sdpa or eager attention, unsharded weights, and no gradient checkpointing
+    (transformers' checkpointed layers drop the cache in training; in eval the one-pass path is kept as well, so
+    a ratio loss compares log-probs computed the same way)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if hasattr(model, "module") and not isinstance(model, DistributedDataParallel):
@@ -259,7 +260,7 @@ def _can_share_prompts(model: torch.nn.Module) -> bool:
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.2x
     if checkpointing is None:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    if inner.training and checkpointing:
+    if checkpointing:  # in eval too, so old log-probs and the training pass take the same path
         return False
     weight = next(inner.parameters(), None)
     return weight is not None and type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id")

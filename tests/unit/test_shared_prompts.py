@@ -108,9 +108,12 @@ def test_gradient_checkpointing_falls_back_to_one_pass(tokenizer):
     sharing must not run there (same results as the one-pass forward; transformers also returns no cache)."""
     model = build_model(tokenizer)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert _can_share_prompts(model.eval())  # no recomputation in eval: the cache is kept
+    assert not _can_share_prompts(model.eval())  # eval too: old log-probs must take the training pass's path
     model.train()
     assert not _can_share_prompts(model)
+    model.gradient_checkpointing_disable()
+    assert _can_share_prompts(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     b = _rollout_batch(model.config.vocab_size, SHAPES, seed=2)
     want, want_grads = _run(model, b, share=False)
     got, got_grads = _run(model, b, share=True)
