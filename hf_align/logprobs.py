@@ -164,18 +164,26 @@ class _LinearHeadLogprob(torch.autograd.Function):
     Saves only the chunk's hidden states and per-token logsumexp; the backward pass recomputes the chunk's
     logits and turns them into their own gradient in place (softmax, minus one-hot, times the incoming
     gradient), so one (chunk x V) float32 buffer is alive at a time instead of the ~4 that autograd through a
-    checkpointed log-softmax + gather holds. Autocast state is replayed in the backward matmuls.
+    checkpointed log-softmax + gather holds. Autocast state is replayed in the backward matmuls. With ``keep``
+    (the last chunk: its backward runs first, when recomputing would allocate the same buffer) the softmax is
+    kept from the forward pass instead, which saves one matmul at no extra peak memory.
     """
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, labels_N, temperature: float, with_entropy: bool):
+    def forward(ctx, hidden_NH, weight_VH, labels_N, temperature: float, with_entropy: bool, keep: bool):
         logits_NV = (hidden_NH @ weight_VH.t()).float()
         if temperature != 1.0:
             logits_NV = logits_NV / temperature
         lse_N = torch.logsumexp(logits_NV, dim=-1)
         logp_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1) - lse_N
         entropy_N = logp_N.new_zeros(0)
-        if with_entropy:  # H = lse - sum p * logits, with p = exp(logits - lse) built in place
+        ctx.probs = None
+        if keep:  # softmax kept for the backward pass, which then needs no recomputation
+            probs_NV = logits_NV.sub(lse_N.unsqueeze(-1)).exp_()
+            if with_entropy:  # H = lse - sum p * logits (a batched dot product: no second buffer)
+                entropy_N = lse_N - (probs_NV.unsqueeze(1) @ logits_NV.unsqueeze(2)).reshape(-1)
+            ctx.probs = probs_NV
+        elif with_entropy:  # H = lse - sum p * logits, with p = exp(logits - lse) built in place
             entropy_N = lse_N - logits_NV.sub(lse_N.unsqueeze(-1)).exp_().mul_(logits_NV).sum(-1)
         device = hidden_NH.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -188,12 +196,16 @@ class _LinearHeadLogprob(torch.autograd.Function):
     def backward(ctx, grad_logp_N, _grad_entropy):
         hidden_NH, weight_VH, labels_N, lse_N = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            logits_NV = (hidden_NH @ weight_VH.t()).float()
-        if ctx.temperature != 1.0:
-            logits_NV.div_(ctx.temperature)  # a fresh buffer: safe to change in place
+        if ctx.probs is not None:
+            probs_NV, ctx.probs = ctx.probs, None  # used up in place below: a second backward recomputes
+        else:
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                logits_NV = (hidden_NH @ weight_VH.t()).float()
+            if ctx.temperature != 1.0:
+                logits_NV.div_(ctx.temperature)  # a fresh buffer: safe to change in place
+            probs_NV = logits_NV.sub_(lse_N.unsqueeze(-1)).exp_()
         # d logp / d logits = onehot(label) - softmax; chain with the incoming gradient and 1 / temperature
-        grad_NV = logits_NV.sub_(lse_N.unsqueeze(-1)).exp_().mul_(-grad_logp_N.unsqueeze(-1))
+        grad_NV = probs_NV.mul_(-grad_logp_N.unsqueeze(-1))
         grad_NV.scatter_add_(-1, labels_N.unsqueeze(-1), grad_logp_N.unsqueeze(-1).to(grad_NV.dtype))
         if ctx.temperature != 1.0:
             grad_NV.div_(ctx.temperature)
@@ -205,7 +217,7 @@ class _LinearHeadLogprob(torch.autograd.Function):
                 grad_hidden = (grad_NV @ weight_VH).to(hidden_NH.dtype)
             if ctx.needs_input_grad[1]:
                 grad_weight = (grad_NV.t() @ hidden_NH).to(weight_VH.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def _plain_linear(head: torch.nn.Module) -> bool:
@@ -367,8 +379,11 @@ def _score(
         sl = slice(start, start + chunk_tokens)
         ent: list[torch.Tensor] | None = [] if with_entropy else None
         if fused:
+            # The last chunk's backward runs first, at the memory peak, where recomputing would allocate the
+            # same buffer anyway: keep its softmax instead and save that matmul. Earlier chunks recompute.
+            last = start + chunk_tokens >= hidden_NH.shape[0]
             lp, entropy = _LinearHeadLogprob.apply(
-                hidden_NH[sl], head.weight, labels_N[sl], temperature, with_entropy
+                hidden_NH[sl], head.weight, labels_N[sl], temperature, with_entropy, last
             )
             ent = [entropy] if with_entropy else None
         elif use_ckpt:

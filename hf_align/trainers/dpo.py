@@ -329,8 +329,9 @@ class DPOTrainer(SafeTrainingMixin, Trainer):
         return global_sum(self.accelerator, sum(b["input_ids"].shape[0] // 2 for b in batch_samples), device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy_chosen_B, policy_rejected_B = self._pair_logps(model, inputs)
+        # Reference first: its no-grad temporaries are gone before the policy's activations are held.
         ref_chosen_B, ref_rejected_B = self._reference_logps(inputs)
+        policy_chosen_B, policy_rejected_B = self._pair_logps(model, inputs)
         chosen_len_B, rejected_len_B = split_concatenated(inputs["response_mask"].sum(-1))
         loss, metrics = dpo_loss(
             policy_chosen_B,

@@ -217,3 +217,19 @@ def test_fused_head_equals_checkpointed_head(tiny_model, autocast):
     assert (fused["log_probs"][~mask] == 0).all() and (fused["log_probs"][0, :4] == 0).all()
     for n, g in ckpt_grads.items():
         torch.testing.assert_close(fused_grads[n], g, **tol, msg=n)
+
+
+def test_fused_head_backward_twice_with_retain_graph(tiny_model):
+    """The last chunk keeps its softmax for the backward pass and uses it up in place; a second backward
+    (retain_graph) recomputes it and gives the same gradients again."""
+    tiny_model.train()
+    torch.manual_seed(5)
+    V = tiny_model.config.vocab_size
+    ids, labels = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
+    head = tiny_model.get_output_embeddings()
+    out = get_response_log_probs(tiny_model, ids, labels, chunk_tokens=4, temperature=0.9)
+    out["log_probs"].sum().backward(retain_graph=True)
+    first = head.weight.grad.clone()
+    head.weight.grad = None
+    out["log_probs"].sum().backward()
+    torch.testing.assert_close(head.weight.grad, first, atol=1e-6, rtol=1e-5)
