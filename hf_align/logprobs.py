@@ -20,8 +20,8 @@ Choices:
 - ``share_prompts``: rows with the same prompt (a GRPO group, a DPO pair) run the prompt through the decoder
   once and continue each row on its key/value cache (``_shared_prompt_hidden``). Causal attention makes this
   exact up to float rounding; it saves ``1 - 1/rows_per_prompt`` of the prompt's decoder work, forward and
-  backward, and its activations. Where it is not known to be exact (gradient checkpointing in training,
-  sharded or engine-wrapped models, other attention kernels or caches) one pass is used.
+  backward, and its activations. Where it is not known to be exact (gradient checkpointing, sharded or
+  engine-wrapped models, other attention kernels or caches) one pass is used.
 - Token entropy, when asked, comes from the same logits chunk as the log-probs (no second pass through the
   output layer); it is detached, and not recomputed when activation checkpointing recomputes the chunk.
 - Models that do not expose a decoder or do not accept ``logits_to_keep`` fall back to full logits, still

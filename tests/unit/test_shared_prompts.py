@@ -129,6 +129,7 @@ def test_peft_model_shares_prompts(tokenizer):
         build_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )
     model.train()
+    assert _can_share_prompts(model)  # so the comparison below really runs the shared path
     b = _rollout_batch(model.config.vocab_size, SHAPES, seed=3)
     want, want_grads = _run(model, b, share=False)
     got, got_grads = _run(model, b, share=True)
