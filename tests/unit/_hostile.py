@@ -9,12 +9,20 @@ shell escape).
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from hf_align.rewards.math import REWARD_FUNCTIONS
 
 CANARY_PREFIX = "canary"
+
+
+def digit_free_name(length: int = 16) -> str:
+    """A random name without digits. Canary paths go inside hostile answers, and free-form graders take the
+    last number of a text as its answer: a random hex name ending in e.g. "42" or "0" would then equal the
+    ground truth by chance (a flaky test, not a grader bug)."""
+    return uuid.uuid4().hex[:length].translate(str.maketrans("0123456789", "ghijklmnop"))
 
 
 def hostile_answers(canary_rel: str, canary_abs: str) -> list[tuple[str, str, str]]:

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +23,7 @@ from hf_align.rewards import (
     r1_zero_format_reward_fn,
     r1_zero_reward_fn,
 )
+from tests.unit._hostile import digit_free_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -329,7 +329,7 @@ def _hostile_answers(canary: str) -> list[str]:
 
 @pytest.fixture
 def canary_path():
-    path = f"/tmp/hf_align_canary_{uuid.uuid4().hex}"
+    path = f"/tmp/hf_align_canary_{digit_free_name()}"  # no digits: see digit_free_name
     yield path
     if os.path.exists(path):
         os.remove(path)
@@ -353,8 +353,8 @@ def test_hostile_answers_are_graded_wrong_and_never_run(canary_path, monkeypatch
                 f"</think> <answer>\\boxed{{{answer}}}</answer>",
                 f"</think> <answer>{answer}</answer>",
             ):
-                assert fn(wrap, "0")["answer_reward"] == 0.0
-        assert question_only_reward_fn(f"The answer is {answer}", "0")["reward"] == 0.0
+                assert fn(wrap, "42")["answer_reward"] == 0.0  # the payloads' only numbers are 0 and 1
+        assert question_only_reward_fn(f"The answer is {answer}", "42")["reward"] == 0.0
         assert math_answers_equal(answer, "0") is False
         assert math_answers_equal(answer, answer) is True  # reflexive, by string
     assert not os.path.exists(canary_path)

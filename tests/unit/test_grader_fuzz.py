@@ -25,7 +25,6 @@ import hashlib
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from hf_align.rewards import ZERO_REWARDS, Grader
-from tests.unit._hostile import CANARY_PREFIX, WRAPPERS, fuzz_reward_fn, hostile_answers
+from tests.unit._hostile import CANARY_PREFIX, WRAPPERS, digit_free_name, fuzz_reward_fn, hostile_answers
 
 TIMEOUT_S = 2.0
 NUM_WORKERS = 2
@@ -100,12 +99,12 @@ class FuzzEnv:
 def env(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fuzz_cwd")
     # Short names: sympy's time on a payload grows with the number of letters in it.
-    canary_abs = tmp_path_factory.mktemp("fuzz_abs") / f"{CANARY_PREFIX}_{uuid.uuid4().hex[:8]}"
+    canary_abs = tmp_path_factory.mktemp("fuzz_abs") / f"{CANARY_PREFIX}_{digit_free_name(8)}"
     home = Path.cwd()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)  # before the pool starts: workers (and their replacements) inherit it
         with Grader(fuzz_reward_fn, timeout_s=TIMEOUT_S, num_workers=NUM_WORKERS) as grader:
-            yield FuzzEnv(grader, workdir, f"{CANARY_PREFIX}_{uuid.uuid4().hex[:8]}", canary_abs, home)
+            yield FuzzEnv(grader, workdir, f"{CANARY_PREFIX}_{digit_free_name(8)}", canary_abs, home)
 
 
 def grade_checked(env: FuzzEnv, responses: list[str], specs: list[tuple], labels: list[str]) -> list[dict]:
