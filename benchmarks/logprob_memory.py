@@ -19,25 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _rss_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+from _common import PeakMemory, run_worker  # noqa: E402
 
 
 def worker(
@@ -72,21 +61,11 @@ def worker(
             logps.sum().backward()
         return logps.detach().sum().item()
 
-    ctx = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with ctx:
-            checksum = run()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter to the current RSS
-        with ctx:
-            checksum = run()
-        peak = _rss_hwm_bytes() - base
+    mem = PeakMemory(device)
+    mem.start()  # baseline, and the peak counter reset to it
+    with torch.no_grad() if mode == "no_grad" else torch.enable_grad():
+        checksum = run()
+    peak = mem.peak_above_baseline()
     return {"impl": impl, "mode": mode, "vocab": vocab, "peak_bytes": peak, "checksum": checksum}
 
 
@@ -111,14 +90,12 @@ def main() -> None:
     common += ["--device", args.device, "--dtype", args.dtype]
     print(f"log-prob peak memory, batch {args.batch} x seq {args.seq}, {args.dtype} on {args.device}")
     print(f"{'vocab':>8} {'mode':>8} {'naive MiB':>10} {'ours MiB':>10} {'ours/naive':>10}")
-    env = {"MALLOC_MMAP_THRESHOLD_": "1048576", **os.environ}
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
     for vocab in args.vocab:
         for mode in args.modes:
             res = {}
             for impl in ("naive", "ours"):
-                cmd = [sys.executable, __file__, "--worker", impl, mode, str(vocab), *common]
-                out = subprocess.check_output(cmd, text=True, env=env)
-                res[impl] = json.loads(out.strip().splitlines()[-1])
+                res[impl] = run_worker([__file__, "--worker", impl, mode, str(vocab), *common], env=env)
             n, o = res["naive"]["peak_bytes"], res["ours"]["peak_bytes"]
             same = abs(res["naive"]["checksum"] - res["ours"]["checksum"]) <= 1e-3 * abs(
                 res["naive"]["checksum"]
