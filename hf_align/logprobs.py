@@ -443,7 +443,12 @@ def get_response_log_probs(
     if logprob_mask is not None:
         valid_N = valid_N & logprob_mask.reshape(B * T).to(valid_N.device, torch.bool)
     labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
-    hidden_KH = None
+    # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
+    keep_K = None
+    if bool(valid_N.any()) and not bool(valid_N.all()):
+        keep_K = valid_N.nonzero().squeeze(1)
+        labels_N = labels_N.index_select(0, keep_K)  # (K,)
+    hidden_KH = None  # (K, H): the final hidden states at the scored positions, in row-major order
     if share_prompts and logprob_mask is not None and not model_kwargs and _can_share_prompts(model):
         hidden_KH = _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_N.reshape(B, T))
     if hidden_KH is None:
@@ -458,15 +463,7 @@ def get_response_log_probs(
         if ran is None:  # the model's forward does not take logits_to_keep
             return full_logits()
         hidden_NH = ran[1].reshape(B * T, -1)
-    # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
-    keep_K = None
-    if bool(valid_N.any()) and not bool(valid_N.all()):
-        keep_K = valid_N.nonzero().squeeze(1)
-        labels_N = labels_N.index_select(0, keep_K)  # (K,)
-        if hidden_KH is None:
-            hidden_KH = hidden_NH.index_select(0, keep_K)  # (K, H)
-    elif hidden_KH is None:
-        hidden_KH = hidden_NH
+        hidden_KH = hidden_NH if keep_K is None else hidden_NH.index_select(0, keep_K)
     logps_K, ent_K = _score(head, hidden_KH, labels_N, temperature, chunk_tokens, return_token_entropy)
     out = {"log_probs": _scatter(logps_K, keep_K, valid_N).reshape(B, T)}
     if return_token_entropy:
