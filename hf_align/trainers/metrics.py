@@ -12,8 +12,13 @@ import torch
 
 def merge_metrics(accelerator, buffer: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
     keys = sorted(k for k, v in buffer.items() if v)
-    local = [sum(buffer[k]) if k.startswith("time/") else sum(buffer[k]) / len(buffer[k]) for k in keys]
-    values = torch.tensor(local, dtype=torch.float64, device=accelerator.device)
+    device = accelerator.device
+    # Values may be detached tensors still on the device: one stack here instead of a sync per micro-batch.
+    stacked = [
+        torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in buffer[k]]) for k in keys
+    ]
+    local = [x.sum() if k.startswith("time/") else x.mean() for k, x in zip(keys, stacked)]
+    values = torch.stack(local) if local else torch.zeros(0, dtype=torch.float64, device=device)
     if accelerator.num_processes > 1 and keys:
         values = accelerator.reduce(values, reduction="mean")
     buffer.clear()
