@@ -67,6 +67,39 @@ def engine_faults(trainer, engine_kind: str, action: str):
         ) from e
 
 
+class UnsupportedEngineError(RuntimeError):
+    """The distributed engine asked for is one hf_align cannot yet train under correctly."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def refuse_unsupported_sharding(state) -> None:
+    """Stop before training under FSDP or DeepSpeed ZeRO-3, which would train wrongly or crash.
+
+    The fused log-prob output layer runs the LM head outside the wrapped forward and reads the head's weight
+    shape: under ZeRO-3 that weight is an empty partition (every log-prob 0, so loss and gradient are 0 and the
+    run "succeeds" without learning); under FSDP it is a shard (a size mismatch, or a segfault with FSDP2).
+    Reference copies and rollout weight syncs do not gather shards either. The launcher's environment is read
+    too: on a machine without CUDA, accelerate drops an FSDP plugin without a word and would run plain DDP.
+    """
+    fsdp = getattr(state, "fsdp_plugin", None) is not None or _env_flag("ACCELERATE_USE_FSDP")
+    plugin = getattr(state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+    if stage is None and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    if not fsdp and stage != 3:
+        return
+    engine = "FSDP" if fsdp else "DeepSpeed ZeRO stage 3"
+    raise UnsupportedEngineError(
+        f"{engine} is not supported by hf_align yet: its parameters are sharded, and the log-prob output layer, "
+        "the reference model and the rollout weight sync would read shards (a silent zero loss under ZeRO-3, "
+        "a crash under FSDP). Launch with DDP (accelerate_configs/multi_gpu.yaml or multi_cpu.yaml) or "
+        "DeepSpeed ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) instead."
+    )
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a NaN / inf loss or gradient norm; the optimizer step was not applied."""
 
@@ -75,6 +108,10 @@ class SafeTrainingMixin:
     """Mix in before `transformers.Trainer`: ``class SFTTrainer(SafeTrainingMixin, Trainer)``."""
 
     _nonfinite_loss: float | None = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        refuse_unsupported_sharding(self.accelerator.state)
 
     # ------------------------------------------------------------------ non-finite loss / gradient
 
