@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 IGNORE_INDEX = -100
 OnError = Literal["raise", "skip"]
 _MAX_LOGGED_LOCATIONS = 5
@@ -70,12 +70,12 @@ class DataError(ValueError):
 
 
 def available_prompt_templates() -> list[str]:
-    """Names of the templates shipped in ``data/prompts`` (file stems)."""
+    """Names of the templates shipped in ``hf_align/prompts`` (file stems)."""
     return sorted(p.stem for p in PROMPTS_DIR.glob("*.prompt"))
 
 
 def load_prompt_template(name_or_path: str) -> str:
-    """Template text from a bare name (``"r1_zero"`` -> ``data/prompts/r1_zero.prompt``) or a file path.
+    """Template text from a bare name (``"r1_zero"`` -> ``hf_align/prompts/r1_zero.prompt``) or a file path.
 
     One trailing newline, which editors add to files, is removed: ``r1_zero`` must end exactly at
     ``<think>``. A template that really needs a final newline can end with two.

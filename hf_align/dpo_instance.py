@@ -1,6 +1,6 @@
 """DPO loss of a single preference pair, for checking and teaching (the trainer batches the same math).
 
-Choices: the prompt is the Alpaca template (``data/prompts/alpaca_sft.prompt``) filled with the instruction, the
+Choices: the prompt is the Alpaca template (``hf_align/prompts/alpaca_sft.prompt``) filled with the instruction, the
 response is the answer plus EOS; prompt and response are tokenized separately (as everywhere in ``hf_align.data``),
 so both answers share exactly the same prompt ids. Only response tokens enter the summed log-probs: the prompt's
 log-prob is the same under chosen and rejected and cancels in the DPO margin. Each model runs ONE forward over

@@ -37,7 +37,7 @@ class EvaluateArguments:
     split: str = field(default="test", metadata={"help": "Split to read for a Hub dataset."})
     max_examples: int | None = field(default=None, metadata={"help": "Evaluate the first N rows only."})
     prompt: str = field(
-        default="r1_zero", metadata={"help": "Prompt template name in data/prompts or a file."}
+        default="r1_zero", metadata={"help": "Prompt template name in hf_align/prompts or a file."}
     )
     reward_fn: str = field(default="r1_zero", metadata={"help": "Reward function of hf_align.rewards."})
     engine: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "Rollout engine."})

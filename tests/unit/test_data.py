@@ -97,7 +97,7 @@ R1_ZERO = (
 
 
 def test_shipped_templates():
-    assert D.PROMPTS_DIR == REPO / "data" / "prompts"
+    assert D.PROMPTS_DIR == REPO / "hf_align" / "prompts"
     assert {"r1_zero", "question_only", "alpaca_sft"} <= set(D.available_prompt_templates())
     assert D.load_prompt_template("r1_zero") == R1_ZERO
     question_only = D.load_prompt_template("question_only")
