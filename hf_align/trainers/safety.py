@@ -107,7 +107,7 @@ class NonFiniteError(RuntimeError):
 class SafeTrainingMixin:
     """Mix in before `transformers.Trainer`: ``class SFTTrainer(SafeTrainingMixin, Trainer)``."""
 
-    _nonfinite_loss: float | None = None
+    _step_losses: list[torch.Tensor] | None = None  # this optimizer step's micro-batch losses, on the device
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -117,15 +117,18 @@ class SafeTrainingMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        value = loss.detach().float().item()
-        if not math.isfinite(value) and self._nonfinite_loss is None:
-            self._nonfinite_loss = value
+        # Kept on the device: checked once per optimizer step, not with a sync per micro-batch.
+        self._step_losses = [*(self._step_losses or []), loss.detach().float().reshape(())]
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer's hook between gradient clipping and the optimizer step (private: pyproject pins the tested
+        # transformers range, and the NaN test of tests/integration/test_resume_after_kill.py fails if the hook is not called).
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
-        bad_loss, self._nonfinite_loss = self._nonfinite_loss, None
+        losses, self._step_losses = self._step_losses, None
+        bad = [x for x in torch.stack(losses).tolist() if not math.isfinite(x)] if losses else []
+        bad_loss = bad[0] if bad else None
         if not math.isfinite(value) or bad_loss is not None:
             step = self.state.global_step + 1
             raise NonFiniteError(
