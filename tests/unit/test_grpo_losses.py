@@ -595,6 +595,32 @@ def test_two_processes_equal_one(reduction: str, config_name: str) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_all_empty_completions_give_finite_loss_metrics_and_gradient(
+    reduction: str, ratio_level: str
+) -> None:
+    # masked_mean is NaN on an empty slice (the seed's contract); the losses' own reductions must not be
+    logps, old = _clip_inputs()  # a leaf that requires grad
+    mask = torch.zeros_like(logps, dtype=torch.bool)
+    loss, metrics = policy_loss(
+        logps,
+        mask,
+        loss_type="grpo_clip",
+        reduction=reduction,
+        advantages_B=ADV,
+        old_log_probs_BT=old,
+        cliprange=0.2,
+        ratio_level=ratio_level,
+        ref_log_probs_BT=old,
+        beta=0.1,
+        max_completion_length=3,
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logps.grad, torch.zeros_like(logps))
+    assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
+
+
 def test_policy_loss_metrics() -> None:
     logps, old = _clip_inputs()
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)  # masks the clipped (1, 2) token
