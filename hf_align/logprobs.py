@@ -26,8 +26,9 @@ Choices:
   output layer); it is detached, and not recomputed when activation checkpointing recomputes the chunk.
 - Models that do not expose a decoder or do not accept ``logits_to_keep`` fall back to full logits, still
   reduced chunk by chunk.
-- ``masked_mean`` / ``masked_normalize`` accept bool or 0/1 masks. A fully masked row has masked mean 0
-  (not NaN): padding rows must never poison a loss.
+- ``masked_mean`` / ``masked_normalize`` accept bool or 0/1 masks. ``masked_mean`` of a fully masked slice
+  is NaN (0/0, the seed's contract); losses and metrics reduce with ``masked_mean_or_zero``, which gives 0
+  there, because a padding row or an empty completion must never poison a loss.
 """
 
 from __future__ import annotations
@@ -38,14 +39,28 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK_TOKENS = 256
 
 
+def _masked_sum_and_count(
+    tensor: torch.Tensor, mask: torch.Tensor, dim: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = mask.to(tensor.dtype)
+    if dim is None:
+        return (tensor * mask).sum(), mask.sum()
+    return (tensor * mask).sum(dim=dim), mask.sum(dim=dim)
+
+
 def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``tensor`` over entries where ``mask`` is true, along ``dim`` (all entries when None).
 
-    A slice with no true entry has mean 0.
+    The seed's contract: a slice with no true entry is 0/0 = NaN. Losses and metrics that may meet an
+    empty row (a zero-length completion) use ``masked_mean_or_zero`` instead.
     """
-    mask = mask.to(tensor.dtype)
-    total = (tensor * mask).sum() if dim is None else (tensor * mask).sum(dim=dim)
-    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    total, count = _masked_sum_and_count(tensor, mask, dim)
+    return total / count
+
+
+def masked_mean_or_zero(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``masked_mean``, except that a slice with no true entry has mean 0 (never NaN, zero gradient)."""
+    total, count = _masked_sum_and_count(tensor, mask, dim)
     return total / count.clamp(min=1.0)
 
 

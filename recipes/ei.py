@@ -45,7 +45,7 @@ from hf_align.data import (
     tokenize_sft_dataset,
 )
 from hf_align.evaluation import evaluate
-from hf_align.logprobs import get_response_log_probs, masked_mean
+from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
 from hf_align.modeling import load_from_args
 from hf_align.rewards import Grader
 from hf_align.rollout import SamplingConfig, make_engine
@@ -142,7 +142,7 @@ def mean_response_entropy(
                 chunk_tokens=chunk,
             )
             n = int(mask_BT.sum())
-            total += masked_mean(out["token_entropy"].float(), mask_BT).item() * n
+            total += masked_mean_or_zero(out["token_entropy"].float(), mask_BT).item() * n
             count += n
     finally:
         model.train(was_training)

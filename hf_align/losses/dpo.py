@@ -12,8 +12,8 @@ Choices:
   (rDPO, Chowdhury et al. 2024), ``hinge`` (SLiC, Zhao et al. 2023) and ``ipo`` (Azar et al. 2023, eq. 17).
 - IPO alone uses per-token AVERAGED log-ratios ``h' = (lr_c / |y_c|) - (lr_r / |y_r|)``: its squared loss
   targets a fixed margin ``1 / (2 beta)``, which a length-dependent sum would make meaningless. This is also
-  what TRL does and what the IPO authors used. An empty response counts as length 1 (as in ``masked_mean``,
-  a padding row gives 0, never NaN).
+  what TRL does and what the IPO authors used. An empty response counts as length 1 (as in
+  ``masked_mean_or_zero``, a padding row gives 0, never NaN).
 - The loss is the plain mean over the B pairs of this batch. Metrics follow TRL's names: ``rewards/*`` are the
   implicit rewards ``beta * (log pi - log ref)`` of the summed log-probs (for every variant, IPO included).
 """

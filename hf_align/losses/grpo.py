@@ -2,7 +2,8 @@
 
 Choices:
 - Advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2 "outcome supervision"): each rollout's reward minus
-  its group's mean, optionally divided by the group's *unbiased* standard deviation plus ``advantage_eps``.
+  its group's mean, optionally divided by the group's *unbiased* standard deviation plus ``advantage_eps``,
+  or (MaxRL, Tajwar et al. 2026) by the group's mean reward plus ``advantage_eps``.
   A group whose rewards are all equal (``max == min``) gets advantage exactly 0, whatever ``advantage_eps``,
   so a zero-std group never yields NaN or float noise. A NaN / inf / None reward raises instead of
   propagating.
@@ -31,11 +32,12 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from hf_align.logprobs import masked_mean, masked_normalize
+from hf_align.logprobs import masked_mean_or_zero, masked_normalize
 
 LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
 Reduction = Literal["sequence_mean", "token_mean", "constant"]
 RatioLevel = Literal["token", "sequence"]
+AdvantageScale = Literal["none", "std", "mean"]
 Count = int | float | torch.Tensor
 
 # ------------------------------------------------------------------------------------------------------------
@@ -43,8 +45,10 @@ Count = int | float | torch.Tensor
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _group_stats(rewards_B: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centered rewards (N, G), unbiased std (N, 1) and a zero-spread flag (N, 1) for N groups of size G."""
+def _group_stats(
+    rewards_B: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centered rewards (N, G), mean (N, 1), unbiased std (N, 1) and a zero-spread flag (N, 1) for N groups."""
     if rewards_B.dim() != 1:
         raise ValueError(f"rewards must be 1-D (rollout_batch_size,), got shape {tuple(rewards_B.shape)}")
     if group_size < 1 or rewards_B.numel() % group_size != 0:
@@ -56,32 +60,70 @@ def _group_stats(rewards_B: torch.Tensor, group_size: int) -> tuple[torch.Tensor
         i = int(bad_B.nonzero()[0, 0])
         raise ValueError(f"reward at index {i} is {rewards_B[i].item()} (must be finite)")
     rewards_NG = rewards_B.reshape(-1, group_size)  # (n_groups, G): consecutive rollouts share a prompt
-    centered_NG = rewards_NG - rewards_NG.mean(dim=-1, keepdim=True)
+    mean_N1 = rewards_NG.mean(dim=-1, keepdim=True)
+    centered_NG = rewards_NG - mean_N1
     # Unbiased (Bessel) variance; a group of one has no spread, so its divisor is irrelevant.
     var_N1 = centered_NG.pow(2).sum(dim=-1, keepdim=True) / max(group_size - 1, 1)
     zero_N1 = rewards_NG.amax(dim=-1, keepdim=True) == rewards_NG.amin(dim=-1, keepdim=True)
     std_N1 = torch.where(zero_N1, torch.zeros_like(var_N1), var_N1.sqrt())
-    return torch.where(zero_N1, torch.zeros_like(centered_NG), centered_NG), std_N1, zero_N1
+    return torch.where(zero_N1, torch.zeros_like(centered_NG), centered_NG), mean_N1, std_N1, zero_N1
+
+
+def _scale_none(mean_N1: torch.Tensor, std_N1: torch.Tensor, advantage_eps: float) -> torch.Tensor:
+    return torch.ones_like(std_N1)
+
+
+def _scale_std(mean_N1: torch.Tensor, std_N1: torch.Tensor, advantage_eps: float) -> torch.Tensor:
+    return std_N1 + advantage_eps
+
+
+def _scale_mean(mean_N1: torch.Tensor, std_N1: torch.Tensor, advantage_eps: float) -> torch.Tensor:
+    if (mean_N1 < 0).any():
+        i = int((mean_N1 < 0).nonzero()[0, 0])
+        raise ValueError(
+            f"normalize_by='mean' (MaxRL) divides by the group's mean reward, a success rate, so it needs "
+            f"rewards with a non-negative group mean; group {i} has mean {mean_N1[i, 0].item()}"
+        )
+    return mean_N1 + advantage_eps
+
+
+# How the centered group rewards are scaled (the denominator of the advantage).
+ADVANTAGE_SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "none": _scale_none,
+    "std": _scale_std,
+    "mean": _scale_mean,
+}
 
 
 def group_normalize_rewards(
-    rewards_B: torch.Tensor, group_size: int, advantage_eps: float, normalize_by_std: bool
+    rewards_B: torch.Tensor,
+    group_size: int,
+    advantage_eps: float,
+    normalize_by_std: bool,
+    *,
+    normalize_by: AdvantageScale | None = None,
 ) -> torch.Tensor:
-    """Group-relative advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2), (B,) -> (B,).
+    """Group-relative advantages, (B,) -> (B,), with the denominator chosen from ``ADVANTAGE_SCALES``.
 
-    ``A_i = (r_i - mean_g(r)) / (std_g(r) + advantage_eps)`` when ``normalize_by_std``, else
-    ``r_i - mean_g(r)``, where g is the group of ``group_size`` consecutive rollouts holding i and ``std_g``
-    is unbiased. A group with equal rewards has A = 0. Raises ValueError on a non-finite reward (naming its
-    index) or a ragged last group.
+    With ``mean_g`` / ``std_g`` the mean and unbiased std of the group g of ``group_size`` consecutive rollouts
+    holding i: ``"std"`` gives GRPO's ``A_i = (r_i - mean_g) / (std_g + advantage_eps)`` (Shao et al. 2024,
+    DeepSeekMath, sec. 4.1.2); ``"none"`` gives ``r_i - mean_g`` (Dr. GRPO); ``"mean"`` gives MaxRL's
+    ``A_i = (r_i - mean_g) / (mean_g + advantage_eps)`` (Tajwar et al. 2026, arXiv:2602.02710), which weights a
+    prompt by about 1/pass-rate and needs a non-negative group mean. ``normalize_by=None`` keeps the seed's
+    choice: ``"std"`` if ``normalize_by_std`` else ``"none"``. A group with equal rewards (all wrong, under
+    MaxRL the no-success case) has A = 0. Raises ValueError on a non-finite reward (naming its index), a
+    ragged last group or an unknown ``normalize_by``.
     """
+    scale = normalize_by if normalize_by is not None else ("std" if normalize_by_std else "none")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown normalize_by {scale!r}; valid: {sorted(ADVANTAGE_SCALES)}")
     if not rewards_B.is_floating_point():
         rewards_B = rewards_B.float()
-    centered_NG, std_N1, zero_N1 = _group_stats(rewards_B, group_size)
-    if normalize_by_std:
-        # zero-spread groups are already exactly 0; dividing them by 1 keeps advantage_eps=0 from making 0/0
-        denom_N1 = torch.where(zero_N1, torch.ones_like(std_N1), std_N1 + advantage_eps)
-        centered_NG = centered_NG / denom_N1
-    return centered_NG.reshape(-1)  # (B,)
+    centered_NG, mean_N1, std_N1, zero_N1 = _group_stats(rewards_B, group_size)
+    denom_N1 = ADVANTAGE_SCALES[scale](mean_N1, std_N1, advantage_eps)
+    # zero-spread groups are already exactly 0; dividing them by 1 keeps advantage_eps=0 from making 0/0
+    denom_N1 = torch.where(zero_N1, torch.ones_like(denom_N1), denom_N1)
+    return (centered_NG / denom_N1).reshape(-1)  # (B,)
 
 
 def compute_group_normalized_rewards(
@@ -91,8 +133,13 @@ def compute_group_normalized_rewards(
     group_size: int,
     advantage_eps: float,
     normalize_by_std: bool,
+    *,
+    normalize_by: AdvantageScale | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Grade each rollout with ``reward_fn(response, ground_truth)["reward"]``, then group-normalize.
+
+    The advantages are ``group_normalize_rewards(rewards, group_size, advantage_eps, normalize_by_std,
+    normalize_by=normalize_by)`` (``normalize_by="mean"`` for MaxRL).
 
     Returns ``(advantages_B, raw_rewards_B, metadata)``, both float32 tensors of shape (rollout_batch_size,).
     Metadata (python floats): ``reward_mean`` / ``reward_std`` (unbiased over the batch) / ``reward_min`` /
@@ -109,8 +156,10 @@ def compute_group_normalized_rewards(
         if info.get("reward") is None:
             raise ValueError(f"reward_fn returned no reward (None) for rollout index {i}")
     raw_rewards_B = torch.tensor([float(info["reward"]) for info in graded], dtype=torch.float32)
-    advantages_B = group_normalize_rewards(raw_rewards_B, group_size, advantage_eps, normalize_by_std)
-    _, _, zero_N1 = _group_stats(raw_rewards_B, group_size)
+    advantages_B = group_normalize_rewards(
+        raw_rewards_B, group_size, advantage_eps, normalize_by_std, normalize_by=normalize_by
+    )
+    _, _, _, zero_N1 = _group_stats(raw_rewards_B, group_size)
     metadata = {
         "reward_mean": raw_rewards_B.mean().item(),
         "reward_std": raw_rewards_B.std().item() if raw_rewards_B.numel() > 1 else 0.0,
@@ -155,7 +204,9 @@ def sequence_importance_ratio(
         raise ValueError(
             "ratio_level='sequence' (GSPO) needs response_mask to average over each sequence's tokens"
         )
-    log_s_B1 = masked_mean(policy_log_probs_BT - old_log_probs_BT, response_mask_BT, dim=-1).unsqueeze(-1)
+    log_s_B1 = masked_mean_or_zero(
+        policy_log_probs_BT - old_log_probs_BT, response_mask_BT, dim=-1
+    ).unsqueeze(-1)
     return torch.exp(log_s_B1).detach() * torch.exp(policy_log_probs_BT - policy_log_probs_BT.detach())
 
 
@@ -371,7 +422,7 @@ def reduce_sequence_mean(
     counts in N_seq.
     """
     n_seq = loss_BT.shape[0] if num_sequences is None else num_sequences
-    return masked_mean(loss_BT, mask_BT, dim=-1).sum() / n_seq
+    return masked_mean_or_zero(loss_BT, mask_BT, dim=-1).sum() / n_seq
 
 
 def reduce_token_mean(
@@ -451,13 +502,15 @@ def reduce_token_losses(
 def _ratio_metrics(meta: dict[str, torch.Tensor], mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     ratio_BT = meta["ratio"]
     out = {
-        "ratio_mean": masked_mean(ratio_BT, mask_BT),
+        "ratio_mean": masked_mean_or_zero(ratio_BT, mask_BT),
         # ratios are > 0, so 0 at masked tokens leaves the max of the unmasked ones (0 if none)
         "ratio_max": torch.where(mask_BT.bool(), ratio_BT, torch.zeros_like(ratio_BT)).max(),
     }
     if "clipped" in meta:
         for key in ("clipped_low", "clipped_high", "clipped"):
-            out[key.replace("clipped", "clip_fraction")] = masked_mean(meta[key].to(ratio_BT.dtype), mask_BT)
+            out[key.replace("clipped", "clip_fraction")] = masked_mean_or_zero(
+                meta[key].to(ratio_BT.dtype), mask_BT
+            )
     return out
 
 
@@ -517,7 +570,7 @@ def policy_loss(
     if ref_log_probs_BT is not None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and beta > 0):
             kl_BT = kl_k3(policy_log_probs_BT, ref_log_probs_BT)
-        metrics["kl_mean"] = masked_mean(kl_BT.detach(), response_mask_BT)
+        metrics["kl_mean"] = masked_mean_or_zero(kl_BT.detach(), response_mask_BT)
         if beta > 0:
             total_BT = pg_BT + beta * kl_BT
     loss = reduce_token_losses(total_BT, response_mask_BT, reduction, **counts)

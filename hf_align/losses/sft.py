@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from hf_align.logprobs import masked_mean, masked_normalize
+from hf_align.logprobs import masked_mean_or_zero, masked_normalize
 
 
 def token_mean_nll(
@@ -26,7 +26,7 @@ def token_mean_nll(
 ) -> torch.Tensor:
     """sum of -log p over masked tokens / num_tokens (default: this batch's masked-token count)."""
     if num_tokens is None:
-        return -masked_mean(logps_BT, mask_BT)
+        return -masked_mean_or_zero(logps_BT, mask_BT)
     return -masked_normalize(logps_BT, mask_BT, normalize_constant=max(float(num_tokens), 1.0))
 
 
@@ -71,7 +71,7 @@ def sft_loss(
     )
     with torch.no_grad():
         metrics = {
-            "nll_per_token": -masked_mean(logps_BT.detach(), mask_BT),
+            "nll_per_token": -masked_mean_or_zero(logps_BT.detach(), mask_BT),
             "response_tokens": mask_BT.sum().to(torch.float32),
         }
     return loss, metrics

@@ -1,17 +1,16 @@
-"""Graders for math answers: extraction, normalization, equivalence, reward functions, time-bounded pool.
+"""Graders for math answers: extraction (`extract`), normalization, equivalence, reward functions, time-bounded pool.
 
 Importing this package is cheap and has no side effects: sympy and math_verify load on the first symbolic
 comparison, and worker processes start only when a `Grader` is built. Nothing here imports torch.
 """
 
-from hf_align.rewards.grader import (
+from hf_align.rewards.extract import (
     extract_boxed,
     extract_final_answer,
-    math_answers_equal,
-    normalize_answer,
     parse_gsm8k_response,
     parse_mmlu_response,
 )
+from hf_align.rewards.grader import math_answers_equal, normalize_answer
 from hf_align.rewards.math import (
     REWARD_FUNCTIONS,
     get_reward_fn,

@@ -25,13 +25,13 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from hf_align.rewards.grader import (
+from hf_align.rewards.extract import (
     MAX_RESPONSE_CHARS,
     extract_boxed,
     extract_final_answer,
-    math_answers_equal,
     parse_gsm8k_response,
 )
+from hf_align.rewards.grader import math_answers_equal
 
 RewardDict = dict[str, float]
 

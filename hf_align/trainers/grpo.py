@@ -37,7 +37,7 @@ from transformers import Trainer
 
 from hf_align.config import GRPOConfig
 from hf_align.data import load_prompt_template
-from hf_align.logprobs import get_response_log_probs, masked_mean
+from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
 from hf_align.losses.grpo import policy_loss
 from hf_align.rewards import Grader
 from hf_align.rollout import make_engine
@@ -331,7 +331,7 @@ class GRPOTrainer(SafeTrainingMixin, Trainer):
         for k, v in metrics.items():
             if k != "loss":
                 self._metrics[k].append(v.item())
-        self._metrics["entropy"].append(masked_mean(out["token_entropy"], mask_BT).item())
+        self._metrics["entropy"].append(masked_mean_or_zero(out["token_entropy"], mask_BT).item())
         loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
 

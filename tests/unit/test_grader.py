@@ -101,6 +101,39 @@ EQUIVALENCE_CASES = [
     ("58,500.", "58500", True),
     ("(1,000)", "1000", False),
     ("1,23", "123", False),
+    # MATH's `,\!` thousands separator (41 test golds), in the gold and in the answer
+    ("10080", r"10,\!080", True),
+    ("10,080", r"10,\!080", True),
+    (r"10,\!080", "10080", True),
+    (r"10,\!080", "10,080", True),
+    (r"\$15,\!000", "15000", True),
+    ("1000000", r"1,\!000,\!000", True),
+    (r"\frac{12}{5525}", r"\frac{12}{5,\!525}", True),
+    (r"\frac{12}{5,525}", r"\frac{12}{5,\!525}", True),
+    ("90900909", r"90{,}900{,}909", True),
+    ("10081", r"10,\!080", False),
+    ("10, 080", r"10,\!080", False),  # a space after the comma: a list, not a number
+    ("1080", r"10,\!080", False),
+    # a gold list of two answers (MATH writes `70,110`) and bare thousands golds (`15,600`)
+    ("70, 110", "70,110", True),
+    ("110, 70", "70,110", True),
+    (r"\{70, 110\}", "70,110", True),
+    ("70110", "70,110", True),  # the gold alone cannot tell `70,110` from seventy thousand ...
+    ("15600", "15,600", True),
+    ("70, 111", "70,110", False),
+    ("70", "70,110", False),
+    ("123,456", "456,123", False),  # two ambiguous answers compare as numbers
+    # count nouns and units in \text{}
+    ("60", r"60 \text{ handshakes}", True),
+    (r"60 \text{ handshakes}", "60", True),
+    ("8", r"8\text{ meals}", True),
+    ("12", r"12 \text{ gm}", True),
+    ("9", r"9\text{ a.m.}", True),
+    ("65", r"65 \text{ children tickets }", True),
+    ("61", r"60 \text{ handshakes}", False),
+    (r"x \text{ handshakes}", "x", False),  # a word after a letter is not a count noun
+    (r"2 \text{ and } 3", "2", False),  # only a trailing \text{} after a number goes
+    (r"\text{Monday}", r"\text{Tuesday}", False),
     # assignments, trailing dots, boxed on either side
     ("x = 5", "5", True),
     ("x=5", "x = 5", True),

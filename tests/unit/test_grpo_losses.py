@@ -55,6 +55,46 @@ def test_zero_std_group_gives_zero(eps: float, normalize_by_std: bool) -> None:
     assert torch.equal(group_normalize_rewards(torch.tensor([3.0, 5.0]), 1, 0.0, True), torch.zeros(2))
 
 
+def test_maxrl_mean_normalizer_by_hand() -> None:
+    # MaxRL: A = (r - mean) / (mean + eps).
+    # group 1: mean 1/4, centered (3/4, -1/4, -1/4, -1/4) / (1/4) = (3, -1, -1, -1)
+    # group 2: mean 1/2, centered (1/2, 1/2, -1/2, -1/2) / (1/2) = (1, 1, -1, -1)
+    adv = group_normalize_rewards(REWARDS_B, 4, 0.0, False, normalize_by="mean")
+    torch.testing.assert_close(adv, torch.tensor([3.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0]))
+    # eps 1/4 on group 1: denominator 1/2 -> (3/2, -1/2, -1/2, -1/2); normalize_by wins over normalize_by_std
+    adv = group_normalize_rewards(REWARDS_B[:4], 4, 0.25, True, normalize_by="mean")
+    torch.testing.assert_close(adv, torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    # an all-wrong group (mean 0) and an all-right group give 0, even with eps 0
+    adv = group_normalize_rewards(torch.tensor([0.0, 0.0, 1.0, 1.0]), 2, 0.0, False, normalize_by="mean")
+    assert torch.equal(adv, torch.zeros(4))
+    # a harder prompt weighs more: one success in 4 gets A = 3, one failure in 4 gets A = -1/3
+    adv = group_normalize_rewards(torch.tensor([0.0, 1.0, 1.0, 1.0]), 4, 0.0, False, normalize_by="mean")
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1 / 3, 1 / 3, 1 / 3]))
+    # rewards in a non-binary range: [2, 4] -> mean 3, A = (-1/3, 1/3)
+    adv = group_normalize_rewards(torch.tensor([2.0, 4.0]), 2, 0.0, False, normalize_by="mean")
+    torch.testing.assert_close(adv, torch.tensor([-1 / 3, 1 / 3]))
+
+
+def test_normalize_by_names_match_the_seed_flag() -> None:
+    for flag, name in ((True, "std"), (False, "none")):
+        want = group_normalize_rewards(REWARDS_B, 4, 1e-6, flag)
+        assert torch.equal(group_normalize_rewards(REWARDS_B, 4, 1e-6, not flag, normalize_by=name), want)
+    with pytest.raises(ValueError, match="unknown normalize_by 'max'"):
+        group_normalize_rewards(REWARDS_B, 4, 1e-6, True, normalize_by="max")
+    with pytest.raises(ValueError, match="group 1 has mean -0.5"):
+        group_normalize_rewards(torch.tensor([1.0, 0.0, -1.0, 0.0]), 2, 1e-6, False, normalize_by="mean")
+
+
+def test_compute_group_normalized_rewards_maxrl() -> None:
+    responses = ["<a", "b", "c", "d", "<e", "<e", "x", "y"]
+    truths = ["<a"] * 4 + ["<e"] * 4
+    adv, raw, _ = compute_group_normalized_rewards(
+        _reward_fn, responses, truths, 4, 0.0, True, normalize_by="mean"
+    )
+    torch.testing.assert_close(raw, REWARDS_B)
+    torch.testing.assert_close(adv, torch.tensor([3.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0]))
+
+
 def test_group_normalize_errors() -> None:
     with pytest.raises(ValueError, match="index 2"):
         group_normalize_rewards(torch.tensor([1.0, 0.0, float("nan"), 0.0]), 2, 1e-6, True)
@@ -553,6 +593,32 @@ def test_two_processes_equal_one(reduction: str, config_name: str) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Metrics and the seed's micro-batch step
 # ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_all_empty_completions_give_finite_loss_metrics_and_gradient(
+    reduction: str, ratio_level: str
+) -> None:
+    # masked_mean is NaN on an empty slice (the seed's contract); the losses' own reductions must not be
+    logps, old = _clip_inputs()  # a leaf that requires grad
+    mask = torch.zeros_like(logps, dtype=torch.bool)
+    loss, metrics = policy_loss(
+        logps,
+        mask,
+        loss_type="grpo_clip",
+        reduction=reduction,
+        advantages_B=ADV,
+        old_log_probs_BT=old,
+        cliprange=0.2,
+        ratio_level=ratio_level,
+        ref_log_probs_BT=old,
+        beta=0.1,
+        max_completion_length=3,
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logps.grad, torch.zeros_like(logps))
+    assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
 
 
 def test_policy_loss_metrics() -> None:

@@ -8,6 +8,7 @@ from hf_align.logprobs import (
     get_response_log_probs,
     log_probs_from_logits,
     masked_mean,
+    masked_mean_or_zero,
     masked_normalize,
 )
 
@@ -21,16 +22,25 @@ M_INT = M_BOOL.long()
 @pytest.mark.parametrize("mask", [M_BOOL, M_INT, M_BOOL.float()], ids=["bool", "int", "float"])
 def test_masked_mean_by_hand(mask):
     assert masked_mean(X, mask).item() == pytest.approx((1 + 3) / 2)
-    # dim=1 (== -1): row 0 -> (1+3)/2; row 1 is fully masked -> 0, not NaN
-    torch.testing.assert_close(masked_mean(X, mask, dim=1), torch.tensor([2.0, 0.0]))
-    torch.testing.assert_close(masked_mean(X, mask, dim=-1), torch.tensor([2.0, 0.0]))
-    # dim=0: column 0 -> 1, column 1 -> nothing -> 0, column 2 -> 3
-    torch.testing.assert_close(masked_mean(X, mask, dim=0), torch.tensor([1.0, 0.0, 3.0]))
+    # dim=1 (== -1): row 0 -> (1+3)/2; row 1 is fully masked -> 0/0 = NaN (the seed's contract)
+    nan = float("nan")
+    torch.testing.assert_close(masked_mean(X, mask, dim=1), torch.tensor([2.0, nan]), equal_nan=True)
+    torch.testing.assert_close(masked_mean(X, mask, dim=-1), torch.tensor([2.0, nan]), equal_nan=True)
+    # dim=0: column 0 -> 1, column 1 -> nothing -> NaN, column 2 -> 3
+    torch.testing.assert_close(masked_mean(X, mask, dim=0), torch.tensor([1.0, nan, 3.0]), equal_nan=True)
+    # the losses' reduction: the same means, 0 where nothing is unmasked
+    torch.testing.assert_close(masked_mean_or_zero(X, mask, dim=1), torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(masked_mean_or_zero(X, mask, dim=0), torch.tensor([1.0, 0.0, 3.0]))
+    assert masked_mean_or_zero(X, mask).item() == pytest.approx(2.0)
 
 
-def test_masked_mean_all_masked_is_zero_not_nan():
-    out = masked_mean(X, torch.zeros_like(M_BOOL))
+def test_masked_mean_all_masked_is_nan_and_or_zero_is_zero():
+    assert torch.isnan(masked_mean(X, torch.zeros_like(M_BOOL))).item()
+    x = X.clone().requires_grad_()
+    out = masked_mean_or_zero(x, torch.zeros_like(M_BOOL))
     assert out.item() == 0.0
+    out.backward()
+    assert torch.equal(x.grad, torch.zeros_like(X))
 
 
 def test_masked_mean_matches_naive_reference():
@@ -45,8 +55,9 @@ def test_masked_mean_matches_naive_reference():
         else:
             rows = t.transpose(0, 1) if dim == 0 else t
             rmask = m.transpose(0, 1) if dim == 0 else m
-            want = torch.stack([r[k].mean() if k.any() else torch.tensor(0.0) for r, k in zip(rows, rmask)])
-        torch.testing.assert_close(got, want)
+            want = torch.stack([r[k].mean() for r, k in zip(rows, rmask)])  # empty row: mean of nothing, NaN
+        torch.testing.assert_close(got, want, equal_nan=True)
+        torch.testing.assert_close(masked_mean_or_zero(t, m, dim=dim), torch.nan_to_num(want, nan=0.0))
 
 
 @pytest.mark.parametrize("mask", [M_BOOL, M_INT], ids=["bool", "int"])
