@@ -12,9 +12,9 @@ exponents of at most 3 digits); everything else goes to latex2sympy (an ANTLR La
 1. Answers over `MAX_ANSWER_CHARS` characters are compared as stripped strings only.
 2. Identical strings are equal. Both sides go through `normalize_answer`; equal non-empty strings are equal
    (words compare case-insensitively). A bare `a,bbb` has two readings, the number and the list (MATH
-   golds hold both: `15,600` and the two answers `70,110`); either may match, except that two such answers
-   compare as numbers only (`123,456` != `456,123`). So `70, 110` and `70110` both equal `70,110`, and
-   `15, 600` equals `15,600`.
+   golds hold both: `15,600` and the two answers `70,110`); either may match, the list only in the gold's
+   order (so `600, 15` != `15,600`), and two such answers compare as numbers only (`123,456` != `456,123`).
+   So `70, 110` and `70110` both equal `70,110`.
 3. Structures: a top-level `\\cup` gives a union (unordered); `(a, b)`, `[a, b)`, `(-\\infty, 3]` give
    ordered tuples/intervals whose brackets must match exactly (`[1,2)` != `[1,2]`, `(1,2)` != `(2,1)`);
    `\\{a, b\\}` and a bare `a, b` are unordered collections (MATH's "enter all solutions separated by
@@ -164,6 +164,14 @@ def _equivalent(pred: str, gold: str, depth: int) -> bool:
     return _symbolic_equal(pred, gold)
 
 
+def _same_order(pred: str, gold_list: str) -> bool:
+    """A collection answer whose elements equal the bare list `gold_list`'s, in the same order."""
+    sp, sg = _structure(pred), _structure(gold_list)
+    if sp is None or sg is None or sp[0] != "set" or sg[0] != "set" or len(sp[1]) != len(sg[1]):
+        return False
+    return all(_equivalent(normalize_answer(p), normalize_answer(g), 1) for p, g in zip(sp[1], sg[1]))
+
+
 def _match_unordered(pred_items: list[str], gold_items: list[str], depth: int) -> bool:
     unused = list(range(len(gold_items)))
     for p in pred_items:
@@ -250,6 +258,12 @@ def math_answers_equal(prediction: str | None, ground_truth: Any) -> bool:
         if preds is None or len(gold_raw) > MAX_ANSWER_CHARS:
             continue
         golds = _readings(gold_raw)
+        if len(golds) == 2 and len(preds) == 1 and preds[0]:
+            # The gold alone cannot tell the number `15,600` from the list `70,110`; its list reading is matched
+            # in the gold's order only, so `600, 15` stays wrong against `15,600` (as it always was).
+            if _equivalent(preds[0], golds[0], depth=0) or _same_order(preds[0], golds[1]):
+                return True
+            continue
         # Two ambiguous `a,bbb` answers compare as numbers only (so `123,456` != `456,123`).
         pairs = [(preds[0], golds[0])] if len(preds) == len(golds) == 2 else product(preds, golds)
         # an answer normalized away entirely (e.g. just "$") only matches exactly (above)

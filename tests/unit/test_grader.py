@@ -116,7 +116,9 @@ EQUIVALENCE_CASES = [
     ("1080", r"10,\!080", False),
     # a gold list of two answers (MATH writes `70,110`) and bare thousands golds (`15,600`)
     ("70, 110", "70,110", True),
-    ("110, 70", "70,110", True),
+    ("110, 70", "70,110", False),  # ... so its list reading keeps the gold's order: `600, 15` != `15,600`
+    ("600, 15", "15,600", False),
+    ("15, 600", "15,600", True),
     (r"\{70, 110\}", "70,110", True),
     ("70110", "70,110", True),  # the gold alone cannot tell `70,110` from seventy thousand ...
     ("15600", "15,600", True),
