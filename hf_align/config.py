@@ -142,20 +142,27 @@ class _TRLConfig(_CPUSafeMixin, TrainingArguments):
     bf16: bool | None = field(
         default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
     )
-    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps (TRL's default)."})
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every X optimizer steps (TRL's default)."}
+    )
     model_init_kwargs: dict | str | None = field(
         default=None,
-        metadata={"help": "from_pretrained kwargs when the trainer gets the model as a name or path (dtype, ...)."},
+        metadata={
+            "help": "from_pretrained kwargs when the trainer gets the model as a name or path (dtype, ...)."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modeling / tokenizer code shipped with a Hub repo."}
     )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for dataset preparation."}
+    )
     max_length: int | None = field(
         default=1024, metadata={"help": "Tokens per sequence (prompt + answer); None: no limit."}
     )
     pad_to_multiple_of: int | str | None = field(
-        default="auto", metadata={"help": "Pad batches to a multiple of this ('auto' / None: no extra padding)."}
+        default="auto",
+        metadata={"help": "Pad batches to a multiple of this ('auto' / None: no extra padding)."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the prepared columns as they are (the collators pick theirs)."}
@@ -178,38 +185,53 @@ class SFTConfig(_TRLConfig):
     """Supervised fine-tuning on TRL's SFT formats: language modeling, prompt-completion, conversational."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
-    dataset_text_field: str = field(default="text", metadata={"help": "Column of language-modeling text rows."})
-    dataset_kwargs: dict | None = field(
-        default=None, metadata={"help": "{'skip_prepare_dataset': True}: rows are already {input_ids, labels}."}
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column of language-modeling text rows."}
     )
-    eos_token: str | None = field(default=None, metadata={"help": "End-of-turn token (None: the tokenizer's)."})
+    dataset_kwargs: dict | None = field(
+        default=None,
+        metadata={"help": "{'skip_prepare_dataset': True}: rows are already {input_ids, labels}."},
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "End-of-turn token (None: the tokenizer's)."}
+    )
     truncation_mode: str = field(
         default="keep_start", metadata={"help": "Longer rows keep their start or end.", "choices": TRUNCATION}
     )
     shuffle_dataset: bool = field(default=False, metadata={"help": "Shuffle the prepared dataset."})
     packing: bool = field(
         default=False,
-        metadata={"help": "Pack samples into rows of max_length (best-fit decreasing); no attention across samples."},
+        metadata={
+            "help": "Pack samples into rows of max_length (best-fit decreasing); no attention across samples."
+        },
     )
     packing_strategy: str = field(
         default="bfd",
-        metadata={"help": "bfd: cut samples longer than max_length; bfd_split: split them.", "choices": PACKING},
+        metadata={
+            "help": "bfd: cut samples longer than max_length; bfd_split: split them.",
+            "choices": PACKING,
+        },
     )
     padding_free: bool = field(
         default=False,
         metadata={"help": "Flatten each batch into one row without padding (always on with packing)."},
     )
-    eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval data (None: as packing)."})
+    eval_packing: bool | None = field(
+        default=None, metadata={"help": "Pack the eval data (None: as packing)."}
+    )
     completion_only_loss: bool | None = field(
         default=None,
-        metadata={"help": "Train on the completion only (None: yes for prompt-completion rows, else all tokens)."},
+        metadata={
+            "help": "Train on the completion only (None: yes for prompt-completion rows, else all tokens)."
+        },
     )
     assistant_only_loss: bool = field(
         default=False,
         metadata={"help": "Train on assistant turns only (the chat template's {% generation %} markers)."},
     )
     loss_type: str = field(
-        default="nll", metadata={"help": "nll: negative log-likelihood of the trained tokens.", "choices": ["nll"]}
+        default="nll",
+        metadata={"help": "nll: negative log-likelihood of the trained tokens.", "choices": ["nll"]},
     )
     # --- hf_align only
     loss_normalization: Literal["token_mean", "sequence_sum"] = field(
@@ -238,7 +260,9 @@ class SFTConfig(_TRLConfig):
         if self.normalize_constant <= 0:
             raise ValueError(f"normalize_constant must be > 0, got {self.normalize_constant}.")
         if (self.packing or self.eval_packing) and self.max_length is None:
-            raise ValueError("packing needs max_length (the packed row length); set max_length or packing=False.")
+            raise ValueError(
+                "packing needs max_length (the packed row length); set max_length or packing=False."
+            )
         if (self.packing or self.padding_free) and self.loss_normalization == "sequence_sum":
             raise ValueError(
                 "packing / padding_free put several sequences in a row; use loss_normalization='token_mean'."
@@ -449,12 +473,19 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
 class DPOConfig(_TRLConfig):
     """Direct preference optimisation (sigmoid, robust, hinge, IPO, BCO-pair, SFT terms) on preference pairs."""
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."})
+    learning_rate: float = field(
+        default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."}
+    )
     truncation_mode: str = field(
         default="keep_start",
-        metadata={"help": "prompt + answer longer than max_length keep their start or end.", "choices": TRUNCATION},
+        metadata={
+            "help": "prompt + answer longer than max_length keep their start or end.",
+            "choices": TRUNCATION,
+        },
     )
-    padding_free: bool = field(default=False, metadata={"help": "Not supported by hf_align's DPO (must be False)."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Not supported by hf_align's DPO (must be False)."}
+    )
     beta: float = field(
         default=0.1, metadata={"help": "Inverse temperature of the implicit reward (KL strength); IPO's tau."}
     )
@@ -475,10 +506,13 @@ class DPOConfig(_TRLConfig):
     )
     precompute_ref_log_probs: bool = field(
         default=False,
-        metadata={"help": "Compute reference log-probs once over the data before training (no reference in memory)."},
+        metadata={
+            "help": "Compute reference log-probs once over the data before training (no reference in memory)."
+        },
     )
     precompute_ref_batch_size: int | None = field(
-        default=None, metadata={"help": "Pairs per forward when precomputing (None: per_device_train_batch_size)."}
+        default=None,
+        metadata={"help": "Pairs per forward when precomputing (None: per_device_train_batch_size)."},
     )
     # --- hf_align only
     ref_mode: Literal["copy", "adapter_disabled"] | None = field(
@@ -488,7 +522,9 @@ class DPOConfig(_TRLConfig):
             "policy with its LoRA adapters off (no second model). None: adapter_disabled under LoRA, else copy."
         },
     )
-    logprob_chunk_tokens: int = field(default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."})
+    logprob_chunk_tokens: int = field(
+        default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
+    )
     share_prompt_prefix: bool = field(
         default=True, metadata={"help": SHARE_PROMPT_HELP + " (the chosen and rejected answers share it)."}
     )
@@ -501,16 +537,22 @@ class DPOConfig(_TRLConfig):
         for name in self.loss_type:
             _choice("loss_type", name, sorted(DPO_LOSSES))
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss_type")
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss_type"
+            )
         _choice("truncation_mode", self.truncation_mode, TRUNCATION)
         if self.padding_free:
-            raise ValueError("padding_free=True is not supported by hf_align's DPOTrainer; set padding_free=False.")
+            raise ValueError(
+                "padding_free=True is not supported by hf_align's DPOTrainer; set padding_free=False."
+            )
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if self.label_smoothing and not set(self.loss_type) <= {"sigmoid", "robust"}:
-            raise ValueError(f"label_smoothing applies to loss_type sigmoid or robust; set it to 0 for {self.loss_type}.")
+            raise ValueError(
+                f"label_smoothing applies to loss_type sigmoid or robust; set it to 0 for {self.loss_type}."
+            )
         super().__post_init__()
 
 
@@ -520,12 +562,17 @@ class RewardConfig(_TRLConfig):
 
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the model to 0."})
-    eos_token: str | None = field(default=None, metadata={"help": "End-of-turn token (None: the tokenizer's)."})
+    eos_token: str | None = field(
+        default=None, metadata={"help": "End-of-turn token (None: the tokenizer's)."}
+    )
     center_rewards_coefficient: float | None = field(
-        default=None, metadata={"help": "Weight of mean((r_c + r_r)^2), which keeps rewards centred (None: off)."}
+        default=None,
+        metadata={"help": "Weight of mean((r_c + r_r)^2), which keeps rewards centred (None: off)."},
     )
 
     def __post_init__(self):
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
-            raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}.")
+            raise ValueError(
+                f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}."
+            )
         super().__post_init__()

@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import logging
 from bisect import bisect_left, insort
-from collections.abc import Mapping
 from collections import defaultdict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +88,13 @@ def check_row(row: Any, kind: str, where: str, text_field: str = "text") -> None
             f"{where}: field {text_field!r} is {got} (an SFT row needs {text_field!r}, 'messages' or "
             "'prompt' + 'completion')"
         )
-    strings = [isinstance(row.get(k), str) for k in ("prompt", "completion", "chosen", "rejected") if row.get(k)]
+    strings = [
+        isinstance(row.get(k), str) for k in ("prompt", "completion", "chosen", "rejected") if row.get(k)
+    ]
     if any(strings) and not all(strings):
-        raise DataError(f"{where}: mixes strings and message lists across prompt / completion / chosen / rejected")
+        raise DataError(
+            f"{where}: mixes strings and message lists across prompt / completion / chosen / rejected"
+        )
 
 
 def as_dataset(data, kind: str, name: str, text_field: str = "text"):
@@ -103,7 +107,9 @@ def as_dataset(data, kind: str, name: str, text_field: str = "text"):
         for i, row in enumerate(data):
             check_row(row, kind, f"{name} dataset row {i}", text_field)
         return datasets.Dataset.from_list(list(data))
-    raise TypeError(f"{name}_dataset must be a datasets.Dataset, IterableDataset or list, got {type(data).__name__}")
+    raise TypeError(
+        f"{name}_dataset must be a datasets.Dataset, IterableDataset or list, got {type(data).__name__}"
+    )
 
 
 def column_names(dataset) -> list[str]:
@@ -214,8 +220,10 @@ def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool, e
 def _sft_example(row, idx, tokenizer, cfg: dict) -> dict:
     where = f"{cfg['name']} dataset row {idx}"
     check_row(row, "sft", where, cfg["text_field"])
-    out = dict(row) if "input_ids" in row else _sft_ids(
-        row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"], cfg["eos"]
+    out = (
+        dict(row)
+        if "input_ids" in row
+        else _sft_ids(row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"], cfg["eos"])
     )
     if cfg["assistant_only_loss"] and 1 not in (out.get("assistant_masks") or []):
         raise DataError(
@@ -254,7 +262,9 @@ def prepare_sft_dataset(dataset, tokenizer, args, *, packing: bool, completion_o
         )  # fmt: skip
         if cut is not None:
             no_target = "no trained token within max_length"
-            dataset = _filter(dataset, lambda row: any(t != IGNORE_INDEX for t in row["labels"]), args, name, no_target)
+            dataset = _filter(
+                dataset, lambda row: any(t != IGNORE_INDEX for t in row["labels"]), args, name, no_target
+            )
         if packing:
             if args.shuffle_dataset:
                 dataset = dataset.shuffle(seed=args.seed)
@@ -330,7 +340,9 @@ class SFTCollator:
             for f in features:  # a packed row goes back to its samples
                 lo = 0
                 for n in f.get("seq_lengths") or [len(f["input_ids"])]:
-                    samples.append({"input_ids": f["input_ids"][lo : lo + n], "labels": f["labels"][lo : lo + n]})
+                    samples.append(
+                        {"input_ids": f["input_ids"][lo : lo + n], "labels": f["labels"][lo : lo + n]}
+                    )
                     lo += n
             return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(samples)
         ids = [f["input_ids"] for f in features]
@@ -355,7 +367,10 @@ def _preference_example(row, idx, tokenizer, name: str, eos: str, full_sequences
         chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
     if full_sequences:  # the reward model scores prompt + answer as one sequence
         whole = [a if prompt is None else prompt + a for a in (chosen, rejected)]
-        out = {f"{k}_ids": list(_tokenize(tokenizer, x, row)["input_ids"]) for k, x in zip(("chosen", "rejected"), whole)}
+        out = {
+            f"{k}_ids": list(_tokenize(tokenizer, x, row)["input_ids"])
+            for k, x in zip(("chosen", "rejected"), whole)
+        }
         return {**out, **({"margin": row["margin"]} if row.get("margin") is not None else {})}
     gen = {} if isinstance(prompt, str) else {"add_generation_prompt": True}
     prompt_ids = list(_tokenize(tokenizer, prompt, row, **gen)["input_ids"])
@@ -371,7 +386,12 @@ def prepare_preference_dataset(dataset, tokenizer, args, *, name: str, full_sequ
     dataset = as_dataset(dataset, "preference", name)
     if "chosen_ids" in column_names(dataset):
         return dataset  # already tokenized
-    kwargs = {"tokenizer": tokenizer, "name": name, "eos": tokenizer.eos_token, "full_sequences": full_sequences}
+    kwargs = {
+        "tokenizer": tokenizer,
+        "name": name,
+        "eos": tokenizer.eos_token,
+        "full_sequences": full_sequences,
+    }
     with args.main_process_first(desc=f"preparing {name} dataset"):
         dataset = _map(
             dataset, _preference_example, args, name, "Tokenizing", with_indices=True, fn_kwargs=kwargs,
@@ -396,3 +416,30 @@ def truncate_pair(prompt: list[int], answer: list[int], max_length: int | None, 
     if mode == "keep_start":
         return prompt[:max_length], answer[: max(max_length - len(prompt), 0)]
     return prompt[extra:], answer[max(extra - len(prompt), 0) :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading for the recipes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_rows(script_args, kind: str, evaluation: bool = False, text_field: str = "text"):
+    """The recipe's train (or eval) rows as a ``Dataset``: a local .json / .jsonl file through
+    ``load_dataset("json")``, else a Hub id (``repo:config`` selects a config). Our prompt/response files become
+    TRL's prompt/completion; ``on_bad_rows: skip`` drops unusable rows (counted, logged)."""
+    import datasets
+
+    s = script_args
+    source = s.eval_dataset_name if evaluation else s.dataset_name
+    split = s.eval_dataset_split if evaluation else s.dataset_split
+    max_rows = s.max_eval_samples if evaluation else s.max_train_samples
+    if str(source).endswith((".json", ".jsonl")):
+        ds = datasets.load_dataset("json", data_files=str(source), split="train")
+    else:
+        repo, _, config = str(source).partition(":")
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    if "response" in ds.column_names and "completion" not in ds.column_names:
+        ds = ds.rename_column("response", "completion")
+    if s.on_bad_rows == "skip":
+        ds = drop_bad_rows(ds, kind, "eval" if evaluation else "train", text_field)
+    return ds.select(range(min(max_rows, len(ds)))) if max_rows is not None else ds

@@ -54,7 +54,9 @@ class PreferenceCollator:
             for key in ("chosen_ids", "rejected_ids")
             for f in features
         ]
-        batch = build_shifted_sequences([p for p, _ in pairs], [a for _, a in pairs], self.pad_token_id)  # (2B, T)
+        batch = build_shifted_sequences(
+            [p for p, _ in pairs], [a for _, a in pairs], self.pad_token_id
+        )  # (2B, T)
         if all(key in features[0] for key in REF_KEYS):
             for key in REF_KEYS:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)  # (B,)

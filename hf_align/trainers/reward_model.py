@@ -83,7 +83,9 @@ class RewardTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
             set_seed(args.seed)  # the head is initialised at random
             model = load_model(model, args, AutoModelForSequenceClassification, num_labels=1)
         elif getattr(model.config, "num_labels", None) != 1:
-            raise ValueError(f"a reward model has one output: load it with num_labels=1 (got {model.config.num_labels})")
+            raise ValueError(
+                f"a reward model has one output: load it with num_labels=1 (got {model.config.num_labels})"
+            )
         model, args, processing_class = prepare_trainer_inputs(
             model, args, processing_class, peft_config, RewardConfig, "Reward"
         )

@@ -55,14 +55,18 @@ class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         formatting_func=None,
     ):
         if compute_loss_func is not None:
-            raise ValueError("compute_loss_func is not supported: subclass SFTTrainer and override compute_loss")
+            raise ValueError(
+                "compute_loss_func is not supported: subclass SFTTrainer and override compute_loss"
+            )
         model, args, processing_class = prepare_trainer_inputs(
             model, args, processing_class, peft_config, SFTConfig, "SFT"
         )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         first = next(iter(train_dataset)) if train_dataset is not None else {}
         if args.assistant_only_loss and not is_conversational(first) and "input_ids" not in first:
-            raise ValueError("assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)")
+            raise ValueError(
+                "assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)"
+            )
         completion_only = args.completion_only_loss
         if completion_only is None:
             completion_only = "prompt" in first and "completion" in first

@@ -46,7 +46,7 @@ def test_ei_yaml_parses(path, tmp_path):
     cpu = ["--use_cpu", "true", "--bf16", "false", "--output_dir", str(tmp_path)]
     classes = (ModelArguments, ScriptArguments, SFTConfig, EIArguments)
     _, script_args, cfg, ei = parse_args(classes, ["--config", str(path), *cpu])
-    assert script_args.dataset_name and ei.n_iterations >= 1 and cfg.prompt_template == "r1_zero"
+    assert script_args.dataset_name and ei.n_iterations >= 1 and ei.prompt_template == "r1_zero"
 
 
 def test_keep_mask_rules():
