@@ -151,9 +151,6 @@ class _TRLConfig(_CPUSafeMixin, TrainingArguments):
             "help": "from_pretrained kwargs when the trainer gets the model as a name or path (dtype, ...)."
         },
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modeling / tokenizer code shipped with a Hub repo."}
-    )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for dataset preparation."}
     )
