@@ -112,7 +112,7 @@ def as_dataset(data, kind: str, name: str, text_field: str = "text"):
     )
 
 
-def column_names(dataset) -> list[str]:
+def column_names(dataset) -> list[str]:  # an IterableDataset may not know its features
     return list(dataset.column_names or next(iter(dataset)).keys())
 
 
@@ -149,12 +149,7 @@ def extract_prompt(chosen, rejected) -> dict:
 
 
 def common_prefix_length(ids: list[int], other: list[int]) -> int:
-    n = 0
-    for a, b in zip(ids, other):
-        if a != b:
-            break
-        n += 1
-    return n
+    return next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
 
 
 def _tokenize(tokenizer, value, row: dict, **template_kwargs) -> dict:
@@ -417,29 +412,3 @@ def truncate_pair(prompt: list[int], answer: list[int], max_length: int | None, 
         return prompt[:max_length], answer[: max(max_length - len(prompt), 0)]
     return prompt[extra:], answer[max(extra - len(prompt), 0) :]
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading for the recipes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def load_rows(script_args, kind: str, evaluation: bool = False, text_field: str = "text"):
-    """The recipe's train (or eval) rows as a ``Dataset``: a local .json / .jsonl file through
-    ``load_dataset("json")``, else a Hub id (``repo:config`` selects a config). Our prompt/response files become
-    TRL's prompt/completion; ``on_bad_rows: skip`` drops unusable rows (counted, logged)."""
-    import datasets
-
-    s = script_args
-    source = s.eval_dataset_name if evaluation else s.dataset_name
-    split = s.eval_dataset_split if evaluation else s.dataset_split
-    max_rows = s.max_eval_samples if evaluation else s.max_train_samples
-    if str(source).endswith((".json", ".jsonl")):
-        ds = datasets.load_dataset("json", data_files=str(source), split="train")
-    else:
-        repo, _, config = str(source).partition(":")
-        ds = datasets.load_dataset(repo, config or None, split=split)
-    if "response" in ds.column_names and "completion" not in ds.column_names:
-        ds = ds.rename_column("response", "completion")
-    if s.on_bad_rows == "skip":
-        ds = drop_bad_rows(ds, kind, "eval" if evaluation else "train", text_field)
-    return ds.select(range(min(max_rows, len(ds)))) if max_rows is not None else ds

@@ -9,9 +9,8 @@ import logging
 
 from transformers import set_seed
 
-from hf_align.cli import parse_args, train_and_save
+from hf_align.cli import load_rows, parse_args, train_and_save
 from hf_align.config import DPOConfig, ModelArguments, ScriptArguments
-from hf_align.formats import load_rows
 from hf_align.modeling import load_from_args
 from hf_align.trainers.dpo import DPOTrainer
 

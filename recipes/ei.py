@@ -197,7 +197,9 @@ def run_iteration(i, model, tokenizer, engine, grader, questions, evals, templat
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in sft_rows)
     examples = []
     if kept:
-        prepared = prepare_sft_dataset(sft_rows, tokenizer, cfg, packing=False, completion_only_loss=True, name="ei")
+        prepared = prepare_sft_dataset(
+            sft_rows, tokenizer, cfg, packing=False, completion_only_loss=True, name="ei"
+        )
         examples = [dict(row) for row in prepared]
     if examples:
         record["kept_entropy"] = mean_response_entropy(

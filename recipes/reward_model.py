@@ -10,9 +10,8 @@ import logging
 
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from hf_align.cli import parse_args, train_and_save
+from hf_align.cli import load_rows, parse_args, train_and_save
 from hf_align.config import ModelArguments, RewardConfig, ScriptArguments
-from hf_align.formats import load_rows
 from hf_align.modeling import load_tokenizer, lora_config_from_args, resolve_dtype, wrap_lora
 from hf_align.trainers.reward_model import RewardTrainer
 
@@ -52,7 +51,9 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
     model, tokenizer = load_reward_model(model_args)
     train = load_rows(script_args, "preference")
     evals = load_rows(script_args, "preference", evaluation=True) if script_args.eval_dataset_name else None
-    trainer = RewardTrainer(model, args=cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
+    trainer = RewardTrainer(
+        model, args=cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer
+    )
 
     def report_accuracy(t) -> None:
         if evals is not None:

@@ -9,9 +9,8 @@ import logging
 
 from transformers import set_seed
 
-from hf_align.cli import parse_args, train_and_save
+from hf_align.cli import load_rows, parse_args, train_and_save
 from hf_align.config import ModelArguments, ScriptArguments, SFTConfig
-from hf_align.formats import load_rows
 from hf_align.modeling import load_from_args
 from hf_align.trainers.sft import SFTTrainer
 
@@ -24,7 +23,9 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     set_seed(cfg.seed)  # LoRA adapters are initialised at random
     model, tokenizer = load_from_args(model_args)  # LoRA-wrapped when use_peft
     train = load_rows(script_args, "sft", text_field=cfg.dataset_text_field)
-    evals = load_rows(script_args, "sft", True, cfg.dataset_text_field) if script_args.eval_dataset_name else None
+    evals = (
+        load_rows(script_args, "sft", True, cfg.dataset_text_field) if script_args.eval_dataset_name else None
+    )
     trainer = SFTTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
     train_and_save(trainer, cfg)
     return trainer

@@ -9,7 +9,8 @@ Choices:
 - Every variant is a function of the implicit reward margin (Rafailov et al. 2023, eq. 7)
   ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))``, chosen by name from ``DPO_LOSSES``:
   ``sigmoid`` (DPO; with ``label_smoothing`` eps > 0 the conservative cDPO of Mitchell 2023), ``robust``
-  (rDPO, Chowdhury et al. 2024), ``hinge`` (SLiC, Zhao et al. 2023) and ``ipo`` (Azar et al. 2023, eq. 17).
+  (rDPO, Chowdhury et al. 2024), ``hinge`` (SLiC, Zhao et al. 2023), ``ipo`` (Azar et al. 2023, eq. 17) and
+  ``bco_pair`` (Jung et al. 2024; a function of each log-ratio rather than only of h).
 - IPO alone uses per-token AVERAGED log-ratios ``h' = (lr_c / |y_c|) - (lr_r / |y_r|)``: its squared loss
   targets a fixed margin ``1 / (2 beta)``, which a length-dependent sum would make meaningless. This is also
   what TRL does and what the IPO authors used. An empty response counts as length 1 (as in ``masked_mean``,
@@ -156,8 +157,27 @@ def ipo_loss(
     return (chosen_avg_B - rejected_avg_B - 1.0 / (2.0 * beta)) ** 2
 
 
+def bco_pair_loss(
+    chosen_logratios_B: torch.Tensor,
+    rejected_logratios_B: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_lengths_B: torch.Tensor | None = None,
+    rejected_lengths_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary classifier optimisation on pairs (Jung et al. 2024, "Binary Classifier Optimization for Large
+    Language Model Alignment", eq. 7 without its reward shift), as TRL's ``bco_pair``:
+
+    ``l = -log sigma(beta lr_c) - log sigma(-beta lr_r)``: each answer classified on its own (chosen up,
+    rejected down) instead of through their margin.
+    """
+    _no_label_smoothing("bco_pair", label_smoothing)
+    return -F.logsigmoid(beta * chosen_logratios_B) - F.logsigmoid(-beta * rejected_logratios_B)
+
+
 DPO_LOSSES: dict[str, DPOLossFn] = {
     "sigmoid": sigmoid_loss,
+    "bco_pair": bco_pair_loss,
     "robust": robust_loss,
     "hinge": hinge_loss,
     "ipo": ipo_loss,
