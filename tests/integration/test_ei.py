@@ -114,7 +114,7 @@ def test_expert_iteration_two_iterations(tmp_path):
 
     kept_rows = (out / "iter_0" / "kept.jsonl").read_text().splitlines()
     assert len(kept_rows) == first["kept"]
-    assert all("e" in json.loads(row)["response"] for row in kept_rows)
+    assert all("e" in json.loads(row)["completion"] for row in kept_rows)
     assert _changed(initial, out), "fine-tuning on kept rows left every parameter unchanged"
 
 
