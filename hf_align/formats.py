@@ -71,12 +71,12 @@ def check_row(row: Any, kind: str, where: str, text_field: str = "text") -> None
     """Raise ``DataError`` (naming ``where`` and the field) if ``row`` is not a usable ``sft`` / ``preference`` row."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a dict, got {type(row).__name__}")
+    if "input_ids" in row or "chosen_ids" in row:
+        return  # already tokenized
     if kind == "preference":
         for field in ("chosen", "rejected"):
             _check_text(row, field, where)
         _check_text(row, "prompt", where, optional=True)
-    elif "input_ids" in row:
-        return  # already tokenized
     elif row.get("prompt") is not None or row.get("completion") is not None:
         _check_text(row, "prompt", where)
         _check_text(row, "completion", where)
