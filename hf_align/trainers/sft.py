@@ -33,6 +33,40 @@ from hf_align.trainers.metrics import global_sum
 from hf_align.trainers.safety import SafeTrainingMixin
 
 
+def _dataset_preparer(args: SFTConfig, tokenizer, train_dataset, formatting_func):
+    """``prepare(dataset, name)`` for train and eval sets: ``formatting_func`` (its text replaces the row, as TRL's
+    text column), then ``hf_align.formats.prepare_sft_dataset`` unless ``skip_prepare_dataset``."""
+    first = next(iter(train_dataset)) if train_dataset is not None else {}
+    if args.assistant_only_loss and not is_conversational(first) and "input_ids" not in first:
+        raise ValueError(
+            "assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)"
+        )
+    completion_only = args.completion_only_loss
+    if completion_only is None:  # TRL: on for prompt-completion data
+        completion_only = "prompt" in first and "completion" in first
+    if formatting_func is not None and completion_only:
+        raise ValueError(
+            "formatting_func makes text rows, so completion_only_loss cannot apply: set it to False"
+        )
+    skip = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+
+    def prepare(dataset, name):
+        if formatting_func is not None:
+            to_text = lambda row: {args.dataset_text_field: formatting_func(row)}  # noqa: E731
+            if isinstance(dataset, list | tuple):
+                dataset = [to_text(row) for row in dataset]
+            else:
+                dataset = dataset.map(to_text, remove_columns=column_names(dataset))
+        if skip:
+            return dataset
+        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+        return prepare_sft_dataset(
+            dataset, tokenizer, args, packing=packing, completion_only_loss=completion_only, name=name
+        )
+
+    return prepare
+
+
 class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
     # compute_loss already normalizes by the optimizer step's token count: Trainer must not divide again.
     loss_is_scaled_for_ga = True
@@ -62,30 +96,7 @@ class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
             model, args, processing_class, peft_config, SFTConfig, "SFT"
         )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        first = next(iter(train_dataset)) if train_dataset is not None else {}
-        if args.assistant_only_loss and not is_conversational(first) and "input_ids" not in first:
-            raise ValueError(
-                "assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)"
-            )
-        completion_only = args.completion_only_loss
-        if completion_only is None:
-            completion_only = "prompt" in first and "completion" in first
-        skip = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
-
-        def prepare(dataset, name):
-            if formatting_func is not None:  # its text replaces the row (TRL: a text column)
-                to_text = lambda row: {args.dataset_text_field: formatting_func(row)}  # noqa: E731
-                if isinstance(dataset, list | tuple):
-                    dataset = [to_text(row) for row in dataset]
-                else:
-                    dataset = dataset.map(to_text, remove_columns=column_names(dataset))
-            if skip:
-                return dataset
-            packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
-            return prepare_sft_dataset(
-                dataset, tokenizer, args, packing=packing, completion_only_loss=completion_only, name=name
-            )
-
+        prepare = _dataset_preparer(args, tokenizer, train_dataset, formatting_func)
         train_dataset, eval_dataset = prepare_datasets(train_dataset, eval_dataset, args, prepare)
         if data_collator is None:
             data_collator = SFTCollator(

@@ -116,3 +116,15 @@ def test_bad_row_is_named_at_construction(tmp_path, tiny_model_dir, kind):
     del bad[3][field]
     with pytest.raises(DataError, match=f"train dataset row 3: field '{field}' is missing"):
         TRAINERS[kind][0](str(tiny_model_dir), args=_args(kind, tmp_path), train_dataset=bad)
+
+
+def test_formatting_func_equals_text_rows(tmp_path, tiny_model_dir):
+    raw = [{"q": q, "a": r} for q, r in zip(Q, R)]
+    formatted = _first_loss(
+        "sft", str(tiny_model_dir), _args("sft", tmp_path), raw, formatting_func=lambda x: x["q"] + x["a"]
+    )
+    plain = _first_loss("sft", str(tiny_model_dir), _args("sft", tmp_path), SFT_FORMATS["text"])
+    assert formatted == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(ValueError, match="completion_only_loss"):
+        SFTTrainer(str(tiny_model_dir), args=_args("sft", tmp_path), train_dataset=SFT_FORMATS["prompt_completion"],
+                   formatting_func=lambda x: x["prompt"])  # fmt: skip
