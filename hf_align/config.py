@@ -468,7 +468,7 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
 
 @dataclass
 class DPOConfig(_TRLConfig):
-    """Direct preference optimisation (sigmoid, robust, hinge, IPO, BCO-pair, SFT terms) on preference pairs."""
+    """Direct preference optimisation (sigmoid, robust, hinge, IPO, BCO-pair; plus an SFT term) on preference pairs."""
 
     learning_rate: float = field(
         default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."}
@@ -527,12 +527,12 @@ class DPOConfig(_TRLConfig):
     )
 
     def __post_init__(self):
-        from hf_align.losses.dpo import DPO_LOSSES
+        from hf_align.losses.dpo import LOSS_TYPES
 
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         for name in self.loss_type:
-            _choice("loss_type", name, sorted(DPO_LOSSES))
+            _choice("loss_type", name, sorted(LOSS_TYPES))
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss_type"

@@ -184,6 +184,21 @@ DPO_LOSSES: dict[str, DPOLossFn] = {
 }
 
 
+def chosen_nll_loss(policy_chosen_logps_B: torch.Tensor, chosen_lengths_B: torch.Tensor) -> torch.Tensor:
+    """TRL's ``sft`` term (the NLL part of MPO, Wang et al. 2024): ``-sum_i log pi(y_c,i) / sum_i |y_c,i|``, the
+    chosen answers' negative log-likelihood as a token mean over the batch, given to every pair (B,). It needs the
+    policy's log-probs, not log-ratios, so it is not in ``DPO_LOSSES``."""
+    if chosen_lengths_B is None:
+        raise ValueError(
+            "loss_type='sft' is a token mean: pass chosen_lengths_B (response tokens per answer)"
+        )
+    nll = -policy_chosen_logps_B.sum() / chosen_lengths_B.sum().to(policy_chosen_logps_B.dtype).clamp(min=1.0)
+    return nll.expand_as(policy_chosen_logps_B)
+
+
+LOSS_TYPES = [*DPO_LOSSES, "sft"]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Entry point for the trainer
 # ------------------------------------------------------------------------------------------------------------
@@ -209,8 +224,8 @@ def dpo_loss(
     above rejected), ``rewards/margins`` (mean of their difference), ``logps/chosen`` and ``logps/rejected``
     (means of the policy's summed log-probs).
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(DPO_LOSSES)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(LOSS_TYPES)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -228,9 +243,17 @@ def dpo_loss(
 
     chosen_logratios_B = policy_chosen_logps_B - ref_chosen_logps_B.detach()
     rejected_logratios_B = policy_rejected_logps_B - ref_rejected_logps_B.detach()
-    losses_B = DPO_LOSSES[loss_type](
-        chosen_logratios_B, rejected_logratios_B, beta, label_smoothing, chosen_lengths_B, rejected_lengths_B
-    )
+    if loss_type == "sft":
+        losses_B = chosen_nll_loss(policy_chosen_logps_B, chosen_lengths_B)
+    else:
+        losses_B = DPO_LOSSES[loss_type](
+            chosen_logratios_B,
+            rejected_logratios_B,
+            beta,
+            label_smoothing,
+            chosen_lengths_B,
+            rejected_lengths_B,
+        )
     loss = losses_B.mean()
 
     with torch.no_grad():

@@ -76,6 +76,18 @@ def test_bco_pair_by_hand():
     assert dpo_loss(*zero, beta=0.1, loss_type="bco_pair")[0].item() == pytest.approx(2 * math.log(2))
 
 
+def test_sft_term_is_the_chosen_token_mean_nll():
+    # chosen log-probs -6 over 2 tokens and -3 over 4 tokens: NLL per token = 9 / 6, the same for every pair
+    pc, pr = torch.tensor([-6.0, -3.0], requires_grad=True), torch.tensor([-1.0, -2.0])
+    loss, _ = dpo_loss(pc, pr, pr, pr, loss_type="sft", chosen_lengths_B=torch.tensor([2, 4]),
+                       rejected_lengths_B=torch.tensor([1, 1]))  # fmt: skip
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    torch.testing.assert_close(pc.grad, torch.full((2,), -1 / 6))  # d(-sum / 6) / d logp_i
+    with pytest.raises(ValueError, match="chosen_lengths_B"):
+        dpo_loss(pc, pr, pr, pr, loss_type="sft")
+
+
 def test_ipo_by_hand_uses_per_token_averages():
     beta = 0.25  # target h' = 1 / (2 beta) = 2
     # chosen: log-ratio 6 over 3 tokens -> 2 per token; rejected: log-ratio 0 -> h' = 2 -> loss 0
