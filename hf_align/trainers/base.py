@@ -93,11 +93,14 @@ def load_processing_class(model, processing_class, args=None):
     return processing_class
 
 
-def prepare_trainer_inputs(model, args, processing_class, peft_config, config_cls, suffix, auto_class=None):
+def prepare_trainer_inputs(
+    model, args, processing_class, peft_config, config_cls, suffix, auto_class=None, quantization_config=None
+):
     """``(model, args, processing_class)`` ready for ``Trainer.__init__`` (see the module docstring)."""
     args = resolve_args(args, config_cls, model, suffix)
     set_seed(args.seed)  # LoRA adapters are initialised at random
-    model = load_model(model, args, auto_class)
+    quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    model = load_model(model, args, auto_class, **quantized)
     processing_class = load_processing_class(model, processing_class, args)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if getattr(args, "eos_token", None) is not None:  # SFT / reward: the end-of-turn token to train on

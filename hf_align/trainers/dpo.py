@@ -79,10 +79,11 @@ class DPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
+        quantization_config=None,
         peft_config=None,
     ):
         model, args, processing_class = prepare_trainer_inputs(
-            model, args, processing_class, None, DPOConfig, "DPO"
+            model, args, processing_class, None, DPOConfig, "DPO", quantization_config=quantization_config
         )
         model, ref_model = self._policy_and_reference(model, ref_model, args, peft_config)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)

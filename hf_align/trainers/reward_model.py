@@ -13,7 +13,8 @@ Choices:
   ``center_rewards_coefficient`` is set), a mean over pairs made exact under any accumulation / process split as
   in the DPO trainer.
 - ``evaluate`` reports held-out pair accuracy as ``eval_accuracy`` (fraction of pairs with r_chosen >
-  r_rejected); every metric is logged as ``<name>`` in training and ``eval_<name>`` in evaluation.
+  r_rejected, averaged over eval batches as TRL does; ``pair_accuracy`` as ``compute_metrics`` gives the exact
+  fraction over all pairs); every metric is logged as ``<name>`` in training and ``eval_<name>`` in evaluation.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ class RewardTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        compute_metrics=pair_accuracy,
+        compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
         optimizer_cls_and_kwargs=None,
         preprocess_logits_for_metrics=None,
+        quantization_config=None,
         peft_config=None,
     ):
         if isinstance(model, str):  # a fresh one-output score head on the named model
@@ -81,7 +83,10 @@ class RewardTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
 
             args = resolve_args(args, RewardConfig, model, "Reward")
             set_seed(args.seed)  # the head is initialised at random
-            model = load_model(model, args, AutoModelForSequenceClassification, num_labels=1)
+            quantized = (
+                {"quantization_config": quantization_config} if quantization_config is not None else {}
+            )
+            model = load_model(model, args, AutoModelForSequenceClassification, num_labels=1, **quantized)
         elif getattr(model.config, "num_labels", None) != 1:
             raise ValueError(
                 f"a reward model has one output: load it with num_labels=1 (got {model.config.num_labels})"

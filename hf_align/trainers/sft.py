@@ -85,6 +85,7 @@ class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         optimizers=(None, None),
         optimizer_cls_and_kwargs=None,
         preprocess_logits_for_metrics=None,
+        quantization_config=None,
         peft_config=None,
         formatting_func=None,
     ):
@@ -93,7 +94,13 @@ class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
                 "compute_loss_func is not supported: subclass SFTTrainer and override compute_loss"
             )
         model, args, processing_class = prepare_trainer_inputs(
-            model, args, processing_class, peft_config, SFTConfig, "SFT"
+            model,
+            args,
+            processing_class,
+            peft_config,
+            SFTConfig,
+            "SFT",
+            quantization_config=quantization_config,
         )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         prepare = _dataset_preparer(args, tokenizer, train_dataset, formatting_func)
