@@ -3,6 +3,8 @@
 Each trainer has one config, a `transformers.TrainingArguments` subclass that adds only its own fields, so
 everything `TrainingArguments` offers (save_steps, push_to_hub, report_to, lr schedules, ...) works as
 usual. `ModelArguments` and `ScriptArguments` hold what is not about optimisation: which model, which data.
+`SFTConfig`, `DPOConfig` and `RewardConfig` use TRL 1.16's field names and defaults (shared ones in `_TRLConfig`);
+fields only hf_align has are extras, and the README's "Coming from TRL" table lists every deliberate difference.
 
 CPU-safe defaults are chosen automatically: `bf16=None` means "bf16 when a CUDA device supports it,
 otherwise fp32", so the same YAML runs on a GPU and on a laptop. Validation in `__post_init__` fails early
