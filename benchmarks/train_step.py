@@ -233,10 +233,9 @@ def setup_dpo(impl: str, model, tok, args: argparse.Namespace, out: str, ref_mod
             loss_type="sigmoid",
             ref_mode="copy",
             max_length=P + C,
-            max_prompt_length=P,
             **_chunk(args),
         )
-        trainer = DPOTrainer(model, cfg, ref_model=ref_model, train_dataset=examples, processing_class=tok)
+        trainer = DPOTrainer(model, ref_model, args=cfg, train_dataset=examples, processing_class=tok)
         batch = PreferenceCollator(tok.pad_token_id)(examples)
     else:
         import trl
@@ -263,7 +262,7 @@ def setup_sft(impl: str, model, tok, args: argparse.Namespace, out: str):
     base = _common_args(out, args.device) | dict(per_device_train_batch_size=B)
     if impl == "hf_align":
         from hf_align.config import SFTConfig
-        from hf_align.data import SFTCollator
+        from hf_align.formats import SFTCollator
         from hf_align.trainers.sft import SFTTrainer
 
         rows = [{"input_ids": p + r, "labels": [-100] * P + r} for p, r in zip(prompts, responses)]

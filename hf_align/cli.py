@@ -2,6 +2,7 @@
 
 Precedence: dataclass defaults < YAML < command line. A YAML key that no dataclass knows is an error that
 names the key and the file (a typo must not be silently ignored). ``--help`` lists every field with its help.
+``load_rows`` reads a recipe's data (local json / jsonl or a Hub id) as a ``datasets.Dataset`` in TRL's formats.
 """
 
 from __future__ import annotations
@@ -83,3 +84,27 @@ def train_and_save(trainer, cfg, after_train=None):
     if cfg.push_to_hub:
         trainer.push_to_hub()
     return trainer
+
+
+def load_rows(script_args, kind: str, evaluation: bool = False, text_field: str = "text"):
+    """The recipe's train (or eval) rows as a ``Dataset``: a local .json / .jsonl file through
+    ``load_dataset("json")``, else a Hub id (``repo:config`` selects a config). Our prompt/response files become
+    TRL's prompt/completion; ``on_bad_rows: skip`` drops unusable rows (counted, logged)."""
+    import datasets
+
+    from hf_align.formats import drop_bad_rows
+
+    s = script_args
+    source = s.eval_dataset_name if evaluation else s.dataset_name
+    split = s.eval_dataset_split if evaluation else s.dataset_split
+    max_rows = s.max_eval_samples if evaluation else s.max_train_samples
+    if str(source).endswith((".json", ".jsonl")):
+        ds = datasets.load_dataset("json", data_files=str(source), split="train")
+    else:
+        repo, _, config = str(source).partition(":")
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    if "response" in ds.column_names and "completion" not in ds.column_names:
+        ds = ds.rename_column("response", "completion")
+    if s.on_bad_rows == "skip":
+        ds = drop_bad_rows(ds, kind, "eval" if evaluation else "train", text_field)
+    return ds.select(range(min(max_rows, len(ds)))) if max_rows is not None else ds

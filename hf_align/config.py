@@ -3,6 +3,8 @@
 Each trainer has one config, a `transformers.TrainingArguments` subclass that adds only its own fields, so
 everything `TrainingArguments` offers (save_steps, push_to_hub, report_to, lr schedules, ...) works as
 usual. `ModelArguments` and `ScriptArguments` hold what is not about optimisation: which model, which data.
+`SFTConfig`, `DPOConfig` and `RewardConfig` use TRL 1.16's field names and defaults (shared ones in `_TRLConfig`);
+fields only hf_align has are extras, and the README's "Coming from TRL" table lists every deliberate difference.
 
 CPU-safe defaults are chosen automatically: `bf16=None` means "bf16 when a CUDA device supports it,
 otherwise fp32", so the same YAML runs on a GPU and on a laptop. Validation in `__post_init__` fails early
@@ -31,6 +33,8 @@ def _other_accelerator_available() -> bool:
     return bool((mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available()))
 
 
+TRUNCATION = ["keep_start", "keep_end"]
+PACKING = ["bfd", "bfd_split"]
 SHARE_PROMPT_HELP = (
     "Run each distinct prompt of a micro-batch through the decoder once and its answers on its key/value cache "
     "(same numbers up to float rounding). Used with sdpa/eager attention and no gradient checkpointing, DeepSpeed "
@@ -125,39 +129,114 @@ class _CPUSafeMixin:
             self.bf16 = (not self.use_cpu) and _cuda_bf16_available()
 
 
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
 @dataclass
-class SFTConfig(_CPUSafeMixin, TrainingArguments):
-    """Supervised fine-tuning with a completion-only loss (prompt tokens never contribute)."""
+class _TRLConfig(_CPUSafeMixin, TrainingArguments):
+    """What TRL 1.16's trainer configs share: its defaults for logging and activation checkpointing (on), how a model given by name
+    is loaded, and dataset preparation settings. ``bf16=None`` is ours: bf16 where the hardware has it."""
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     bf16: bool | None = field(
         default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
     )
-    max_length: int = field(default=1024, metadata={"help": "Tokens per example (or per packed row)."})
-    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column of prompt/response data."})
-    response_field: str = field(
-        default="response", metadata={"help": "Response column of prompt/response data."}
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every X optimizer steps (TRL's default)."}
     )
-    messages_field: str = field(
-        default="messages", metadata={"help": "Column holding chat messages, if any."}
-    )
-    prompt_template: str | None = field(
+    model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Template name in data/prompts (e.g. r1_zero) or a file, applied to plain prompts."
+            "help": "from_pretrained kwargs when the trainer gets the model as a name or path (dtype, ...)."
         },
     )
-    use_chat_template: bool = field(
-        default=False,
-        metadata={"help": "Format rows with the tokenizer's chat template; train on assistant turns."},
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for dataset preparation."}
     )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Tokens per sequence (prompt + answer); None: no limit."}
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto",
+        metadata={"help": "Pad batches to a multiple of this ('auto' / None: no extra padding)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the prepared columns as they are (the collators pick theirs)."}
+    )
+
+    def __post_init__(self):
+        self._resolve_precision()
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default (its gradient_checkpointing=True)
+        if isinstance(self.pad_to_multiple_of, str):
+            value = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = None if value in ("auto", "none", "null") else int(value)
+        if self.max_length is not None and self.max_length <= 1:
+            raise ValueError(f"max_length must be > 1 (or None), got {self.max_length}.")
+        super().__post_init__()
+
+
+@dataclass
+class SFTConfig(_TRLConfig):
+    """Supervised fine-tuning on TRL's SFT formats: language modeling, prompt-completion, conversational."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column of language-modeling text rows."}
+    )
+    dataset_kwargs: dict | None = field(
+        default=None,
+        metadata={"help": "{'skip_prepare_dataset': True}: rows are already {input_ids, labels}."},
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "End-of-turn token (None: the tokenizer's)."}
+    )
+    truncation_mode: str = field(
+        default="keep_start", metadata={"help": "Longer rows keep their start or end.", "choices": TRUNCATION}
+    )
+    shuffle_dataset: bool = field(default=False, metadata={"help": "Shuffle the prepared dataset."})
     packing: bool = field(
         default=False,
-        metadata={"help": "Pack several examples per row of max_length, with no attention across them."},
+        metadata={
+            "help": "Pack samples into rows of max_length (best-fit decreasing); no attention across samples."
+        },
     )
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={
+            "help": "bfd: cut samples longer than max_length; bfd_split: split them.",
+            "choices": PACKING,
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Flatten each batch into one row without padding (always on with packing)."},
+    )
+    eval_packing: bool | None = field(
+        default=None, metadata={"help": "Pack the eval data (None: as packing)."}
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train on the completion only (None: yes for prompt-completion rows, else all tokens)."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={"help": "Train on assistant turns only (the chat template's {% generation %} markers)."},
+    )
+    loss_type: str = field(
+        default="nll",
+        metadata={"help": "nll: negative log-likelihood of the trained tokens.", "choices": ["nll"]},
+    )
+    # --- hf_align only
     loss_normalization: Literal["token_mean", "sequence_sum"] = field(
         default="token_mean",
         metadata={
-            "help": "token_mean: sum of -log p over response tokens / number of response tokens in the whole "
+            "help": "token_mean: sum of -log p over trained tokens / number of trained tokens in the whole "
             "optimizer step (exact under any accumulation split). sequence_sum: per sequence, sum / "
             "normalize_constant, averaged over sequences (the seed's sft_microbatch_train_step)."
         },
@@ -170,19 +249,22 @@ class SFTConfig(_CPUSafeMixin, TrainingArguments):
         default=256,
         metadata={"help": "Tokens per chunk when turning hidden states into log-probs (memory knob)."},
     )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep our tokenized columns as they are."}
-    )
 
     def __post_init__(self):
-        self._resolve_precision()
-        if self.max_length <= 1:
-            raise ValueError(f"max_length must be > 1, got {self.max_length}.")
+        if self.loss_type == "chunked_nll":  # TRL's deprecated alias
+            self.loss_type = "nll"
+        _choice("loss_type", self.loss_type, ["nll"])
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION)
+        _choice("packing_strategy", self.packing_strategy, PACKING)
         if self.normalize_constant <= 0:
             raise ValueError(f"normalize_constant must be > 0, got {self.normalize_constant}.")
-        if self.packing and self.loss_normalization == "sequence_sum":
+        if (self.packing or self.eval_packing) and self.max_length is None:
             raise ValueError(
-                "packing=True mixes several sequences per row; use loss_normalization='token_mean' with packing."
+                "packing needs max_length (the packed row length); set max_length or packing=False."
+            )
+        if (self.packing or self.padding_free) and self.loss_normalization == "sequence_sum":
+            raise ValueError(
+                "packing / padding_free put several sequences in a row; use loss_normalization='token_mean'."
             )
         super().__post_init__()
 
@@ -387,68 +469,57 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
 
 
 @dataclass
-class _PreferenceDataArgs:
-    """Fields shared by the trainers that read preference pairs (DPO, reward model)."""
+class DPOConfig(_TRLConfig):
+    """Direct preference optimisation (sigmoid, robust, hinge, IPO, BCO-pair; plus an SFT term) on preference pairs."""
 
-    max_length: int = field(default=1024, metadata={"help": "Tokens of prompt + response, per answer."})
-    max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts longer than this keep their LAST max_prompt_length tokens."}
+    learning_rate: float = field(
+        default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."}
     )
-    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column (a string or messages)."})
-    chosen_field: str = field(default="chosen", metadata={"help": "Preferred answer column."})
-    rejected_field: str = field(default="rejected", metadata={"help": "Dispreferred answer column."})
-    prompt_template: str | None = field(
-        default=None,
+    truncation_mode: str = field(
+        default="keep_start",
         metadata={
-            "help": "Template name in data/prompts (e.g. alpaca_sft) or a file, applied to plain prompts."
+            "help": "prompt + answer longer than max_length keep their start or end.",
+            "choices": TRUNCATION,
         },
     )
-    use_chat_template: bool = field(
-        default=False, metadata={"help": "Format rows with the tokenizer's chat template."}
-    )
-
-    def _check_preference_lengths(self) -> None:
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length}) "
-                "so that every answer keeps at least one token."
-            )
-
-
-@dataclass
-class DPOConfig(_PreferenceDataArgs, _CPUSafeMixin, TrainingArguments):
-    """Direct preference optimisation (and its sigmoid / robust / hinge / IPO variants) on preference pairs."""
-
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
-    )
-    learning_rate: float = field(
-        default=5e-7, metadata={"help": "AdamW learning rate (DPO uses small ones)."}
+    padding_free: bool = field(
+        default=False, metadata={"help": "Not supported by hf_align's DPO (must be False)."}
     )
     beta: float = field(
         default=0.1, metadata={"help": "Inverse temperature of the implicit reward (KL strength); IPO's tau."}
     )
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = field(
-        default="sigmoid", metadata={"help": "Preference loss (hf_align.losses.dpo.DPO_LOSSES)."}
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "Preference loss(es), summed with loss_weights (hf_align.losses.dpo.DPO_LOSSES)."},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss_type (default: all 1)."}
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={"help": "Assumed label-flip probability in [0, 0.5): cDPO (sigmoid) or rDPO (robust)."},
     )
-    ref_mode: Literal["copy", "adapter_disabled", "precomputed"] = field(
-        default="copy",
-        metadata={
-            "help": "Reference policy. copy: a frozen copy of the initial model (or ref_model); adapter_disabled: "
-            "the policy with its LoRA adapters off (no second model; needs use_peft); precomputed: reference "
-            "log-probs computed once over the data before training and stored in the examples."
-        },
-    )
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Set every dropout to 0 so policy and reference log-probs are deterministic."},
     )
-    precompute_batch_size: int = field(
-        default=8, metadata={"help": "Pairs per forward when ref_mode=precomputed fills the reference cache."}
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute reference log-probs once over the data before training (no reference in memory)."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per forward when precomputing (None: per_device_train_batch_size)."},
+    )
+    # --- hf_align only
+    ref_mode: Literal["copy", "adapter_disabled"] | None = field(
+        default=None,
+        metadata={
+            "help": "Reference policy. copy: a frozen copy of the initial model (or ref_model); adapter_disabled: the "
+            "policy with its LoRA adapters off (no second model). None: adapter_disabled under LoRA, else copy."
+        },
     )
     logprob_chunk_tokens: int = field(
         default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
@@ -456,42 +527,50 @@ class DPOConfig(_PreferenceDataArgs, _CPUSafeMixin, TrainingArguments):
     share_prompt_prefix: bool = field(
         default=True, metadata={"help": SHARE_PROMPT_HELP + " (the chosen and rejected answers share it)."}
     )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep our tokenized columns as they are."}
-    )
 
     def __post_init__(self):
-        self._resolve_precision()
+        from hf_align.losses.dpo import LOSS_TYPES
+
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        for name in self.loss_type:
+            _choice("loss_type", name, sorted(LOSS_TYPES))
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss_type"
+            )
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION)
+        if self.padding_free:
+            raise ValueError(
+                "padding_free=True is not supported by hf_align's DPOTrainer; set padding_free=False."
+            )
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+        if self.label_smoothing and not set(self.loss_type) <= {"sigmoid", "robust"}:
             raise ValueError(
-                f"label_smoothing applies to loss_type sigmoid or robust; set it to 0 for {self.loss_type!r}."
+                f"label_smoothing applies to loss_type sigmoid or robust; set it to 0 for {self.loss_type}."
             )
-        self._check_preference_lengths()
         super().__post_init__()
 
 
 @dataclass
-class RewardConfig(_PreferenceDataArgs, _CPUSafeMixin, TrainingArguments):
+class RewardConfig(_TRLConfig):
     """Bradley-Terry reward model: a sequence classifier with one output scored on chosen vs rejected answers."""
 
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the model to 0."})
+    eos_token: str | None = field(
+        default=None, metadata={"help": "End-of-turn token (None: the tokenizer's)."}
     )
-    center_rewards_coefficient: float = field(
-        default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2), which keeps rewards centred (0: off)."}
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep our tokenized columns as they are."}
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={"help": "Weight of mean((r_c + r_r)^2), which keeps rewards centred (None: off)."},
     )
 
     def __post_init__(self):
-        self._resolve_precision()
-        self._check_preference_lengths()
-        if self.center_rewards_coefficient < 0:
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ValueError(
                 f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}."
             )

@@ -1,27 +1,13 @@
-"""Data: prompt templates, dataset loaders, tokenization with response masks, collators and packing.
+"""Data: prompt templates, question/answer dataset loaders, tokenization with response masks.
 
 Choices:
 - Prompt and response are tokenized separately (no special tokens added) and concatenated, so the
   boundary between what is conditioned on and what is trained is exact in token space. The price is that
   the tokens at the seam can differ from tokenizing the joined string; generation sees the same prompt ids.
-- Two label conventions, each named where it is produced:
-  * ``tokenize_prompt_and_output`` returns SHIFTED tensors: ``input_ids = full[:, :-1]``,
-    ``labels = full[:, 1:]``, so ``labels[:, t]`` is the token predicted at position t, and a bool
-    ``response_mask`` marks labels that are output tokens. This is what ``logprobs.get_response_log_probs``
-    takes for RL / DPO style losses.
-  * The SFT path (``tokenize_sft_example``, ``SFTCollator``, ``pack_examples``, ``PackedCollator``) returns
-    UNSHIFTED ``labels`` aligned with ``input_ids`` (Hugging Face convention), ``-100`` on every token that is
-    not trained (prompt, padding, non-assistant turns). The trainer shifts: it predicts ``labels[t + 1]``
-    from ``input_ids[: t + 1]``; ``labels[0]`` is never a target.
-- Packing is next-fit in data order. Every packed sample restarts ``position_ids`` at 0 and its first label
-  is set to -100 (in a lone example that label is never a target either, so packing changes no loss term).
-  No attention mask is returned: transformers (5.x, ``masking_utils.find_packed_sequence_indices``) turns the
-  position-id restarts into a block-diagonal causal mask for the sdpa, eager and flex kernels. Flash
-  attention derives ``cu_seqlens`` from them only for a batch of ONE row (``_is_packed_sequence``), so
-  ``PackedCollator(flatten=True)`` concatenates a batch into one row. Detection only runs without a KV cache:
-  call the model with ``use_cache=False`` (as ``logprobs.get_response_log_probs`` does). With the config's
-  default ``use_cache=True`` the model builds an empty cache, skips the detection and attends across
-  samples, in train mode too. ``tests/unit/test_data.py`` checks per-sample logits equal the unpacked ones.
+- ``tokenize_prompt_and_output`` returns SHIFTED tensors: ``input_ids = full[:, :-1]``, ``labels = full[:, 1:]``,
+  so ``labels[:, t]`` is the token predicted at position t, and a bool ``response_mask`` marks labels that are
+  output tokens. This is what ``logprobs.get_response_log_probs`` takes for RL / DPO style losses. The trainers'
+  TRL-format data (SFT, preference pairs) is prepared in ``hf_align.formats``.
 - Dataset loaders return plain ``list[dict]`` rows with ``question`` and ``answer`` (str), plus ``subject``,
   ``level``, ``unique_id`` and ``solution`` when the source has them. MATH's answer is the content of the
   last ``\\boxed{...}`` / ``\\fbox{...}`` of the solution (balanced braces, escaped braces skipped; this
@@ -39,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,7 +41,6 @@ PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 IGNORE_INDEX = -100
 OnError = Literal["raise", "skip"]
 _MAX_LOGGED_LOCATIONS = 5
-_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class DataError(ValueError):
@@ -495,257 +478,6 @@ def convert_dataset(
     count = write_qa_jsonl(rows, output_path)
     logger.info("wrote %d rows to %s", count, output_path)
     return count
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SFT rows and tokenization (unshifted labels, -100 where not trained)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _convert_messages(messages: Any, field: str, loc: str) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{loc}: field {field!r} must be a non-empty list of {{role, content}} objects")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise DataError(f"{loc}: field {where!r} must be an object, got {type(message).__name__}")
-        role = _require_str(message, "role", f"{loc}: {where}")
-        content = _require_str(message, "content", f"{loc}: {where}", allow_empty=True)
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-        raise DataError(f"{loc}: field {field!r} has no non-empty assistant message to train on")
-    return out
-
-
-def load_sft_rows(
-    source: str | Path,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    messages_field: str = "messages",
-    on_error: OnError = "raise",
-    max_rows: int | None = None,
-    split: str = "train",
-) -> list[dict]:
-    """SFT rows as ``{"prompt", "response"}`` or ``{"messages": [{"role", "content"}, ...]}``.
-
-    A row with ``messages_field`` is a conversation; otherwise it needs ``prompt_field`` (a string, may be
-    empty) and ``response_field`` (a non-empty string). Output keys are always the canonical names.
-    """
-
-    def convert(row: dict, loc: str) -> dict:
-        if row.get(messages_field) is not None:
-            return {"messages": _convert_messages(row[messages_field], messages_field, loc)}
-        if prompt_field not in row and response_field not in row:
-            raise DataError(
-                f"{loc}: field {messages_field!r} is missing (and so are {prompt_field!r} / {response_field!r})"
-            )
-        prompt = _require_str(row, prompt_field, loc, allow_empty=True)
-        return {"prompt": prompt, "response": _require_str(row, response_field, loc)}
-
-    return _load_rows(source, split, convert, on_error, max_rows)
-
-
-def _has_trainable_target(labels: list[int]) -> bool:
-    # labels[0] is never a target once the trainer shifts, so it does not count.
-    return any(label != IGNORE_INDEX for label in labels[1:])
-
-
-def _plain_ids(
-    row: dict, tokenizer: PreTrainedTokenizerBase, prompt_template: str | None
-) -> tuple[list[int], list[int]]:
-    if "prompt" not in row:
-        raise ValueError("this row has 'messages' and no prompt/response: use use_chat_template=True")
-    prompt_text, suffix = row["prompt"], ""
-    if prompt_template is not None:
-        prompt_text = format_prompt(prompt_template, row["prompt"])
-        suffix = _split_template(prompt_template)[1]
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(row["response"] + suffix, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]  # the model must learn to stop
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
-
-
-def _check_generation_markers(tokenizer: PreTrainedTokenizerBase) -> None:
-    template = tokenizer.chat_template
-    texts = template.values() if isinstance(template, dict) else [template or ""]
-    if not any(_GENERATION_MARKER.search(t) for t in texts):
-        raise ValueError(
-            "use_chat_template=True trains on assistant tokens only, found through the chat template's "
-            "{% generation %} ... {% endgeneration %} markers, and this tokenizer's chat template has none. "
-            "Use a template that wraps assistant content in {% generation %}, or plain prompt/response mode."
-        )
-
-
-def _chat_ids(
-    row: dict, tokenizer: PreTrainedTokenizerBase, prompt_template: str | None
-) -> tuple[list[int], list[int]]:
-    _check_generation_markers(tokenizer)
-    messages = row.get("messages")
-    if messages is None:
-        user = format_prompt(prompt_template, row["prompt"]) if prompt_template else row["prompt"]
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["response"]}]
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    input_ids = list(encoded["input_ids"])
-    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, encoded["assistant_masks"])]
-    return input_ids, labels
-
-
-def tokenize_sft_example(
-    row: dict,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    prompt_template: str | None = None,
-    use_chat_template: bool = False,
-) -> dict | None:
-    """Token ids and UNSHIFTED labels (-100 where not trained) for one SFT row, at most ``max_length`` long.
-
-    Plain mode: prompt (through ``prompt_template`` if given) + response + EOS, tokenized without special
-    tokens; response and EOS are trained. Chat mode: the chat template, trained on its assistant
-    ({% generation %}) tokens; a prompt/response row becomes one user and one assistant turn, the user turn
-    formatted through ``prompt_template`` if given. ``prompt_template`` is template text or a name / path
-    (see ``resolve_prompt_template``). Longer rows are cut from the right and get ``num_truncated = 1`` (else 0);
-    a row with no trainable target left (its prompt fills ``max_length``) gives None.
-    """
-    if prompt_template is not None:
-        prompt_template = resolve_prompt_template(prompt_template)
-    build = _chat_ids if use_chat_template else _plain_ids
-    input_ids, labels = build(row, tokenizer, prompt_template)
-    truncated = len(input_ids) > max_length
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if not _has_trainable_target(labels):
-        return None
-    return {"input_ids": input_ids, "labels": labels, "num_truncated": int(truncated)}
-
-
-def tokenize_sft_dataset(
-    rows: Sequence[dict],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    prompt_template: str | None = None,
-    use_chat_template: bool = False,
-) -> tuple[list[dict], dict[str, int]]:
-    """Tokenize every row; returns the examples and ``{"truncated": n, "dropped": n}``, logged."""
-    if prompt_template is not None:
-        prompt_template = resolve_prompt_template(prompt_template)
-    if use_chat_template:
-        _check_generation_markers(tokenizer)
-    examples: list[dict] = []
-    stats = {"truncated": 0, "dropped": 0}
-    for row in rows:
-        example = tokenize_sft_example(row, tokenizer, max_length, prompt_template, use_chat_template)
-        if example is None:
-            stats["dropped"] += 1
-            continue
-        stats["truncated"] += example["num_truncated"]
-        examples.append(example)
-    log = logger.warning if stats["truncated"] or stats["dropped"] else logger.info
-    log(
-        "SFT tokenization: %d examples kept of %d; %d truncated to max_length=%d; "
-        "%d dropped (no response token within max_length)",
-        len(examples),
-        len(rows),
-        stats["truncated"],
-        max_length,
-        stats["dropped"],
-    )
-    return examples, stats
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Collators and packing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _padded_length(length: int, multiple: int | None) -> int:
-    return length if not multiple else -(-length // multiple) * multiple
-
-
-def _pad_stack(seqs: list[list[int]], length: int, value: int) -> torch.Tensor:
-    out_BT = torch.full((len(seqs), length), value, dtype=torch.long)
-    for b, seq in enumerate(seqs):
-        out_BT[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out_BT
-
-
-@dataclass
-class SFTCollator:
-    """Right-pads ``{input_ids, labels}`` examples: ``input_ids`` with ``pad_token_id``, ``labels`` with -100."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        length = _padded_length(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
-        input_ids_BT = _pad_stack([f["input_ids"] for f in features], length, self.pad_token_id)
-        mask_BT = _pad_stack([[1] * len(f["input_ids"]) for f in features], length, 0)
-        labels_BT = _pad_stack([f["labels"] for f in features], length, IGNORE_INDEX)
-        return {"input_ids": input_ids_BT, "attention_mask": mask_BT, "labels": labels_BT}
-
-
-def pack_examples(examples: Iterable[dict], max_length: int) -> list[dict]:
-    """Concatenate examples, in order (next-fit), into rows of at most ``max_length`` tokens.
-
-    Each row has ``input_ids``, ``labels`` and ``position_ids``; positions restart at 0 for every sample and
-    the first label of every sample is -100, so no target is predicted from a previous sample's tokens.
-    """
-    rows: list[dict] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for i, example in enumerate(examples):
-        n = len(example["input_ids"])
-        if n > max_length:
-            raise ValueError(
-                f"example {i} has {n} tokens > max_length={max_length}; tokenize with max_length first"
-            )
-        if n == 0:
-            continue
-        if len(current["input_ids"]) + n > max_length:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"].extend(example["input_ids"])
-        current["labels"].extend([IGNORE_INDEX, *example["labels"][1:]])
-        current["position_ids"].extend(range(n))
-    if current["input_ids"]:
-        rows.append(current)
-    return rows
-
-
-@dataclass
-class PackedCollator:
-    """Batches packed rows into ``input_ids``, ``labels`` and ``position_ids``, with NO attention mask.
-
-    Padding: pad id, -100, and positions continuing the last sample (so padding is never read by a real
-    token, and does not look like an extra sample). ``flatten=True`` instead concatenates the whole batch
-    into one (1, total) row with no padding: flash attention only finds sample boundaries in a batch of
-    one row. The model must be called with ``use_cache=False`` for transformers to derive the
-    block-diagonal mask from the positions (see the module docstring).
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-    flatten: bool = False
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if self.flatten:
-            features = [
-                {
-                    key: [t for f in features for t in f[key]]
-                    for key in ("input_ids", "labels", "position_ids")
-                }
-            ]
-        length = _padded_length(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
-        positions = []
-        for f in features:
-            pos = list(f["position_ids"])
-            positions.append(pos + list(range(pos[-1] + 1, pos[-1] + 1 + length - len(pos))))
-        return {
-            "input_ids": _pad_stack([f["input_ids"] for f in features], length, self.pad_token_id),
-            "labels": _pad_stack([f["labels"] for f in features], length, IGNORE_INDEX),
-            "position_ids": torch.tensor(positions, dtype=torch.long),  # (B, T), B = 1 when flatten
-        }
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,18 +8,18 @@ Choices:
   question from the CURRENT model (the engine is synced with its weights first) and grades them.
 - Keep rule: by default a sample is kept when the grader says its answer is right (`answer_reward == 1`);
   with `keep_threshold` set (custom reward functions) it is kept when `reward >= keep_threshold`. Every kept
-  sample is its own SFT row {prompt, response}: duplicates of a question are kept, as in the seed.
+  sample is its own SFT row {prompt, completion}: duplicates of a question are kept, as in the seed.
 - The SAME model object is fine-tuned every iteration by `SFTTrainer` (a fresh optimizer and schedule per
   iteration, `SFTConfig` settings, output in `{output_dir}/iter_{i}`, with the kept rows in `kept.jsonl`);
   an iteration that keeps nothing (or whose kept rows all exceed `max_length`) is logged and not fine-tuned.
   The prompt already ends with the template's opening (`<think>` for r1_zero), so rows are tokenized as
-  plain prompt + response + EOS, with no second template.
+  plain prompt + completion + EOS (TRL's prompt-completion format), with no second template.
 - Logged per iteration, one line in `{output_dir}/ei_log.jsonl` (the file is restarted by a new run):
   train accuracy (mean answer_reward over all samples), kept count, mean response length in tokens (all
   samples and kept ones), mean token entropy of the kept responses under the model BEFORE fine-tuning (a
   token mean over all kept response tokens), SFT loss, and eval accuracy / format rate / mean reward from
   `hf_align.evaluation.evaluate` on the eval rows (if any) after fine-tuning.
-- The question template is `SFTConfig.prompt_template` (default r1_zero); one process only (every process
+- The question template is `--prompt_template` (default r1_zero); one process only (every process
   would otherwise sample and train on the same rows).
 """
 
@@ -37,14 +37,9 @@ from transformers import set_seed
 
 from hf_align.cli import parse_args
 from hf_align.config import ModelArguments, ScriptArguments, SFTConfig
-from hf_align.data import (
-    SFTCollator,
-    format_prompt,
-    load_dataset_rows,
-    load_prompt_template,
-    tokenize_sft_dataset,
-)
+from hf_align.data import format_prompt, load_dataset_rows, load_prompt_template
 from hf_align.evaluation import evaluate
+from hf_align.formats import SFTCollator, prepare_sft_dataset
 from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
 from hf_align.modeling import load_from_args
 from hf_align.rewards import Grader
@@ -56,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EIArguments:
+    prompt_template: str = field(
+        default="r1_zero", metadata={"help": "Question template name in data/prompts, or a template file."}
+    )
     n_iterations: int = field(
         default=5, metadata={"help": "Expert-iteration steps (sample, filter, fine-tune)."}
     )
@@ -177,7 +175,7 @@ def run_iteration(i, model, tokenizer, engine, grader, questions, evals, templat
     flat = [(q, rollout) for q, group in enumerate(groups) for rollout in group]
     rewards = grader.grade([r.text for _, r in flat], [questions[q]["answer"] for q, _ in flat])
     kept = [(q, r) for (q, r), keep in zip(flat, keep_mask(rewards, ei.keep_threshold)) if keep]
-    sft_rows = [{"prompt": prompts[q], "response": r.text} for q, r in kept]
+    sft_rows = [{"prompt": prompts[q], "completion": r.text} for q, r in kept]
     n_tokens = [len(r.completion_ids) for _, r in flat]
     record = {
         "iteration": i,
@@ -197,7 +195,12 @@ def run_iteration(i, model, tokenizer, engine, grader, questions, evals, templat
     iter_dir.mkdir(parents=True, exist_ok=True)
     with (iter_dir / "kept.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in sft_rows)
-    examples = tokenize_sft_dataset(sft_rows, tokenizer, cfg.max_length)[0] if kept else []
+    examples = []
+    if kept:
+        prepared = prepare_sft_dataset(
+            sft_rows, tokenizer, cfg, packing=False, completion_only_loss=True, name="ei"
+        )
+        examples = [dict(row) for row in prepared]
     if examples:
         record["kept_entropy"] = mean_response_entropy(
             model, examples, tokenizer.pad_token_id, ei.entropy_batch_size, cfg.logprob_chunk_tokens
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None):
             s.eval_dataset_name, kind=s.eval_dataset_kind, split=s.eval_dataset_split, on_error=s.on_bad_rows,
             max_rows=s.max_eval_samples,
         )  # fmt: skip
-    template = load_prompt_template(cfg.prompt_template or "r1_zero")
+    template = load_prompt_template(ei.prompt_template)
     kwargs = {"batch_size": ei.generation_batch_size}
     if ei.rollout_engine == "vllm":
         kwargs = {"gpu_memory_utilization": ei.vllm_gpu_memory_utilization, "seed": cfg.seed}

@@ -10,10 +10,9 @@ import logging
 
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from hf_align.cli import parse_args, train_and_save
+from hf_align.cli import load_rows, parse_args, train_and_save
 from hf_align.config import ModelArguments, RewardConfig, ScriptArguments
 from hf_align.modeling import load_tokenizer, lora_config_from_args, resolve_dtype, wrap_lora
-from hf_align.trainers.dpo import build_preference_dataset
 from hf_align.trainers.reward_model import RewardTrainer
 
 logger = logging.getLogger(__name__)
@@ -48,18 +47,13 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if script_args.dataset_name is None:
         raise ValueError("dataset_name is required: a .jsonl path or a Hub dataset id with preference pairs")
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # the score head is initialised at random
     model, tokenizer = load_reward_model(model_args)
-    s = script_args
-    train = build_preference_dataset(
-        s.dataset_name, s.dataset_split, cfg, tokenizer, s.on_bad_rows, s.max_train_samples
+    train = load_rows(script_args, "preference")
+    evals = load_rows(script_args, "preference", evaluation=True) if script_args.eval_dataset_name else None
+    trainer = RewardTrainer(
+        model, args=cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer
     )
-    evals = None
-    if s.eval_dataset_name:
-        evals = build_preference_dataset(
-            s.eval_dataset_name, s.eval_dataset_split, cfg, tokenizer, s.on_bad_rows, s.max_eval_samples
-        )
-    trainer = RewardTrainer(model, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
 
     def report_accuracy(t) -> None:
         if evals is not None:

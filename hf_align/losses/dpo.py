@@ -9,7 +9,8 @@ Choices:
 - Every variant is a function of the implicit reward margin (Rafailov et al. 2023, eq. 7)
   ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))``, chosen by name from ``DPO_LOSSES``:
   ``sigmoid`` (DPO; with ``label_smoothing`` eps > 0 the conservative cDPO of Mitchell 2023), ``robust``
-  (rDPO, Chowdhury et al. 2024), ``hinge`` (SLiC, Zhao et al. 2023) and ``ipo`` (Azar et al. 2023, eq. 17).
+  (rDPO, Chowdhury et al. 2024), ``hinge`` (SLiC, Zhao et al. 2023), ``ipo`` (Azar et al. 2023, eq. 17) and
+  ``bco_pair`` (Jung et al. 2024; a function of each log-ratio rather than only of h).
 - IPO alone uses per-token AVERAGED log-ratios ``h' = (lr_c / |y_c|) - (lr_r / |y_r|)``: its squared loss
   targets a fixed margin ``1 / (2 beta)``, which a length-dependent sum would make meaningless. This is also
   what TRL does and what the IPO authors used. An empty response counts as length 1 (as in
@@ -156,12 +157,46 @@ def ipo_loss(
     return (chosen_avg_B - rejected_avg_B - 1.0 / (2.0 * beta)) ** 2
 
 
+def bco_pair_loss(
+    chosen_logratios_B: torch.Tensor,
+    rejected_logratios_B: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_lengths_B: torch.Tensor | None = None,
+    rejected_lengths_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary classifier optimisation on pairs (Jung et al. 2024, "Binary Classifier Optimization for Large
+    Language Model Alignment", eq. 7 without its reward shift), as TRL's ``bco_pair``:
+
+    ``l = -log sigma(beta lr_c) - log sigma(-beta lr_r)``: each answer classified on its own (chosen up,
+    rejected down) instead of through their margin.
+    """
+    _no_label_smoothing("bco_pair", label_smoothing)
+    return -F.logsigmoid(beta * chosen_logratios_B) - F.logsigmoid(-beta * rejected_logratios_B)
+
+
 DPO_LOSSES: dict[str, DPOLossFn] = {
     "sigmoid": sigmoid_loss,
+    "bco_pair": bco_pair_loss,
     "robust": robust_loss,
     "hinge": hinge_loss,
     "ipo": ipo_loss,
 }
+
+
+def chosen_nll_loss(policy_chosen_logps_B: torch.Tensor, chosen_lengths_B: torch.Tensor) -> torch.Tensor:
+    """TRL's ``sft`` term (the NLL part of MPO, Wang et al. 2024): ``-sum_i log pi(y_c,i) / sum_i |y_c,i|``, the
+    chosen answers' negative log-likelihood as a token mean over the batch, given to every pair (B,). It needs the
+    policy's log-probs, not log-ratios, so it is not in ``DPO_LOSSES``."""
+    if chosen_lengths_B is None:
+        raise ValueError(
+            "loss_type='sft' is a token mean: pass chosen_lengths_B (response tokens per answer)"
+        )
+    nll = -policy_chosen_logps_B.sum() / chosen_lengths_B.sum().to(policy_chosen_logps_B.dtype).clamp(min=1.0)
+    return nll.expand_as(policy_chosen_logps_B)
+
+
+LOSS_TYPES = [*DPO_LOSSES, "sft"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -189,8 +224,8 @@ def dpo_loss(
     above rejected), ``rewards/margins`` (mean of their difference), ``logps/chosen`` and ``logps/rejected``
     (means of the policy's summed log-probs).
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(DPO_LOSSES)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(LOSS_TYPES)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -208,9 +243,17 @@ def dpo_loss(
 
     chosen_logratios_B = policy_chosen_logps_B - ref_chosen_logps_B.detach()
     rejected_logratios_B = policy_rejected_logps_B - ref_rejected_logps_B.detach()
-    losses_B = DPO_LOSSES[loss_type](
-        chosen_logratios_B, rejected_logratios_B, beta, label_smoothing, chosen_lengths_B, rejected_lengths_B
-    )
+    if loss_type == "sft":
+        losses_B = chosen_nll_loss(policy_chosen_logps_B, chosen_lengths_B)
+    else:
+        losses_B = DPO_LOSSES[loss_type](
+            chosen_logratios_B,
+            rejected_logratios_B,
+            beta,
+            label_smoothing,
+            chosen_lengths_B,
+            rejected_lengths_B,
+        )
     loss = losses_B.mean()
 
     with torch.no_grad():

@@ -28,7 +28,7 @@ def bradley_terry_loss(
     ``m_i`` = ``margin_B`` (0 when None); the centering term is added only when
     ``center_rewards_coefficient`` > 0. Metrics, detached 0-dim tensors: ``accuracy`` (fraction of pairs with
     ``r_c > r_r`` strictly), ``margin`` (mean of ``r_c - r_r``, without ``m``), ``rewards/chosen`` and
-    ``rewards/rejected`` (means).
+    ``rewards/rejected`` (means), and TRL's ``min_reward`` / ``mean_reward`` / ``max_reward`` over all 2B rewards.
     """
     if chosen_rewards_B.shape != rejected_rewards_B.shape:
         raise ValueError(
@@ -56,4 +56,6 @@ def bradley_terry_loss(
             "rewards/chosen": chosen_rewards_B.detach().mean(),
             "rewards/rejected": rejected_rewards_B.detach().mean(),
         }
+        all_2B = torch.cat([chosen_rewards_B, rejected_rewards_B]).detach()  # (2B,)
+        metrics.update(min_reward=all_2B.min(), mean_reward=all_2B.mean(), max_reward=all_2B.max())
     return loss, metrics

@@ -11,6 +11,10 @@ A TRL user passes ``model`` as a loaded model or a Hub id / local path, may leav
 - ``processing_class=None`` loads the tokenizer from the model's own folder / id; a tokenizer without a pad
   token gets its EOS token as pad token (batching needs one).
 - ``peft_config`` wraps the model with LoRA (peft), after the seed is set so adapters start the same way.
+- ``args.eos_token`` (SFT, reward) replaces the tokenizer's EOS token; ``args.disable_dropout`` zeroes dropout.
+
+``prepare_datasets`` runs a trainer's dataset preparation (``hf_align.formats``) on the train set and every eval
+set.
 
 ``MetricsMixin`` keeps per-step metric buffers for train and eval and merges them into ``log`` (averaged over
 micro-batches, then over processes), so every trainer logs ``<name>`` in training and ``eval_<name>`` in
@@ -89,19 +93,54 @@ def load_processing_class(model, processing_class, args=None):
     return processing_class
 
 
-def prepare_trainer_inputs(model, args, processing_class, peft_config, config_cls, suffix, auto_class=None):
+def prepare_trainer_inputs(
+    model, args, processing_class, peft_config, config_cls, suffix, auto_class=None, quantization_config=None
+):
     """``(model, args, processing_class)`` ready for ``Trainer.__init__`` (see the module docstring)."""
     args = resolve_args(args, config_cls, model, suffix)
     set_seed(args.seed)  # LoRA adapters are initialised at random
-    model = load_model(model, args, auto_class)
+    quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    model = load_model(model, args, auto_class, **quantized)
     processing_class = load_processing_class(model, processing_class, args)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if getattr(args, "eos_token", None) is not None:  # SFT / reward: the end-of-turn token to train on
+        if args.eos_token not in tokenizer.get_vocab():
+            raise ValueError(f"eos_token {args.eos_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = args.eos_token
+        model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = getattr(processing_class, "tokenizer", processing_class).pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
     if peft_config is not None:
         from hf_align.modeling import wrap_lora
 
         model = wrap_lora(model, peft_config)
+    if getattr(args, "disable_dropout", False):  # after LoRA, as TRL: its dropout goes too
+        disable_dropout(model)
     return model, args, processing_class
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def prepare_datasets(train_dataset, eval_dataset, args, prepare):
+    """``prepare(dataset, name)`` on the train set and every eval set (one, or a dict of named ones).
+
+    An ``IterableDataset`` cannot be dispatched from the main process (accelerate concatenates its batches), so
+    ``dispatch_batches`` is turned off for it, as TRL does.
+    """
+    import datasets
+
+    if train_dataset is None:
+        raise ValueError("train_dataset is required")
+    if isinstance(train_dataset, datasets.IterableDataset):
+        args.accelerator_config.dispatch_batches = False
+    train = prepare(train_dataset, "train")
+    if isinstance(eval_dataset, dict):
+        return train, {name: prepare(ds, name) for name, ds in eval_dataset.items()}
+    return train, None if eval_dataset is None else prepare(eval_dataset, "eval")
 
 
 class MetricsMixin:

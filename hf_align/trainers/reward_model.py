@@ -1,50 +1,55 @@
-"""RewardTrainer: a Bradley-Terry reward model on top of `transformers.Trainer`.
+"""RewardTrainer: a Bradley-Terry reward model on TRL's preference formats, on top of `transformers.Trainer`.
 
 Choices:
-- The model is a sequence classifier with one output (``AutoModelForSequenceClassification``,
-  ``num_labels=1``); transformers reads its score at the last non-padding token of each row, so
-  ``model.config.pad_token_id`` must be set. Plain answers end in EOS, so that token sees the whole answer.
-- Data is the DPO trainer's: preference rows, tokenized with the same truncation (prompt keeps its end, answers
-  their start), and each micro-batch is ONE forward over the 2B rows ``[prompt + chosen; prompt + rejected]``.
-- The loss is ``hf_align.losses.reward_model.bradley_terry_loss`` (optionally with reward centring), a mean over
-  pairs made exact under any accumulation / process split as in the DPO trainer: the micro-batch mean is
-  rescaled to ``sum / pairs in the optimizer step``, times the number of processes.
-- ``evaluate`` reports held-out pair accuracy (fraction of pairs with r_chosen > r_rejected) through
-  ``compute_metrics``; predictions are the (B, 2) rewards ``[r_chosen, r_rejected]``.
+- The constructor is TRL 1.16's: a model given by name is loaded as ``AutoModelForSequenceClassification`` with
+  ``num_labels=1`` (a fresh score head, seeded with ``args.seed``); transformers reads its score at the last
+  non-padding token of each row, so ``model.config.pad_token_id`` is set from the tokenizer.
+- Rows (explicit or implicit prompt, standard or conversational) become ``prompt + chosen`` and ``prompt +
+  rejected``, each tokenized whole by ``hf_align.formats.prepare_preference_dataset``; plain answers end in EOS,
+  and pairs with an answer longer than ``max_length`` are dropped (counted, logged), as in TRL. A ``margin``
+  column is honoured.
+- Each micro-batch is ONE forward over the 2B rows ``[prompt + chosen; prompt + rejected]``. The loss is
+  ``hf_align.losses.reward_model.bradley_terry_loss`` (plus reward centring when
+  ``center_rewards_coefficient`` is set), a mean over pairs made exact under any accumulation / process split as
+  in the DPO trainer.
+- ``evaluate`` reports held-out pair accuracy as ``eval_accuracy`` (fraction of pairs with r_chosen >
+  r_rejected, averaged over eval batches as TRL does; ``pair_accuracy`` as ``compute_metrics`` gives the exact
+  fraction over all pairs); every metric is logged as ``<name>`` in training and ``eval_<name>`` in evaluation.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import EvalPrediction, Trainer
+from transformers import AutoModelForSequenceClassification, EvalPrediction, Trainer
 
 from hf_align.config import RewardConfig
+from hf_align.formats import _pad_right, prepare_preference_dataset
 from hf_align.losses.dpo import split_concatenated
 from hf_align.losses.reward_model import bradley_terry_loss
-from hf_align.trainers.metrics import global_sum, merge_metrics
+from hf_align.trainers.base import MetricsMixin, load_model, prepare_datasets, prepare_trainer_inputs
+from hf_align.trainers.metrics import global_sum
 from hf_align.trainers.safety import SafeTrainingMixin
 
 
 @dataclass
 class RewardCollator:
-    """B pairs -> 2B right-padded rows ``[prompt + chosen; prompt + rejected]`` with an attention mask."""
+    """B pairs -> 2B right-padded rows ``[chosen; rejected]`` with an attention mask (and ``margin`` (B,))."""
 
     pad_token_id: int
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        seqs = [f["prompt_ids"] + f["chosen_ids"] for f in features]
-        seqs += [f["prompt_ids"] + f["rejected_ids"] for f in features]
-        length = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)  # (2B, T)
-        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)  # (2B, T)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        batch = {
+            "input_ids": _pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of),  # (2B, T)
+            "attention_mask": _pad_right([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),  # (2B, T)
+        }
+        if "margin" in features[0]:
+            batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)  # (B,)
+        return batch
 
 
 def pair_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
@@ -53,49 +58,66 @@ def pair_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((rewards[:, 0] > rewards[:, 1]).mean())}
 
 
-class RewardTrainer(SafeTrainingMixin, Trainer):
+class RewardTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
     # compute_loss already divides by the optimizer step's pair count: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
     def __init__(
         self,
         model,
-        args: RewardConfig,
+        args: RewardConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        data_collator=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
         peft_config=None,
-        compute_metrics=pair_accuracy,
-        **kwargs,
     ):
-        if getattr(model.config, "pad_token_id", None) is None:
-            raise ValueError(
-                "the reward model reads its score at the last non-pad token: set model.config.pad_token_id "
-                "(e.g. to tokenizer.pad_token_id)"
-            )
-        if peft_config is not None:
-            from hf_align.modeling import wrap_lora
+        if isinstance(model, str):  # a fresh one-output score head on the named model
+            from hf_align.trainers.base import resolve_args, set_seed
 
-            model = wrap_lora(model, peft_config)
+            args = resolve_args(args, RewardConfig, model, "Reward")
+            set_seed(args.seed)  # the head is initialised at random
+            quantized = (
+                {"quantization_config": quantization_config} if quantization_config is not None else {}
+            )
+            model = load_model(model, args, AutoModelForSequenceClassification, num_labels=1, **quantized)
+        elif getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(
+                f"a reward model has one output: load it with num_labels=1 (got {model.config.num_labels})"
+            )
+        model, args, processing_class = prepare_trainer_inputs(
+            model, args, processing_class, peft_config, RewardConfig, "Reward"
+        )
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+        train_dataset, eval_dataset = prepare_datasets(
+            train_dataset,
+            eval_dataset,
+            args,
+            lambda ds, name: prepare_preference_dataset(ds, tokenizer, args, name=name, full_sequences=True),
+        )
         if data_collator is None:
-            if processing_class is None:
-                raise ValueError("RewardTrainer needs processing_class (the tokenizer) or a data_collator")
-            data_collator = RewardCollator(processing_class.pad_token_id)
+            data_collator = RewardCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
         super().__init__(
             model=model,
             args=args,
+            data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            data_collator=data_collator,
             compute_metrics=compute_metrics,
-            **kwargs,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self._init_metrics()
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Preference pairs in this optimizer step (each batch holds 2B rows), over all processes."""
@@ -106,14 +128,15 @@ class RewardTrainer(SafeTrainingMixin, Trainer):
         rewards_2B = out.logits.squeeze(-1).float()  # (2B, 1) -> (2B,)
         chosen_B, rejected_B = split_concatenated(rewards_2B)
         loss, metrics = bradley_terry_loss(
-            chosen_B, rejected_B, center_rewards_coefficient=self.args.center_rewards_coefficient
+            chosen_B,
+            rejected_B,
+            margin_B=inputs.get("margin"),
+            center_rewards_coefficient=self.args.center_rewards_coefficient or 0.0,
         )
         if model.training and num_items_in_batch is not None:
             # mean over these B pairs -> their sum / pairs in the whole step; x processes undoes DDP's average
             loss = loss * chosen_B.shape[0] / num_items_in_batch * self.accelerator.num_processes
-        mode = "train" if model.training else "eval"
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value.item())
+        self.record(metrics, model.training)
         return (loss, {"rewards": torch.stack([chosen_B, rejected_B], dim=-1)}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -125,10 +148,3 @@ class RewardTrainer(SafeTrainingMixin, Trainer):
         rewards_B2 = outputs["rewards"].detach()
         # Trainer only calls compute_metrics when there are labels: the label of every pair is "chosen" (0).
         return loss.detach(), rewards_B2, torch.zeros(rewards_B2.shape[0], device=rewards_B2.device)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        logs.update(
-            merge_metrics(self.accelerator, self._metrics[mode], "eval_batch_" if mode == "eval" else "")
-        )
-        super().log(logs, start_time)

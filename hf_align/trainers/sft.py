@@ -1,95 +1,149 @@
-"""SFTTrainer: completion-only supervised fine-tuning on top of `transformers.Trainer`.
+"""SFTTrainer: supervised fine-tuning on TRL's SFT dataset formats, on top of `transformers.Trainer`.
 
 Choices:
-- Inputs are tokenized rows ``{"input_ids", "labels"}`` with -100 on prompt tokens (``hf_align.data``);
-  the trainer shifts them (position t predicts labels[t + 1]) and computes per-token log-probs with
+- The constructor is TRL 1.16's (``model`` loaded or a name, ``args`` optional, tokenizer from the model); rows in
+  any TRL SFT format are prepared by ``hf_align.formats.prepare_sft_dataset`` (tokenization, loss masks,
+  truncation, best-fit-decreasing packing) and batched by ``formats.SFTCollator``.
+- The model runs on the whole row and position t predicts ``labels[t + 1]``; per-token log-probs come from
   ``hf_align.logprobs.get_response_log_probs`` (chunked; never a full-vocabulary log-softmax).
-- ``token_mean`` normalization divides by the number of response tokens in the whole optimizer step, counted
+- ``token_mean`` normalization divides by the number of trained tokens in the whole optimizer step, counted
   over every accumulation micro-batch and summed across processes before the first backward. Each process
   multiplies its loss by the number of processes because DDP averages gradients. Result: the gradient of a
-  step is the same for 8x1, 4x2 or 1x8 micro-batch x accumulation splits and for 1 or 2 processes.
-- ``sequence_sum`` is the seed's per-sequence normalization; it is exact under any split when micro-batches
-  have equal sizes (the usual case: it averages over local sequences, divides by accumulation steps, and
-  DDP's gradient average handles processes).
-- Packing concatenates samples into one row with ``position_ids`` restarting per sample; transformers builds
-  a block-diagonal causal mask from those, so samples never attend to each other.
+  step is the same for 8x1, 4x2 or 1x8 micro-batch x accumulation splits and for 1 or 2 processes (with one
+  process and no accumulation this is TRL's loss).
+- ``sequence_sum`` is the seed's per-sequence normalization, exact under any split when micro-batches have
+  equal sizes.
+- With packing or ``padding_free`` a batch is one flattened row whose positions restart per sample (plus the
+  flash-attention boundaries); transformers turns that into a block-diagonal mask, so samples never attend to
+  each other.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 from transformers import Trainer
 
 from hf_align.config import SFTConfig
+from hf_align.data import IGNORE_INDEX
+from hf_align.formats import SFTCollator, column_names, is_conversational, prepare_sft_dataset
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.sft import sft_loss
-from hf_align.trainers.metrics import global_sum, merge_metrics
+from hf_align.trainers.base import MetricsMixin, prepare_datasets, prepare_trainer_inputs
+from hf_align.trainers.metrics import global_sum
 from hf_align.trainers.safety import SafeTrainingMixin
 
 
-class SFTTrainer(SafeTrainingMixin, Trainer):
+def _dataset_preparer(args: SFTConfig, tokenizer, train_dataset, formatting_func):
+    """``prepare(dataset, name)`` for train and eval sets: ``formatting_func`` (its text replaces the row, as TRL's
+    text column), then ``hf_align.formats.prepare_sft_dataset`` unless ``skip_prepare_dataset``."""
+    first = next(iter(train_dataset)) if train_dataset is not None else {}
+    if args.assistant_only_loss and not is_conversational(first) and "input_ids" not in first:
+        raise ValueError(
+            "assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)"
+        )
+    completion_only = args.completion_only_loss
+    if completion_only is None:  # TRL: on for prompt-completion data
+        completion_only = "prompt" in first and "completion" in first
+    if formatting_func is not None and completion_only:
+        raise ValueError(
+            "formatting_func makes text rows, so completion_only_loss cannot apply: set it to False"
+        )
+    skip = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+
+    def prepare(dataset, name):
+        if formatting_func is not None:
+            to_text = lambda row: {args.dataset_text_field: formatting_func(row)}  # noqa: E731
+            if isinstance(dataset, list | tuple):
+                dataset = [to_text(row) for row in dataset]
+            else:
+                dataset = dataset.map(to_text, remove_columns=column_names(dataset))
+        if skip:
+            return dataset
+        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+        return prepare_sft_dataset(
+            dataset, tokenizer, args, packing=packing, completion_only_loss=completion_only, name=name
+        )
+
+    return prepare
+
+
+class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
     # compute_loss already normalizes by the optimizer step's token count: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
     def __init__(
         self,
         model,
-        args: SFTConfig,
+        args: SFTConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        data_collator=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
         peft_config=None,
-        **kwargs,
+        formatting_func=None,
     ):
-        if peft_config is not None:
-            from hf_align.modeling import wrap_lora
-
-            model = wrap_lora(model, peft_config)
+        if compute_loss_func is not None:
+            raise ValueError(
+                "compute_loss_func is not supported: subclass SFTTrainer and override compute_loss"
+            )
+        model, args, processing_class = prepare_trainer_inputs(
+            model,
+            args,
+            processing_class,
+            peft_config,
+            SFTConfig,
+            "SFT",
+            quantization_config=quantization_config,
+        )
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        prepare = _dataset_preparer(args, tokenizer, train_dataset, formatting_func)
+        train_dataset, eval_dataset = prepare_datasets(train_dataset, eval_dataset, args, prepare)
         if data_collator is None:
-            from hf_align.data import PackedCollator, SFTCollator
-
-            if processing_class is None:
-                raise ValueError("SFTTrainer needs processing_class (the tokenizer) or a data_collator")
-            pad_id = processing_class.pad_token_id
-            data_collator = PackedCollator(pad_id) if args.packing else SFTCollator(pad_id)
+            data_collator = SFTCollator(
+                tokenizer.pad_token_id, args.padding_free or args.packing, args.pad_to_multiple_of
+            )
         super().__init__(
             model=model,
             args=args,
+            data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            data_collator=data_collator,
-            **kwargs,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self._init_metrics()
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        """Response tokens (shifted labels != -100) in this optimizer step, over all processes."""
+        """Trained tokens (shifted labels != -100) in this optimizer step, over all processes."""
         return global_sum(
-            self.accelerator, sum((b["labels"][:, 1:] != -100).sum() for b in batch_samples), device
+            self.accelerator, sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batch_samples), device
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids = inputs["input_ids"][:, :-1]
-        labels_BT = inputs["labels"][:, 1:]
-        mask_BT = labels_BT != -100
-        model_kwargs = {}
-        if "position_ids" in inputs:
-            model_kwargs["position_ids"] = inputs["position_ids"][:, :-1]
-        attention_mask = inputs["attention_mask"][:, :-1] if "attention_mask" in inputs else None
+        labels = inputs["labels"]
+        # labels_BT[:, t] is the token predicted at position t; the last position predicts nothing
+        labels_BT = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        mask_BT = labels_BT != IGNORE_INDEX
+        model_kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels", "attention_mask")}
         logps_BT = get_response_log_probs(
             model,
-            input_ids,
+            inputs["input_ids"],
             labels_BT,
-            attention_mask=attention_mask,
+            attention_mask=inputs.get("attention_mask"),
             chunk_tokens=self.args.logprob_chunk_tokens,
-            **model_kwargs,
+            logprob_mask=mask_BT,
+            **model_kwargs,  # position_ids (and flash-attention boundaries) of a flattened batch
         )["log_probs"]
 
         training = model.training and num_items_in_batch is not None
@@ -105,13 +159,5 @@ class SFTTrainer(SafeTrainingMixin, Trainer):
                 logps_BT, mask_BT, "sequence_sum", normalize_constant=self.args.normalize_constant
             )
             loss = loss / steps
-
-        mode = "train" if model.training else "eval"
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value.item())
+        self.record(metrics, model.training)
         return (loss, {"log_probs": logps_BT}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        logs.update(merge_metrics(self.accelerator, self._metrics[mode], "eval_" if mode == "eval" else ""))
-        super().log(logs, start_time)

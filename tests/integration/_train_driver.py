@@ -44,20 +44,16 @@ def build_trainer(
         output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=save_steps, seed=0
     )
     if kind == "sft":
-        from hf_align.data import tokenize_sft_dataset
         from hf_align.trainers.sft import SFTTrainer
         from tests.integration.test_sft_trainer import TOY, _config
 
         # 8 examples in batches of 3: steps 1-3 are epoch 0 (3 + 3 + 2), step 4 starts a reshuffled epoch 1, and
         # checkpoint-2 is in the middle of an epoch.
-        examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
         cfg = _config(out, per_device_train_batch_size=3, **common)
-        return SFTTrainer(
-            model, cfg, train_dataset=examples, processing_class=tokenizer, callbacks=list(callbacks)
-        )
+        return SFTTrainer(model, cfg, train_dataset=TOY, processing_class=tokenizer, callbacks=list(callbacks))
     if kind == "dpo":
         from hf_align.trainers.dpo import DPOTrainer
-        from tests.integration.test_dpo_trainer import _config, _examples
+        from tests.integration.test_dpo_trainer import TOY, _config
 
         # 8 pairs, 2 x 2 per step: two steps per epoch, checkpoint-2 at an epoch boundary.
         cfg = _config(
@@ -65,8 +61,8 @@ def build_trainer(
         )
         return DPOTrainer(
             model,
-            cfg,
-            train_dataset=_examples(tokenizer),
+            args=cfg,
+            train_dataset=TOY,
             processing_class=tokenizer,
             callbacks=list(callbacks),
         )

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from hf_align.config import DPOConfig
-from hf_align.data import DataError
-from hf_align.trainers.dpo import DPOTrainer, load_preference_rows, tokenize_preference_dataset
+from hf_align.trainers.dpo import DPOTrainer, PreferenceCollator
 from tests.conftest import build_model, grad_capture
 from tests.integration.test_reward_model_trainer import HELD_OUT, SUBJECTS, _pairs
 
@@ -30,11 +29,6 @@ TOY = [
 ]
 
 
-def _examples(tokenizer, rows=TOY):
-    examples, _ = tokenize_preference_dataset(rows, tokenizer, max_length=64, max_prompt_length=32)
-    return examples
-
-
 def _config(tmp_path, **kw) -> DPOConfig:
     defaults = dict(
         output_dir=str(tmp_path / "out"),
@@ -48,7 +42,7 @@ def _config(tmp_path, **kw) -> DPOConfig:
         use_cpu=True,
         seed=0,
         max_length=64,
-        max_prompt_length=32,
+        gradient_checkpointing=False,
         beta=0.5,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -66,42 +60,30 @@ def _live_qwen2_models() -> int:
     return sum(type(o).__name__ == "Qwen2ForCausalLM" for o in gc.get_objects())
 
 
-def test_load_preference_rows_formats_and_errors(tmp_path, tokenizer):
-    path = tmp_path / "pairs.jsonl"
-    conv = {
-        "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
-        "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}],
-    }
-    path.write_text(json.dumps(TOY[0]) + "\n" + json.dumps(conv) + "\n")
-    rows = load_preference_rows(path)
-    assert rows[0] == TOY[0]
-    assert rows[1]["prompt"] == [{"role": "user", "content": "Hi?"}]
-    assert rows[1]["rejected"] == [{"role": "assistant", "content": "Go away."}]
-    examples, _ = tokenize_preference_dataset(rows, tokenizer, max_length=64, max_prompt_length=32)
-    # chat answers end with the template's end of turn, plain ones with EOS
-    assert all(tokenizer.eos_token_id in ex["chosen_ids"] for ex in examples)
-
-    path.write_text(json.dumps(TOY[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "a"}) + "\n")
-    with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'rejected'"):
-        load_preference_rows(path)
-    assert len(load_preference_rows(path, on_error="skip")) == 1
+def test_collator_truncates_prompt_plus_answer_like_trl(tokenizer):
+    """keep_start cuts ``prompt + answer`` at max_length (the answer's end goes); keep_end keeps the end."""
+    ex = {"prompt_ids": [1, 2, 3, 4], "chosen_ids": [5, 6, 7], "rejected_ids": [8]}
+    batch = PreferenceCollator(pad_token_id=0, max_length=5)([ex])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 3, 4]]  # shifted: full[:, :-1]
+    assert batch["labels"].tolist() == [[2, 3, 4, 5], [2, 3, 4, 8]]
+    assert batch["response_mask"].tolist() == [[False, False, False, True], [False, False, False, True]]
+    batch = PreferenceCollator(pad_token_id=0, max_length=5, truncation_mode="keep_end")([ex])
+    assert batch["labels"].tolist() == [[4, 5, 6, 7], [2, 3, 4, 8]]  # rejected fits whole
 
 
-def test_truncation_keeps_prompt_end_and_answer_start(tokenizer):
-    row = {"prompt": "Is the sky blue? " * 10, "chosen": " yes " * 40, "rejected": " no"}
-    (ex,), stats = tokenize_preference_dataset([row], tokenizer, max_length=40, max_prompt_length=8)
-    full_prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    assert ex["prompt_ids"] == full_prompt[-8:]
-    assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 40
-    assert ex["chosen_ids"] == tokenizer(row["chosen"], add_special_tokens=False)["input_ids"][:32]
-    assert stats == {"prompts_truncated": 1, "answers_truncated": 1}
+def test_loss_type_list_with_weights(tmp_path, tokenizer):
+    """sum_k w_k * loss_k: at step 0 (reference = policy) sigmoid is log 2 and IPO (0 - 1 / (2 beta))^2."""
+    cfg = _config(tmp_path, loss_type=["sigmoid", "ipo"], loss_weights=[0.5, 0.1], learning_rate=0.0)
+    trainer = DPOTrainer(build_model(tokenizer), args=cfg, train_dataset=TOY, processing_class=tokenizer)
+    trainer.train()
+    assert _logged(trainer)[0] == pytest.approx(0.5 * math.log(2) + 0.1 * (1 / (2 * 0.5)) ** 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("ipo", marks=pytest.mark.slow)])
 def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_type):
     """8x1, 4x2 and 1x8 splits, with each pair's prompt run once (share_prompt_prefix, the default), give the
     gradients of 8x1 with every row run whole."""
-    examples = _examples(tokenizer)
+    examples = TOY
     grads = {}
     for micro, accum, share in [(8, 1, False), (8, 1, True), (4, 2, True), (1, 8, True)]:
         cap = grad_capture()
@@ -116,7 +98,7 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
         # A reference other than the policy, so that the loss is not at its trivial point.
         trainer = DPOTrainer(
             build_model(tokenizer),
-            cfg,
+            args=cfg,
             ref_model=build_model(tokenizer, seed=1),
             train_dataset=examples,
             processing_class=tokenizer,
@@ -134,10 +116,14 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
 def test_preference_accuracy_rises_on_held_out_pairs(tmp_path, tokenizer):
     """A separable toy set (chosen answers call things good / true, rejected ones bad / false): after a dozen
     steps the implicit reward ranks pairs about unseen subjects correctly."""
-    train, held_out = _examples(tokenizer, _pairs(SUBJECTS)), _examples(tokenizer, _pairs(HELD_OUT))
+    train, held_out = _pairs(SUBJECTS), _pairs(HELD_OUT)
     cfg = _config(tmp_path, max_steps=12, learning_rate=3e-3, lr_scheduler_type="constant", beta=0.1)
     trainer = DPOTrainer(
-        build_model(tokenizer), cfg, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
+        build_model(tokenizer),
+        args=cfg,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
     )
     trainer.train()
     losses = _logged(trainer)
@@ -158,7 +144,7 @@ def test_lora_adapter_disabled_reference_has_no_second_model(tmp_path, tokenizer
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     cfg = _config(tmp_path, max_steps=3, ref_mode="adapter_disabled")
     trainer = DPOTrainer(
-        model, cfg, train_dataset=_examples(tokenizer), processing_class=tokenizer, peft_config=peft_config
+        model, args=cfg, train_dataset=TOY, processing_class=tokenizer, peft_config=peft_config
     )
     trainer.train()
     assert trainer.ref_model is None
@@ -173,18 +159,21 @@ def test_lora_adapter_disabled_reference_has_no_second_model(tmp_path, tokenizer
 def test_adapter_disabled_without_lora_is_an_error(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="needs a LoRA model"):
         DPOTrainer(
-            build_model(tokenizer), _config(tmp_path, ref_mode="adapter_disabled"), processing_class=tokenizer
+            build_model(tokenizer),
+            args=_config(tmp_path, ref_mode="adapter_disabled"),
+            processing_class=tokenizer,
         )
 
 
 def test_precomputed_reference_equals_copy(tmp_path, tokenizer):
-    examples = _examples(tokenizer)
+    examples = TOY
     runs = {}
     for mode in ("copy", "precomputed"):
-        cfg = _config(tmp_path, max_steps=3, per_device_train_batch_size=4, ref_mode=mode, learning_rate=1e-3)
+        cfg = _config(tmp_path, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                      precompute_ref_log_probs=mode == "precomputed")  # fmt: skip
         trainer = DPOTrainer(
             build_model(tokenizer),
-            cfg,
+            args=cfg,
             ref_model=build_model(tokenizer, seed=1),
             train_dataset=examples,
             processing_class=tokenizer,
@@ -196,18 +185,18 @@ def test_precomputed_reference_equals_copy(tmp_path, tokenizer):
     assert abs(runs["copy"][0] - math.log(2)) > 1e-3
     assert runs["precomputed"] == pytest.approx(runs["copy"], rel=1e-5)
     # Without ref_model, precomputation uses the untrained policy: first loss log 2.
-    cfg = _config(tmp_path, ref_mode="precomputed", learning_rate=0.0)
-    trainer = DPOTrainer(build_model(tokenizer), cfg, train_dataset=examples, processing_class=tokenizer)
+    cfg = _config(tmp_path, precompute_ref_log_probs=True, learning_rate=0.0)
+    trainer = DPOTrainer(build_model(tokenizer), args=cfg, train_dataset=examples, processing_class=tokenizer)
     trainer.train()
     assert _logged(trainer)[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_evaluate_reports_preference_metrics(tmp_path, tokenizer):
-    examples = _examples(tokenizer)
+    examples = TOY
     cfg = _config(tmp_path, per_device_eval_batch_size=4)
     trainer = DPOTrainer(
         build_model(tokenizer),
-        cfg,
+        args=cfg,
         ref_model=build_model(tokenizer, seed=1),
         train_dataset=examples,
         eval_dataset=examples,
@@ -250,7 +239,7 @@ def test_recipe_trains_lora_on_conversations(tmp_path, tiny_model_dir):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--eval_dataset_name", str(data),
             "--output_dir", str(tmp_path / "out"), "--use_peft", "true", "--lora_r", "4", "--ref_mode", "adapter_disabled",
-            "--use_chat_template", "true", "--max_length", "64", "--max_prompt_length", "32", "--max_steps", "2",
+            "--max_length", "64", "--max_steps", "2", "--gradient_checkpointing", "false",
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
             "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
     trainer = _load_recipe("dpo").main(argv)

@@ -46,7 +46,7 @@ def test_ei_yaml_parses(path, tmp_path):
     cpu = ["--use_cpu", "true", "--bf16", "false", "--output_dir", str(tmp_path)]
     classes = (ModelArguments, ScriptArguments, SFTConfig, EIArguments)
     _, script_args, cfg, ei = parse_args(classes, ["--config", str(path), *cpu])
-    assert script_args.dataset_name and ei.n_iterations >= 1 and cfg.prompt_template == "r1_zero"
+    assert script_args.dataset_name and ei.n_iterations >= 1 and ei.prompt_template == "r1_zero"
 
 
 def test_keep_mask_rules():
@@ -114,7 +114,7 @@ def test_expert_iteration_two_iterations(tmp_path):
 
     kept_rows = (out / "iter_0" / "kept.jsonl").read_text().splitlines()
     assert len(kept_rows) == first["kept"]
-    assert all("e" in json.loads(row)["response"] for row in kept_rows)
+    assert all("e" in json.loads(row)["completion"] for row in kept_rows)
     assert _changed(initial, out), "fine-tuning on kept rows left every parameter unchanged"
 
 

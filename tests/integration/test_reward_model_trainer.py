@@ -10,7 +10,6 @@ import torch
 from transformers import Qwen2ForSequenceClassification
 
 from hf_align.config import RewardConfig
-from hf_align.trainers.dpo import tokenize_preference_dataset
 from hf_align.trainers.reward_model import RewardTrainer
 from tests.conftest import build_model, grad_capture
 
@@ -57,7 +56,7 @@ def _config(tmp_path, **kw) -> RewardConfig:
         use_cpu=True,
         seed=0,
         max_length=64,
-        max_prompt_length=32,
+        gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -65,15 +64,11 @@ def _config(tmp_path, **kw) -> RewardConfig:
     return RewardConfig(**defaults)
 
 
-def _examples(tokenizer, rows):
-    return tokenize_preference_dataset(rows, tokenizer, max_length=64, max_prompt_length=32)[0]
-
-
 def test_held_out_pair_accuracy(tmp_path, tokenizer):
-    train, held_out = _examples(tokenizer, _pairs(SUBJECTS)), _examples(tokenizer, _pairs(HELD_OUT))
+    train, held_out = _pairs(SUBJECTS), _pairs(HELD_OUT)
     trainer = RewardTrainer(
         _reward_model(tokenizer),
-        _config(tmp_path, max_steps=15),
+        args=_config(tmp_path, max_steps=15),
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
@@ -83,12 +78,13 @@ def test_held_out_pair_accuracy(tmp_path, tokenizer):
     after = trainer.evaluate()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert after["eval_accuracy"] >= 0.9, (before, after)
+    assert {"eval_margin", "eval_rewards/chosen"} <= set(after) and not any("eval_batch" in k for k in after)
     assert after["eval_loss"] < before["eval_loss"]
     assert losses[-1] < losses[0]
 
 
 def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokenizer):
-    train = _examples(tokenizer, _pairs(SUBJECTS[:4]))
+    train = _pairs(SUBJECTS[:4])
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
         cap = grad_capture()
@@ -96,7 +92,11 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
             tmp_path, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_grad_norm=0
         )
         RewardTrainer(
-            _reward_model(tokenizer), cfg, train_dataset=train, processing_class=tokenizer, callbacks=[cap]
+            _reward_model(tokenizer),
+            args=cfg,
+            train_dataset=train,
+            processing_class=tokenizer,
+            callbacks=[cap],
         ).train()
         grads[(micro, accum)] = cap.grads
     ref = grads[(8, 1)]
@@ -106,11 +106,20 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
             torch.testing.assert_close(g[name], ref[name], atol=1e-6, rtol=1e-5, msg=f"{split} {name}")
 
 
-def test_missing_pad_token_id_is_an_error(tmp_path, tokenizer):
+def test_pad_token_id_from_tokenizer_and_one_output_required(tmp_path, tokenizer):
     model = _reward_model(tokenizer)
     model.config.pad_token_id = None
-    with pytest.raises(ValueError, match="pad_token_id"):
-        RewardTrainer(model, _config(tmp_path), processing_class=tokenizer)
+    trainer = RewardTrainer(
+        model, args=_config(tmp_path), train_dataset=_pairs(SUBJECTS[:1]), processing_class=tokenizer
+    )
+    assert (
+        trainer.model.config.pad_token_id == tokenizer.pad_token_id
+    )  # the score is read at the last non-pad
+    model.config.num_labels = 2
+    with pytest.raises(ValueError, match="num_labels=1"):
+        RewardTrainer(
+            model, args=_config(tmp_path), train_dataset=_pairs(SUBJECTS[:1]), processing_class=tokenizer
+        )
 
 
 def test_recipe_trains_from_a_jsonl(tmp_path, tiny_model_dir):
@@ -125,7 +134,7 @@ def test_recipe_trains_from_a_jsonl(tmp_path, tiny_model_dir):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--eval_dataset_name", str(data),
-            "--output_dir", str(tmp_path / "out"), "--max_length", "64", "--max_prompt_length", "32",
+            "--output_dir", str(tmp_path / "out"), "--max_length", "64", "--gradient_checkpointing", "false",
             "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
     trainer = recipe.main(argv)

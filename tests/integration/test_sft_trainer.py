@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from hf_align.config import SFTConfig
-from hf_align.data import tokenize_sft_dataset
 from hf_align.trainers.sft import SFTTrainer
 from tests.conftest import build_model, grad_capture
 
@@ -20,14 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Variable prompt and response lengths so that padding differs between micro-batch layouts.
 TOY = [
-    {"prompt": "What is 12 + 7?", "response": " The answer is 19."},
-    {"prompt": "Say hello.", "response": " Hello world!"},
-    {"prompt": "Colour of the sky?", "response": " blue"},
-    {"prompt": "Solve 2x + 3 = 11.", "response": " x = 4. The answer is 4."},
-    {"prompt": "Is a cat a dog?", "response": " no"},
-    {"prompt": "Name a fox.", "response": " The quick brown fox jumps over the lazy dog."},
-    {"prompt": "Count to three.", "response": " 1 2 3"},
-    {"prompt": "Good or bad?", "response": " good"},
+    {"prompt": "What is 12 + 7?", "completion": " The answer is 19."},
+    {"prompt": "Say hello.", "completion": " Hello world!"},
+    {"prompt": "Colour of the sky?", "completion": " blue"},
+    {"prompt": "Solve 2x + 3 = 11.", "completion": " x = 4. The answer is 4."},
+    {"prompt": "Is a cat a dog?", "completion": " no"},
+    {"prompt": "Name a fox.", "completion": " The quick brown fox jumps over the lazy dog."},
+    {"prompt": "Count to three.", "completion": " 1 2 3"},
+    {"prompt": "Good or bad?", "completion": " good"},
 ]
 
 
@@ -44,6 +43,7 @@ def _config(tmp_path, **kw) -> SFTConfig:
         use_cpu=True,
         seed=0,
         max_length=64,
+        gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -53,7 +53,6 @@ def _config(tmp_path, **kw) -> SFTConfig:
 
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_sum"])
 def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, normalization):
-    examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
         cap = grad_capture()
@@ -65,7 +64,7 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
             max_grad_norm=0.0,
         )
         trainer = SFTTrainer(
-            build_model(tokenizer), cfg, train_dataset=examples, processing_class=tokenizer, callbacks=[cap]
+            build_model(tokenizer), cfg, train_dataset=TOY, processing_class=tokenizer, callbacks=[cap]
         )
         trainer.train()
         grads[(micro, accum)] = cap.grads
@@ -78,8 +77,10 @@ def test_gradient_accumulation_splits_give_identical_gradients(tmp_path, tokeniz
 
 def test_token_mean_loss_equals_naive_nll(tmp_path, tokenizer):
     """The logged first-step loss is the mean NLL over all response tokens of the step (checked naively)."""
-    examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
     model = build_model(tokenizer)
+    cfg = _config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4, learning_rate=0.0)
+    trainer = SFTTrainer(model, cfg, train_dataset=TOY, processing_class=tokenizer)
+    examples = list(trainer.train_dataset)
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:
@@ -89,17 +90,15 @@ def test_token_mean_loss_equals_naive_nll(tmp_path, tokenizer):
             keep = labels != -100
             total += -logp[keep].gather(-1, labels[keep].unsqueeze(-1)).sum().item()
             count += int(keep.sum())
-    cfg = _config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4, learning_rate=0.0)
-    trainer = SFTTrainer(model, cfg, train_dataset=examples, processing_class=tokenizer)
+    assert count < sum(len(e["input_ids"]) - 1 for e in examples)  # prompts are not trained
     trainer.train()
     logged = next(h for h in trainer.state.log_history if "loss" in h)
     assert logged["loss"] == pytest.approx(total / count, rel=1e-4)
 
 
 def test_sft_memorises_toy_set(tmp_path, tokenizer):
-    examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
     cfg = _config(tmp_path, max_steps=40, learning_rate=3e-3, lr_scheduler_type="constant")
-    trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=examples, processing_class=tokenizer)
+    trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=TOY, processing_class=tokenizer)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 40
@@ -107,34 +106,29 @@ def test_sft_memorises_toy_set(tmp_path, tokenizer):
     assert all(map(lambda x: x == x, losses))  # no NaN
 
 
-def test_packing_trains_and_matches_unpacked_first_loss(tmp_path, tokenizer):
-    from hf_align.data import pack_examples
-
-    examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
-    packed = pack_examples(examples, max_length=64)
-    assert len(packed) < len(examples)
-    cfg = _config(tmp_path, per_device_train_batch_size=len(packed), learning_rate=0.0, packing=True)
-    trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=packed, processing_class=tokenizer)
+@pytest.mark.parametrize("mode", [{"packing": True}, {"padding_free": True}])
+def test_packing_and_padding_free_match_unpacked_first_loss(tmp_path, tokenizer, mode):
+    cfg = _config(tmp_path, learning_rate=0.0, **mode)
+    trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=TOY, processing_class=tokenizer)
+    if "packing" in mode:
+        assert len(trainer.train_dataset) < len(TOY)
     trainer.train()
     packed_loss = next(h for h in trainer.state.log_history if "loss" in h)["loss"]
     cfg = _config(tmp_path, learning_rate=0.0)
-    trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=examples, processing_class=tokenizer)
+    trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=TOY, processing_class=tokenizer)
     trainer.train()
     plain_loss = next(h for h in trainer.state.log_history if "loss" in h)["loss"]
-    assert packed_loss == pytest.approx(plain_loss, rel=1e-4)
+    assert packed_loss == pytest.approx(plain_loss, rel=1e-5)
 
 
 def test_lora_trains_only_adapters(tmp_path, tokenizer):
     from peft import LoraConfig
 
-    examples, _ = tokenize_sft_dataset(TOY, tokenizer, max_length=64)
     model = build_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = _config(tmp_path, max_steps=3)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(
-        model, cfg, train_dataset=examples, processing_class=tokenizer, peft_config=peft_config
-    )
+    trainer = SFTTrainer(model, cfg, train_dataset=TOY, processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
     named = dict(trainer.model.named_parameters())
     changed = [
@@ -174,6 +168,7 @@ def _run_recipe(launcher: list[str], model_dir, data, out, micro, accum):
         "--use_cpu", "true",
         "--max_length", "64",
         "--seed", "0",
+        "--gradient_checkpointing", "false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -3,7 +3,6 @@ collators, and packing (checked on the tiny Qwen2: a packed sample's logits equa
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import runpy
@@ -243,8 +242,6 @@ def test_sample_files_load():
         "1",
     ]
     assert [r["answer"] for r in D.load_gsm8k(SAMPLES / "gsm8k_sample.jsonl")] == ["26", "6", "5000", "6"]
-    assert len(D.load_sft_rows(SAMPLES / "sft_sample.jsonl")) == 4
-    assert len(D.load_sft_rows(SAMPLES / "chat_sample.jsonl")) == 3
 
 
 @pytest.mark.skipif(
@@ -291,26 +288,18 @@ BAD_ROWS = [
     ("gsm8k", {"question": "q", "answer": "no final"}, "field 'answer' has no '#### <final answer>' line"),
     ("gsm8k", {"answer": "#### 1"}, "field 'question' is missing"),
     ("qa", {"question": "q", "answer": None}, "field 'answer' must be a string"),
-    ("sft", {"prompt": "p"}, "field 'response' is missing"),
-    ("sft", {"prompt": "p", "response": ""}, "field 'response' is empty"),
-    ("sft", {"text": "x"}, "field 'messages' is missing"),
-    ("sft", {"messages": "hi"}, "field 'messages' must be a non-empty list"),
-    ("sft", {"messages": [{"role": "user"}]}, "messages[0]: field 'content' is missing"),
-    ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "no non-empty assistant message"),
 ]
 GOOD_ROW = {
     "math": MATH_ROW,
     "math500": {"problem": "p", "answer": "1"},
     "gsm8k": {"question": "q", "answer": "#### 1"},
     "qa": {"question": "q", "answer": "1"},
-    "sft": {"prompt": "p", "response": "r"},
 }
 LOADERS = {
     "math": D.load_math,
     "math500": D.load_math500,
     "gsm8k": D.load_gsm8k,
     "qa": D.load_qa_jsonl,
-    "sft": D.load_sft_rows,
 }
 
 
@@ -391,178 +380,3 @@ def test_write_and_convert_round_trip(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # SFT rows and tokenization
 # ---------------------------------------------------------------------------------------------------------
-
-
-def test_load_sft_rows_formats_and_field_names(tmp_path):
-    rows = [
-        {"q": "What?", "a": "That."},
-        {"conv": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "x": 1}]},
-    ]
-    path = write_jsonl(tmp_path / "sft.jsonl", rows)
-    loaded = D.load_sft_rows(path, prompt_field="q", response_field="a", messages_field="conv")
-    assert loaded == [
-        {"prompt": "What?", "response": "That."},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-    ]
-
-
-def test_tokenize_sft_example_plain(tokenizer):
-    row = {"prompt": "What is 12 + 7?", "response": " The answer is 19."}
-    ex = D.tokenize_sft_example(row, tokenizer, max_length=512)
-    p, r = ids(tokenizer, row["prompt"]), ids(tokenizer, row["response"])
-    assert ex["input_ids"] == p + r + [tokenizer.eos_token_id]
-    assert ex["labels"] == [-100] * len(p) + r + [tokenizer.eos_token_id]
-    assert ex["num_truncated"] == 0
-
-    # Through a template, given by name or as text: the prompt is the formatted template.
-    ex = D.tokenize_sft_example(row, tokenizer, max_length=512, prompt_template="r1_zero")
-    p = ids(tokenizer, D.format_prompt(R1_ZERO, row["prompt"]))
-    assert ex["input_ids"][: len(p)] == p and ex["labels"][: len(p)] == [-100] * len(p)
-    assert ex == D.tokenize_sft_example(row, tokenizer, max_length=512, prompt_template=R1_ZERO)
-    alpaca = D.tokenize_sft_example(row, tokenizer, max_length=512, prompt_template="alpaca_sft")
-    prompt_text = tokenizer.decode(
-        [t for t, lab in zip(alpaca["input_ids"], alpaca["labels"]) if lab == -100]
-    )
-    assert prompt_text.endswith("### Instruction:\nWhat is 12 + 7?\n\n### Response:\n")
-    trained = tokenizer.decode([lab for lab in alpaca["labels"] if lab != -100])
-    assert trained == " The answer is 19.<|im_end|>"
-
-    with pytest.raises(ValueError, match="use_chat_template=True"):
-        D.tokenize_sft_example({"messages": []}, tokenizer, max_length=512)
-
-
-def test_tokenize_sft_example_chat_trains_only_assistant_tokens(tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Name a color."},
-        {"role": "assistant", "content": "Blue."},
-        {"role": "user", "content": "Another one?"},
-        {"role": "assistant", "content": "Green."},
-    ]
-    ex = D.tokenize_sft_example({"messages": messages}, tokenizer, max_length=512, use_chat_template=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    assert ex["input_ids"] == list(full) and len(ex["labels"]) == len(full)
-    trained = [lab for lab in ex["labels"] if lab != -100]
-    # Hand count: each assistant turn trains its content tokens plus its <|im_end|>; nothing else.
-    assert len(trained) == len(ids(tokenizer, "Blue.")) + 1 + len(ids(tokenizer, "Green.")) + 1
-    assert tokenizer.decode(trained) == "Blue.<|im_end|>Green.<|im_end|>"
-    kept = [i for i, lab in enumerate(ex["labels"]) if lab != -100]
-    assert all(ex["labels"][i] == ex["input_ids"][i] for i in kept)  # unshifted
-
-    # A prompt/response row is wrapped as one user turn and one assistant turn.
-    ex = D.tokenize_sft_example({"prompt": "hi", "response": "yes"}, tokenizer, 512, use_chat_template=True)
-    assert tokenizer.decode([lab for lab in ex["labels"] if lab != -100]) == "yes<|im_end|>"
-
-
-def test_chat_template_without_generation_markers_is_refused(tokenizer):
-    plain = copy.deepcopy(tokenizer)
-    plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    with pytest.raises(ValueError, match="generation"):
-        D.tokenize_sft_example(row, plain, max_length=64, use_chat_template=True)
-    with pytest.raises(ValueError, match="generation"):
-        D.tokenize_sft_dataset([row], plain, max_length=64, use_chat_template=True)
-
-
-def test_truncation_and_drop_counts(tokenizer, caplog):
-    row = {"prompt": "What is 12 + 7?", "response": " The answer is 19."}
-    n_prompt = len(ids(tokenizer, row["prompt"]))
-    n_full = n_prompt + len(ids(tokenizer, row["response"])) + 1
-    cut = D.tokenize_sft_example(row, tokenizer, max_length=n_prompt + 2)
-    assert cut["num_truncated"] == 1 and len(cut["input_ids"]) == len(cut["labels"]) == n_prompt + 2
-    assert cut["labels"][n_prompt:] == cut["input_ids"][n_prompt:]
-    assert D.tokenize_sft_example(row, tokenizer, max_length=n_full)["num_truncated"] == 0
-    assert D.tokenize_sft_example(row, tokenizer, max_length=n_prompt) is None  # no response token fits
-
-    long_prompt = {"prompt": "Hello world! " * 20, "response": " ok"}
-    rows = [row, long_prompt, row]
-    with caplog.at_level(logging.INFO, logger="hf_align.data"):
-        examples, stats = D.tokenize_sft_dataset(rows, tokenizer, max_length=n_prompt + 2)
-    assert stats == {"truncated": 2, "dropped": 1} and len(examples) == 2
-    assert "2 truncated" in caplog.text and "1 dropped" in caplog.text
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Collators and packing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_sft_collator():
-    features = [
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "num_truncated": 0},
-        {"input_ids": [8], "labels": [8]},
-    ]
-    batch = D.SFTCollator(pad_token_id=0)(features)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert D.SFTCollator(pad_token_id=0, pad_to_multiple_of=4)(features)["input_ids"].shape == (2, 4)
-
-
-def test_pack_examples_layout():
-    examples = [
-        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
-        {"input_ids": [4, 5], "labels": [4, 5]},  # first label trainable in isolation: masked when packed
-        {"input_ids": [6, 7, 8, 9], "labels": [-100, -100, 8, 9]},
-        {"input_ids": [10], "labels": [10]},
-    ]
-    rows = D.pack_examples(examples, max_length=6)
-    assert rows == [
-        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]},
-        {"input_ids": [6, 7, 8, 9, 10], "labels": [-100, -100, 8, 9, -100], "position_ids": [0, 1, 2, 3, 0]},
-    ]
-    with pytest.raises(ValueError, match="max_length"):
-        D.pack_examples(examples, max_length=3)
-
-    batch = D.PackedCollator(pad_token_id=0, pad_to_multiple_of=4)(
-        rows[:1] + [rows[1] | {"input_ids": [6, 7]}]
-    )
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0, 0, 0]]
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]  # padding continues the last sample
-    flat = D.PackedCollator(pad_token_id=0, flatten=True)(rows)
-    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
-    assert flat["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100, 8, 9, -100]]
-    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]]
-
-
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_packed_logits_equal_unpacked(tokenizer, tiny_model, attn_implementation):
-    tiny_model.config._attn_implementation = attn_implementation
-    rows = [
-        {"prompt": "What is 12 + 7?", "response": " The answer is 19."},
-        {"prompt": "Hello", "response": " world!"},
-        {"prompt": "<think> reasoning </think>", "response": " <answer> 42 </answer>"},
-        {"prompt": "User: Solve for x: 2x + 3 = 11.", "response": " x = 4."},
-    ]
-    examples, _ = D.tokenize_sft_dataset(rows, tokenizer, max_length=64)
-    lengths = [len(e["input_ids"]) for e in examples]
-    packed = D.pack_examples(examples, max_length=sum(lengths[:3]))
-    assert len(packed) == 2  # three samples in the first row, one (plus padding) in the second
-    batch = D.PackedCollator(pad_token_id=tokenizer.pad_token_id)(packed)
-    with torch.no_grad():
-        # use_cache=False: with a KV cache transformers skips the packed-sequence detection (module docstring).
-        logits = tiny_model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
-        alone = [
-            tiny_model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in examples
-        ]
-    spans = [(0, 0, lengths[0]), (0, lengths[0], lengths[0] + lengths[1])]
-    spans += [(0, lengths[0] + lengths[1], sum(lengths[:3])), (1, 0, lengths[3])]
-    for (row, start, end), expected in zip(spans, alone):
-        torch.testing.assert_close(logits[row, start:end], expected, atol=1e-5, rtol=0)
-
-    # flatten=True: the whole batch as one row, the layout flash attention needs; same logits again.
-    flat = D.PackedCollator(pad_token_id=tokenizer.pad_token_id, flatten=True)(packed)
-    assert flat["input_ids"].shape == (1, sum(lengths))
-    with torch.no_grad():
-        flat_logits = tiny_model(
-            input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False
-        ).logits
-    torch.testing.assert_close(flat_logits[0, sum(lengths[:3]) :], alone[3], atol=1e-5, rtol=0)
-    torch.testing.assert_close(flat_logits[0, : lengths[0]], alone[0], atol=1e-5, rtol=0)
-
-    # The shifted targets of the packed batch are exactly the union of each example's shifted targets.
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    assert int((targets != -100).sum()) == sum(sum(lab != -100 for lab in e["labels"][1:]) for e in examples)

@@ -65,6 +65,29 @@ def test_hinge_by_hand():
     assert dpo_loss(*_pair(-2.0), beta=beta, loss_type="hinge")[0].item() == pytest.approx(2.0)
 
 
+def test_bco_pair_by_hand():
+    # _pair(h): lr_c = h + 0.5, lr_r = 0.5. h = 1.5, beta = 1: lr_c = 2 -> -log sigma(2) - log sigma(-0.5)
+    loss, _ = dpo_loss(*_pair(1.5), beta=1.0, loss_type="bco_pair")
+    expected = math.log1p(math.exp(-2.0)) + math.log1p(math.exp(0.5))
+    assert loss.item() == pytest.approx(expected)
+    # policy == reference: two coin flips, 2 log 2 (where sigmoid DPO gives log 2)
+    assert dpo_loss(*_pair(-0.5), beta=0.1, loss_type="bco_pair")[0].item() != pytest.approx(2 * math.log(2))
+    zero = (torch.tensor([-3.0]),) * 4
+    assert dpo_loss(*zero, beta=0.1, loss_type="bco_pair")[0].item() == pytest.approx(2 * math.log(2))
+
+
+def test_sft_term_is_the_chosen_token_mean_nll():
+    # chosen log-probs -6 over 2 tokens and -3 over 4 tokens: NLL per token = 9 / 6, the same for every pair
+    pc, pr = torch.tensor([-6.0, -3.0], requires_grad=True), torch.tensor([-1.0, -2.0])
+    loss, _ = dpo_loss(pc, pr, pr, pr, loss_type="sft", chosen_lengths_B=torch.tensor([2, 4]),
+                       rejected_lengths_B=torch.tensor([1, 1]))  # fmt: skip
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    torch.testing.assert_close(pc.grad, torch.full((2,), -1 / 6))  # d(-sum / 6) / d logp_i
+    with pytest.raises(ValueError, match="chosen_lengths_B"):
+        dpo_loss(pc, pr, pr, pr, loss_type="sft")
+
+
 def test_ipo_by_hand_uses_per_token_averages():
     beta = 0.25  # target h' = 1 / (2 beta) = 2
     # chosen: log-ratio 6 over 3 tokens -> 2 per token; rejected: log-ratio 0 -> h' = 2 -> loss 0
@@ -285,7 +308,7 @@ def test_errors():
         dpo_loss(*args, loss_type="ipo", chosen_lengths_B=torch.ones(1), rejected_lengths_B=torch.ones(2))
     with pytest.raises(ValueError, match="ref_rejected_logps_B has shape"):
         dpo_loss(args[0], args[1], args[2], torch.zeros(2))
-    assert set(DPO_LOSSES) == {"sigmoid", "robust", "hinge", "ipo"}
+    assert set(DPO_LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "bco_pair"}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -70,7 +70,15 @@ def test_gradient_by_hand_and_sign():
     torch.testing.assert_close(rejected.grad, torch.tensor([0.25, 0.75]) / 2)
     for value in m.values():
         assert value.dim() == 0 and not value.requires_grad
-    assert set(m) == {"accuracy", "margin", "rewards/chosen", "rewards/rejected"}
+    assert set(m) == {
+        "accuracy",
+        "margin",
+        "rewards/chosen",
+        "rewards/rejected",
+        "min_reward",
+        "mean_reward",
+        "max_reward",
+    }
 
 
 def test_against_naive_reference():
@@ -154,8 +162,8 @@ def test_parity_with_trl(with_margin, coef):
     torch.testing.assert_close(leaf_ours.grad, leaf_trl.grad, rtol=1e-12, atol=1e-12)
     assert metrics["accuracy"].item() == pytest.approx(trl_metrics["accuracy"])
     assert metrics["margin"].item() == pytest.approx(trl_metrics["margin"])
-    mean_reward = (metrics["rewards/chosen"] + metrics["rewards/rejected"]).item() / 2
-    assert mean_reward == pytest.approx(trl_metrics["mean_reward"])
+    for key in ("min_reward", "mean_reward", "max_reward"):
+        assert metrics[key].item() == pytest.approx(trl_metrics[key]), key
     # sensitive: swapping chosen and rejected changes the value
     swapped, _ = bradley_terry_loss(rejected_B.detach(), chosen_B.detach(), margin_B, coef or 0.0)
     assert abs(swapped.item() - trl_loss.item()) > 1e-3

@@ -1,0 +1,414 @@
+"""TRL's dataset formats, prepared for training in one place: used by the SFT, DPO and reward trainers.
+
+Rows come as a ``datasets.Dataset``, an ``IterableDataset`` or a plain list of dicts, in any format of TRL's
+dataset-formats page, standard (strings) or conversational (lists of ``{role, content}`` messages):
+language modeling (``text`` / ``messages``), prompt-completion, and preference (``chosen`` / ``rejected`` with an
+explicit ``prompt`` or an implicit one shared by both answers). Preparation is one ``datasets.map`` that
+reproduces TRL 1.16 token for token, so the first-step losses agree:
+
+- Standard text gets the EOS token appended (text, completion, chosen, rejected) unless it already ends with it;
+  conversational rows get the chat template, the prompt alone with the generation prompt.
+- Prompt and prompt + answer are tokenized whole, and the answer starts where the two token lists stop agreeing
+  (``common_prefix_length``): a token merging across the seam stays one token, as at inference.
+- SFT labels are the input ids with -100 outside the trained part: the completion (``completion_only_loss``,
+  on by default for prompt-completion rows) and / or the assistant turns (``assistant_only_loss``, from the chat
+  template's ``{% generation %}`` markers). Rows longer than ``max_length`` are cut (``keep_start`` / ``keep_end``)
+  and rows left with no trained token are dropped (counted, logged). DPO rows are cut in the collator
+  (``truncate_pair``); reward-model rows longer than ``max_length`` are dropped, as in TRL.
+- Packing is best-fit decreasing (TRL's ``bfd``, same bins in the same order, per ``map`` batch of 1000 rows).
+  A packed row keeps its samples' lengths; ``SFTCollator`` flattens every sample of a batch into ONE row with
+  ``transformers.DataCollatorWithFlattening`` (positions restart per sample, the first label of each sample is
+  -100), from which transformers builds a block-diagonal mask (sdpa / eager) or varlen boundaries (flash): no
+  token attends to another sample, whatever the batch size.
+- A row that cannot be used raises ``DataError`` naming the dataset, the row index and the field;
+  ``drop_bad_rows`` instead skips such rows, counted and logged (recipes' ``on_bad_rows: skip``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from bisect import bisect_left, insort
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_align.data import IGNORE_INDEX, DataError
+
+logger = logging.getLogger(__name__)
+
+_TEXT_KEYS = ("prompt", "completion", "chosen", "rejected", "messages")
+
+
+def is_conversational(row: dict) -> bool:
+    """Whether a row's prompt / completion / chosen / rejected / messages is a list of ``{role, ...}`` messages."""
+    for key in _TEXT_KEYS:
+        value = row.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+            return True
+    return False
+
+
+def _check_text(row: dict, field: str, where: str, optional: bool = False) -> None:
+    value = row.get(field)
+    if value is None:
+        if optional:
+            return
+        raise DataError(f"{where}: field {field!r} is missing")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {field!r} must be a string or a non-empty list of {{role, content}}")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise DataError(f"{where}: field '{field}[{i}]' must be a message with a string 'role'")
+
+
+def check_row(row: Any, kind: str, where: str, text_field: str = "text") -> None:
+    """Raise ``DataError`` (naming ``where`` and the field) if ``row`` is not a usable ``sft`` / ``preference`` row."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected a dict, got {type(row).__name__}")
+    if "input_ids" in row or "chosen_ids" in row:
+        return  # already tokenized
+    if kind == "preference":
+        for field in ("chosen", "rejected"):
+            _check_text(row, field, where)
+        _check_text(row, "prompt", where, optional=True)
+    elif row.get("prompt") is not None or row.get("completion") is not None:
+        _check_text(row, "prompt", where)
+        _check_text(row, "completion", where)
+    elif row.get("messages") is not None:
+        _check_text(row, "messages", where)
+    elif not isinstance(row.get(text_field), str):
+        got = "missing" if row.get(text_field) is None else f"a {type(row[text_field]).__name__}"
+        raise DataError(
+            f"{where}: field {text_field!r} is {got} (an SFT row needs {text_field!r}, 'messages' or "
+            "'prompt' + 'completion')"
+        )
+    strings = [
+        isinstance(row.get(k), str) for k in ("prompt", "completion", "chosen", "rejected") if row.get(k)
+    ]
+    if any(strings) and not all(strings):
+        raise DataError(
+            f"{where}: mixes strings and message lists across prompt / completion / chosen / rejected"
+        )
+
+
+def as_dataset(data, kind: str, name: str, text_field: str = "text"):
+    """A ``Dataset`` / ``IterableDataset`` as is; a list of dicts checked row by row, then a ``Dataset``."""
+    import datasets
+
+    if isinstance(data, datasets.Dataset | datasets.IterableDataset):
+        return data
+    if isinstance(data, list | tuple):
+        for i, row in enumerate(data):
+            check_row(row, kind, f"{name} dataset row {i}", text_field)
+        return datasets.Dataset.from_list(list(data))
+    raise TypeError(
+        f"{name}_dataset must be a datasets.Dataset, IterableDataset or list, got {type(data).__name__}"
+    )
+
+
+def column_names(dataset) -> list[str]:  # an IterableDataset may not know its features
+    return list(dataset.column_names or next(iter(dataset)).keys())
+
+
+def drop_bad_rows(dataset, kind: str, name: str = "train", text_field: str = "text"):
+    """``dataset`` without the rows ``check_row`` rejects; how many were dropped (and the first reasons) is logged."""
+    bad: list[str] = []
+
+    def usable(row: dict, idx: int) -> bool:
+        try:
+            check_row(row, kind, f"{name} dataset row {idx}", text_field)
+            return True
+        except DataError as e:
+            bad.append(str(e))
+            return False
+
+    if isinstance(dataset, list | tuple):
+        kept = [row for i, row in enumerate(dataset) if usable(row, i)]
+    else:
+        kept = dataset.filter(usable, with_indices=True)
+    if bad:
+        logger.warning("%s: skipped %d bad row(s); first: %s", name, len(bad), " | ".join(bad[:5]))
+    return kept
+
+
+def extract_prompt(chosen, rejected) -> dict:
+    """Implicit prompt: the longest common prefix of chosen and rejected (characters or messages), as TRL cuts it."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # the space before the answers stays with them
+                idx -= 1
+            break
+    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
+
+
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
+
+
+def _tokenize(tokenizer, value, row: dict, **template_kwargs) -> dict:
+    """Token ids of a string (``tokenizer(text=...)``) or of messages (the chat template)."""
+    if isinstance(value, str):
+        return tokenizer(text=value)
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    extra = row.get("chat_template_kwargs") or {}
+    return tokenizer.apply_chat_template(
+        value, tokenize=True, return_dict=True, tools=tools, **extra, **template_kwargs
+    )
+
+
+def _with_eos(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
+def _map(dataset, fn, args, name: str, desc: str, **kwargs):
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):  # IterableDataset.map takes neither
+        kwargs.update(num_proc=getattr(args, "dataset_num_proc", None), desc=f"{desc} {name} dataset")
+    return dataset.map(fn, **kwargs)
+
+
+def _filter(dataset, predicate, args, name: str, what: str):
+    import datasets
+
+    before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    dataset = dataset.filter(predicate, **({} if before is None else {"num_proc": args.dataset_num_proc}))
+    if before is not None and len(dataset) < before:
+        logger.warning("%s dataset: dropped %d of %d rows (%s)", name, before - len(dataset), before, what)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool, eos: str) -> dict:
+    """``input_ids`` plus ``completion_mask`` (prompt-completion rows) and ``assistant_masks`` (when asked)."""
+    out, chat = {}, {"return_assistant_tokens_mask": assistant_only_loss}
+    if row.get("prompt") is not None:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str):
+            completion, chat = _with_eos(completion, eos), {}
+        prompt_ids = _tokenize(tokenizer, prompt, row, **({"add_generation_prompt": True} if chat else {}))
+        full = _tokenize(tokenizer, prompt + completion, row, **chat)
+        n = common_prefix_length(prompt_ids["input_ids"], full["input_ids"])
+        out["completion_mask"] = [0] * n + [1] * (len(full["input_ids"]) - n)
+    elif row.get("messages") is not None:
+        full = _tokenize(tokenizer, row["messages"], row, **chat)
+    else:
+        full = _tokenize(tokenizer, _with_eos(row[text_field], eos), row)
+    out["input_ids"] = list(full["input_ids"])
+    if "assistant_masks" in full:
+        out["assistant_masks"] = list(full["assistant_masks"])
+    return out
+
+
+def _sft_example(row, idx, tokenizer, cfg: dict) -> dict:
+    where = f"{cfg['name']} dataset row {idx}"
+    check_row(row, "sft", where, cfg["text_field"])
+    out = (
+        dict(row)
+        if "input_ids" in row
+        else _sft_ids(row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"], cfg["eos"])
+    )
+    if cfg["assistant_only_loss"] and 1 not in (out.get("assistant_masks") or []):
+        raise DataError(
+            f"{where}: assistant_only_loss=True but no token is marked as assistant: the chat template needs "
+            "{% generation %} ... {% endgeneration %} around assistant turns, and the row an assistant message"
+        )
+    labels = out.get("labels")
+    if labels is None:
+        masks = [out[k] for k in ("assistant_masks",) if out.get(k) is not None]
+        if cfg["completion_only_loss"] and out.get("completion_mask") is not None:
+            masks.append(out["completion_mask"])
+        labels = [t if all(bits) else IGNORE_INDEX for t, *bits in zip(out["input_ids"], *masks)]
+    ids, cut = list(out["input_ids"]), cfg["slice"]
+    return {"input_ids": ids[cut] if cut else ids, "labels": list(labels)[cut] if cut else list(labels)}
+
+
+def prepare_sft_dataset(dataset, tokenizer, args, *, packing: bool, completion_only_loss: bool, name: str):
+    """Tokenized SFT rows ``{input_ids, labels}`` (packed: plus ``seq_lengths``) from any TRL SFT format."""
+    dataset = as_dataset(dataset, "sft", name, args.dataset_text_field)
+    cut = None
+    if args.max_length is not None and not packing:
+        keep_start = args.truncation_mode == "keep_start"
+        cut = slice(None, args.max_length) if keep_start else slice(-args.max_length, None)
+    cfg = {
+        "name": name,
+        "text_field": args.dataset_text_field,
+        "assistant_only_loss": args.assistant_only_loss,
+        "completion_only_loss": completion_only_loss,
+        "eos": tokenizer.eos_token,
+        "slice": cut,
+    }
+    with args.main_process_first(desc=f"preparing {name} dataset"):
+        dataset = _map(
+            dataset, _sft_example, args, name, "Tokenizing", with_indices=True,
+            fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=column_names(dataset),
+        )  # fmt: skip
+        if cut is not None:
+            no_target = "no trained token within max_length"
+            dataset = _filter(
+                dataset, lambda row: any(t != IGNORE_INDEX for t in row["labels"]), args, name, no_target
+            )
+        if packing:
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            split = args.packing_strategy == "bfd_split"
+            fn_kwargs = {"seq_length": args.max_length, "split": split}
+            dataset = _map(dataset, pack_bfd, args, name, "Packing", batched=True, fn_kwargs=fn_kwargs)
+    return dataset.shuffle(seed=args.seed) if args.shuffle_dataset else dataset
+
+
+def _bfd_bins(lengths: list[int], seq_length: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each into the bin with the least room that fits it (ties: the bin that got
+    that room first), else a new bin. Same bins in the same order as TRL's segment-tree version."""
+    rooms: list[int] = []  # sorted distinct free space of open bins
+    bins_with_room: dict[int, deque] = defaultdict(deque)
+    bins: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep data order
+        k = bisect_left(rooms, lengths[i])
+        if k < len(rooms):
+            room = rooms[k]
+            b = bins_with_room[room].popleft()
+            if not bins_with_room[room]:
+                rooms.pop(k)
+        else:
+            room, b = seq_length, []
+            bins.append(b)
+        b.append(i)
+        left = room - lengths[i]
+        if left > 0:
+            if not bins_with_room[left]:
+                insort(rooms, left)
+            bins_with_room[left].append(b)
+    return bins
+
+
+def pack_bfd(batch: dict[str, list], seq_length: int, split: bool = False) -> dict[str, list]:
+    """Batched ``map`` function: samples ``{input_ids, labels}`` -> packed rows with ``seq_lengths``. Longer samples
+    are cut to ``seq_length`` (``split=True``: into pieces of ``seq_length``, the last one shorter)."""
+    samples = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        for lo in range(0, len(ids), seq_length) if split else range(min(len(ids), 1)):  # empty rows dropped
+            samples.append((ids[lo : lo + seq_length], labels[lo : lo + seq_length]))
+    bins = _bfd_bins([len(ids) for ids, _ in samples], seq_length)
+    return {
+        "input_ids": [[t for i in b for t in samples[i][0]] for b in bins],
+        "labels": [[t for i in b for t in samples[i][1]] for b in bins],
+        "seq_lengths": [[len(samples[i][0]) for i in b] for b in bins],
+    }
+
+
+def _pad_right(seqs: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
+    length = max(len(s) for s in seqs)
+    length = -(-length // multiple) * multiple if multiple else length
+    out_BT = torch.full((len(seqs), length), value, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        out_BT[b, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out_BT
+
+
+@dataclass
+class SFTCollator:
+    """``{input_ids, labels}`` rows -> a right-padded batch with ``attention_mask``; with ``padding_free`` (always
+    for packed rows) every sample of the batch flattened into one row by ``DataCollatorWithFlattening``."""
+
+    pad_token_id: int
+    padding_free: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        if self.padding_free:
+            from transformers import DataCollatorWithFlattening
+
+            samples = []
+            for f in features:  # a packed row goes back to its samples
+                lo = 0
+                for n in f.get("seq_lengths") or [len(f["input_ids"])]:
+                    samples.append(
+                        {"input_ids": f["input_ids"][lo : lo + n], "labels": f["labels"][lo : lo + n]}
+                    )
+                    lo += n
+            return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(samples)
+        ids = [f["input_ids"] for f in features]
+        return {
+            "input_ids": _pad_right(ids, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": _pad_right([[1] * len(s) for s in ids], 0, self.pad_to_multiple_of),
+            "labels": _pad_right([f["labels"] for f in features], IGNORE_INDEX, self.pad_to_multiple_of),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs (DPO, reward model)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _preference_example(row, idx, tokenizer, name: str, eos: str, full_sequences: bool) -> dict:
+    check_row(row, "preference", f"{name} dataset row {idx}")
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if prompt is None and not full_sequences:  # implicit prompt: what both answers start with
+        prompt, chosen, rejected = extract_prompt(chosen, rejected).values()
+    if isinstance(chosen, str):
+        chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
+    if full_sequences:  # the reward model scores prompt + answer as one sequence
+        whole = [a if prompt is None else prompt + a for a in (chosen, rejected)]
+        out = {
+            f"{k}_ids": list(_tokenize(tokenizer, x, row)["input_ids"])
+            for k, x in zip(("chosen", "rejected"), whole)
+        }
+        return {**out, **({"margin": row["margin"]} if row.get("margin") is not None else {})}
+    gen = {} if isinstance(prompt, str) else {"add_generation_prompt": True}
+    prompt_ids = list(_tokenize(tokenizer, prompt, row, **gen)["input_ids"])
+    chosen_ids = list(_tokenize(tokenizer, prompt + chosen, row)["input_ids"])
+    rejected_ids = list(_tokenize(tokenizer, prompt + rejected, row)["input_ids"])
+    n = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
+    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen_ids[n:], "rejected_ids": rejected_ids[n:]}
+
+
+def prepare_preference_dataset(dataset, tokenizer, args, *, name: str, full_sequences: bool = False):
+    """DPO rows ``{prompt_ids, chosen_ids, rejected_ids}`` or, with ``full_sequences`` (reward model),
+    ``{chosen_ids, rejected_ids}`` of prompt + answer (and ``margin`` when the data has one)."""
+    dataset = as_dataset(dataset, "preference", name)
+    if "chosen_ids" in column_names(dataset):
+        return dataset  # already tokenized
+    kwargs = {
+        "tokenizer": tokenizer,
+        "name": name,
+        "eos": tokenizer.eos_token,
+        "full_sequences": full_sequences,
+    }
+    with args.main_process_first(desc=f"preparing {name} dataset"):
+        dataset = _map(
+            dataset, _preference_example, args, name, "Tokenizing", with_indices=True, fn_kwargs=kwargs,
+            remove_columns=column_names(dataset),
+        )  # fmt: skip
+        if args.max_length is None:
+            return dataset
+        if full_sequences:
+            fits = lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= args.max_length  # noqa: E731
+            return _filter(dataset, fits, args, name, f"an answer longer than max_length={args.max_length}")
+        if args.truncation_mode == "keep_start":
+            fits = lambda row: len(row["prompt_ids"]) < args.max_length  # noqa: E731
+            return _filter(dataset, fits, args, name, f"prompt alone fills max_length={args.max_length}")
+    return dataset
+
+
+def truncate_pair(prompt: list[int], answer: list[int], max_length: int | None, mode: str):
+    """``prompt + answer`` cut to ``max_length`` tokens, keeping its start or its end; returns (prompt, answer)."""
+    extra = len(prompt) + len(answer) - (max_length or 0)
+    if max_length is None or extra <= 0:
+        return prompt, answer
+    if mode == "keep_start":
+        return prompt[:max_length], answer[: max(max_length - len(prompt), 0)]
+    return prompt[extra:], answer[max(extra - len(prompt), 0) :]
+
