@@ -14,6 +14,10 @@ Every example must also log a finite `loss` on its first step with both librarie
 
 The TRL result of each example is computed once per session and reused by the hf_align run (the hf_align tests
 are the slow half anyway, and the TRL run validates the example itself).
+
+Self-test of the harness: `COMPAT_SELF_TEST=1 pytest tests/compat -k hf_align` runs the comparison half with `trl`
+in place of `hf_align`, i.e. TRL against a second TRL run: it must pass (the compared values are deterministic, so
+a failure of the hf_align half is hf_align's, not noise).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -140,8 +145,10 @@ def check_example(spec: Spec, lib_name: str, env: Env, trl_runs, tmp_path) -> No
     if lib_name == "trl":
         print(f"{spec.name}: trl {ref.seconds:.1f}s, first log {ref.first}")
         return
+    if os.environ.get("COMPAT_SELF_TEST") == "1":
+        lib_name = "trl"  # see the module docstring
     got = run_example(spec, lib_name, env, tmp_path)
-    print(f"{spec.name}: hf_align {got.seconds:.1f}s, first log {got.first}")
+    print(f"{spec.name}: {lib_name} {got.seconds:.1f}s, first log {got.first}")
     compare_runs(spec, ref, got)
 
 
