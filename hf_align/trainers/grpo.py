@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -106,9 +107,10 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         model, args, processing_class = prepare_trainer_inputs(
             model, args, processing_class, peft_config, GRPOConfig, "GRPO"
         )
-        if args.max_steps <= 0:
-            raise ValueError("GRPO needs max_steps > 0 (optimizer steps); epochs over prompts are not used")
         _check_prompts(train_dataset, "train_dataset")
+        if args.max_steps <= 0:  # TRL: num_train_epochs passes over the prompts, each sampled num_generations times
+            per_pass = math.ceil(len(train_dataset) * args.num_generations / args.generation_batch_size)
+            args.max_steps = math.ceil(args.num_train_epochs * per_pass) * args.steps_per_rollout
         if eval_dataset is not None:
             _check_prompts(eval_dataset, "eval_dataset")
         if args.disable_dropout:

@@ -12,7 +12,7 @@ What ``reward_funcs`` may hold, and how each runs:
   the chat template for conversational prompts) with its own tokenizer, ``logits[:, 0]``;
 - any callable (module-level, closure, lambda, ``async def``): run in this process. A call that raises scores None
   for all its completions (counted, the first exception kept and logged); a call still running after
-  ``reward_timeout_s`` is interrupted and training stops with ``RewardFunctionError`` naming the function (the
+  ``reward_timeout_s`` is interrupted (SIGUSR2 in the main thread) and training stops with ``RewardFunctionError`` naming the function (the
   checkpoints already written stay; resume from the last one). A call stuck in C code that ignores the interrupt
   makes the process exit after a grace period of the same length, with the same message.
 
@@ -23,12 +23,12 @@ no completion got any reward stops training (``RewardFunctionError`` naming each
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import inspect
 import logging
 import math
 import os
+import signal
 import threading
 from contextlib import contextmanager
 
@@ -50,37 +50,42 @@ def reward_name(fn) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+class _Timeout(BaseException):  # not an Exception: a reward function's `except Exception` must not swallow it
+    pass
+
+
 @contextmanager
 def _time_limit(seconds: float | None, name: str, hint: str):
-    """Interrupt the main thread after ``seconds``; if it does not come back within as long again, exit. Without
-    ``seconds``, or off the main thread (which cannot be interrupted), no limit."""
+    """Raise in the main thread after ``seconds`` (a real signal, SIGUSR2, so a blocking call is interrupted too);
+    if it does not come back within as long again, exit. Without ``seconds``, or off the main thread, no limit."""
     if seconds is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired, done = threading.Event(), threading.Event()
-    message = (
-        f"reward function {name!r} ran for more than reward_timeout_s={seconds:g} s. Training stopped. {hint}"
-    )
+    done = threading.Event()
+    message = f"reward function {name!r} ran for more than reward_timeout_s={seconds:g} s. Training stopped. {hint}"
+
+    def on_signal(signum, frame):
+        if not done.is_set():
+            raise _Timeout
 
     def on_timeout():
-        fired.set()
-        _thread.interrupt_main()
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
         if not done.wait(seconds):
             logger.critical("%s It did not respond to the interrupt: exiting.", message)
             os._exit(1)
 
+    previous = signal.signal(signal.SIGUSR2, on_signal)
     timer = threading.Timer(seconds, on_timeout)
     timer.daemon = True
     timer.start()
     try:
         yield
-    except KeyboardInterrupt:
-        if fired.is_set():
-            raise RewardFunctionError(message) from None
-        raise
+    except _Timeout:
+        raise RewardFunctionError(message) from None
     finally:
         done.set()
         timer.cancel()
+        signal.signal(signal.SIGUSR2, previous)
 
 
 class RewardRunner:
