@@ -108,7 +108,8 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
             model, args, processing_class, peft_config, GRPOConfig, "GRPO"
         )
         _check_prompts(train_dataset, "train_dataset")
-        if args.max_steps <= 0:  # TRL: num_train_epochs passes over the prompts, each sampled num_generations times
+        # max_steps unset: TRL's num_train_epochs passes over the prompts, each sampled num_generations times
+        if args.max_steps <= 0:
             per_pass = math.ceil(len(train_dataset) * args.num_generations / args.generation_batch_size)
             args.max_steps = math.ceil(args.num_train_epochs * per_pass) * args.steps_per_rollout
         if eval_dataset is not None:

@@ -62,7 +62,9 @@ def _time_limit(seconds: float | None, name: str, hint: str):
         yield
         return
     done = threading.Event()
-    message = f"reward function {name!r} ran for more than reward_timeout_s={seconds:g} s. Training stopped. {hint}"
+    message = (
+        f"reward function {name!r} ran for more than reward_timeout_s={seconds:g} s. Training stopped. {hint}"
+    )
 
     def on_signal(signum, frame):
         if not done.is_set():

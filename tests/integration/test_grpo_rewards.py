@@ -37,7 +37,9 @@ def _logged(trainer) -> dict:
 def test_local_function_lambda_and_async_reward_all_work(tmp_path, tokenizer):
     calls = {}
 
-    def local_reward(prompts, completions, completion_ids, trainer_state, **kwargs):  # not importable: a closure
+    def local_reward(
+        prompts, completions, completion_ids, trainer_state, **kwargs
+    ):  # not importable: a closure
         calls["local"] = (len(prompts), len(completion_ids), trainer_state.global_step)
         return [float(len(ids)) for ids in completion_ids]
 
@@ -112,7 +114,9 @@ def test_a_reward_that_always_raises_stops_training_naming_it(tmp_path, tokenize
         processing_class=tokenizer,
     )  # fmt: skip
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(RewardFunctionError, match=r"'broken_reward': RuntimeError: reward service unavailable"):
+    with pytest.raises(
+        RewardFunctionError, match=r"'broken_reward': RuntimeError: reward service unavailable"
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
@@ -187,13 +191,21 @@ def test_builtin_grader_by_name_in_worker_processes(tmp_path, tokenizer):
     )  # fmt: skip
     trainer.train()
     h = _logged(trainer)
-    for key in ("rewards/gsm8k/mean", "rewards/question_only/mean", "accuracy", "format_rate", "grader_timeouts"):
+    for key in (
+        "rewards/gsm8k/mean",
+        "rewards/question_only/mean",
+        "accuracy",
+        "format_rate",
+        "grader_timeouts",
+    ):
         assert key in h, key
 
 
 def test_model_as_a_path_without_args(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    trainer = GRPOTrainer(str(tiny_model_dir), lambda completions, **kw: [0.0] * len(completions), train_dataset=ROWS)
+    trainer = GRPOTrainer(
+        str(tiny_model_dir), lambda completions, **kw: [0.0] * len(completions), train_dataset=ROWS
+    )
     assert trainer.args.output_dir.endswith("-GRPO") and trainer.args.num_generations == 8
     assert trainer.processing_class.pad_token == tokenizer.pad_token
     assert trainer.model.config.model_type == "qwen2"
