@@ -328,7 +328,7 @@ def test_kl_to_a_frozen_copy_starts_at_zero_and_grows(tmp_path, tokenizer):
                           reward_funcs=[letter_e_reward])  # fmt: skip
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
     trainer.train()
-    kl = [h["kl_mean"] for h in trainer.state.log_history if "kl_mean" in h]
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-6, kl
 
 
