@@ -313,12 +313,9 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
 
     def _log_completions(self, inputs: dict, totals: list[float]) -> None:
         if self.args.log_completions and self.is_world_process_zero():
-            for p, c, r in list(zip(inputs["prompts"], inputs["completions"], totals))[
-                : self.args.num_completions_to_print or 4
-            ]:
-                logger.info(
-                    "step %d reward %.3f\nprompt: %.300r\ncompletion: %.300r", self.state.global_step, r, p, c
-                )
+            rows = zip(inputs["prompts"], inputs["completions"], totals)
+            for p, c, r in list(rows)[: self.args.num_completions_to_print or 4]:
+                logger.info("reward %.3f\nprompt: %.300r\ncompletion: %.300r", r, p, c)
 
     @property
     def _needs_old_logprobs(self) -> bool:

@@ -97,15 +97,11 @@ class RewardRunner:
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("reward_funcs is empty: pass at least one reward function")
-        processing = reward_processing_classes
-        processing = list(processing) if isinstance(processing, (list, tuple)) else [processing] * len(funcs)
-        if len(processing) != len(funcs):
-            raise ValueError(f"{len(processing)} reward_processing_classes for {len(funcs)} reward_funcs")
-        self.funcs, self.processing = [], []
-        for fn, proc in zip(funcs, processing):
-            fn, proc = self._resolve(fn, proc, args, device)
-            self.funcs.append(fn)
-            self.processing.append(proc)
+        procs = reward_processing_classes
+        procs = list(procs) if isinstance(procs, (list, tuple)) else [procs] * len(funcs)
+        if len(procs) != len(funcs):
+            raise ValueError(f"{len(procs)} reward_processing_classes for {len(funcs)} reward_funcs")
+        self.funcs, self.processing = zip(*(self._resolve(f, p, args, device) for f, p in zip(funcs, procs)))
         self.names = [reward_name(f) for f in self.funcs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
         if len(self.weights) != len(self.funcs):
@@ -163,8 +159,8 @@ class RewardRunner:
                         values = fn(
                             prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs
                         )
-                        if inspect.isawaitable(values):
-                            values = asyncio.run(_awaited(values))
+                        if inspect.iscoroutine(values):  # async def
+                            values = asyncio.run(values)
             except RewardFunctionError:
                 raise
             except Exception as e:
@@ -198,10 +194,6 @@ class RewardRunner:
         )
         device = next(model.parameters()).device
         return model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float().tolist()
-
-
-async def _awaited(awaitable):
-    return await awaitable
 
 
 def check_some_reward(rewards_NF: torch.Tensor, failures: dict, hint: str) -> None:
