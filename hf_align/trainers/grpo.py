@@ -118,13 +118,12 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
+        evals = _Placeholder(len(eval_dataset)) if eval_dataset else None  # evaluate() reads the rows
         super().__init__(
             model=model,
             args=args,
             train_dataset=_Placeholder(args.max_steps * args.optimizer_batch_size),
-            eval_dataset=_Placeholder(len(eval_dataset))
-            if eval_dataset
-            else None,  # evaluate() uses the rows
+            eval_dataset=evals,
             data_collator=_placeholder_collate,
             processing_class=processing_class,
             callbacks=callbacks,
