@@ -393,7 +393,7 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
             ratio_level=a.importance_sampling_level,
             beta=a.beta,
             num_sequences=inputs["num_sequences"].item() if global_counts else None,
-            num_tokens=inputs["num_tokens"].item() if global_counts else None,
+            num_tokens=max(inputs["num_tokens"].item(), 1.0) if global_counts else None,  # all masked: 0
             max_completion_length=a.max_completion_length,
         )
         metrics = {_TRL_NAMES.get(k, k): v for k, v in metrics.items() if k != "loss"}

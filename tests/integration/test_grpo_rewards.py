@@ -209,3 +209,24 @@ def test_model_as_a_path_without_args(tmp_path, tokenizer, tiny_model_dir, monke
     assert trainer.args.output_dir.endswith("-GRPO") and trainer.args.num_generations == 8
     assert trainer.processing_class.pad_token == tokenizer.pad_token
     assert trainer.model.config.model_type == "qwen2"
+
+
+def test_batch_scaled_advantages_and_truncated_completions_masked(tmp_path, tokenizer):
+    from hf_align.trainers import grpo_rollouts as R
+
+    scored = R.ScoredGroups(rewards=[0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, float("nan")])
+    _, advantages = R.advantages_for(
+        scored, 4, 1e-4, "batch", batch_std=R.rewards_std(torch.tensor(scored.rewards))
+    )
+    std = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]).std()  # TRL: nanstd of the whole generation batch
+    want = torch.tensor([-0.75, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0]) / (std + 1e-4)
+    torch.testing.assert_close(advantages, want)
+
+    # every completion of the tiny model runs into max_completion_length: masked, nothing to learn, no NaN
+    trainer = GRPOTrainer(
+        build_model(tokenizer), lambda completions, **kw: [float(len(c)) for c in completions],
+        _args(tmp_path, mask_truncated_completions=True), train_dataset=ROWS, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    h = _logged(trainer)
+    assert h["completions/clipped_ratio"] == 1.0 and h["loss"] == 0.0 and h["grad_norm"] == 0.0
