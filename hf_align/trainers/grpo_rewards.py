@@ -24,6 +24,7 @@ no completion got any reward stops training (``RewardFunctionError`` naming each
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import math
@@ -48,6 +49,19 @@ def reward_name(fn) -> str:
     if isinstance(fn, torch.nn.Module):
         return str(getattr(fn.config, "_name_or_path", "") or type(fn).__name__).rstrip("/").split("/")[-1]
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _run_coroutine(coroutine):
+    """``asyncio.run``, or in a helper thread when this thread already runs an event loop (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(asyncio.run, coroutine).result()
+    finally:
+        pool.shutdown(wait=False)
 
 
 class _Timeout(BaseException):  # not an Exception: a reward function's `except Exception` must not swallow it
@@ -160,7 +174,7 @@ class RewardRunner:
                             prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs
                         )
                         if inspect.iscoroutine(values):  # async def
-                            values = asyncio.run(values)
+                            values = _run_coroutine(values)
             except RewardFunctionError:
                 raise
             except Exception as e:

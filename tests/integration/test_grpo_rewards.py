@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from datasets import Dataset
 
 from hf_align.config import GRPOConfig
 from hf_align.trainers.grpo import GRPOTrainer
@@ -78,7 +79,7 @@ def test_columns_reach_rewards_and_weights_apply(tmp_path, tokenizer):
 
     trainer = GRPOTrainer(
         build_model(tokenizer), [colour_reward, one], _args(tmp_path, reward_weights=[0.5, 2.0]),
-        train_dataset=ROWS, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer,
     )  # fmt: skip
     trainer.train()
     # one prompt x 4 completions per process step, here two prompts: each column entry repeated per completion
