@@ -231,3 +231,12 @@ def test_batch_scaled_advantages_and_truncated_completions_masked(tmp_path, toke
     trainer.train()
     h = _logged(trainer)
     assert h["completions/clipped_ratio"] == 1.0 and h["loss"] == 0.0 and h["grad_norm"] == 0.0
+
+
+def test_constructor_takes_trls_arguments_in_trls_order():
+    import inspect
+
+    trl = pytest.importorskip("trl")
+    ours = list(inspect.signature(GRPOTrainer.__init__).parameters)
+    theirs = list(inspect.signature(trl.GRPOTrainer.__init__).parameters)
+    assert ours[: theirs.index("peft_config") + 1] == theirs[: theirs.index("peft_config") + 1]
