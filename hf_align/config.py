@@ -222,39 +222,24 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     )
     # --- model
     model_init_kwargs: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for from_pretrained when `model` is a string (dtype, revision, ...)."
-        },
+        default=None, metadata={"help": "from_pretrained keyword arguments when `model` is a string."}
     )
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
     # --- generation (TRL)
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (the group of GRPO)."})
     generation_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Completions per generation step, over all processes. None: per_device_train_batch_size x "
-            "processes x steps_per_generation."
-        },
+        default=None, metadata={"help": "Completions per generation, all processes (None: from the next)."}
     )
     steps_per_generation: int | None = field(
-        default=None,
-        metadata={
-            "help": "Micro-batches per process made from one generation (None: gradient_accumulation_steps)."
-        },
+        default=None, metadata={"help": "Micro-batches per generation (None: gradient_accumulation_steps)."}
     )
     max_completion_length: int = field(default=512, metadata={"help": "Maximum new tokens per completion."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."}
-    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    shuffle_dataset: bool = field(
-        default=True, metadata={"help": "Visit the prompts in a seeded random order."}
-    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Visit the prompts in a seeded order."})
     chat_template_kwargs: dict | str | None = field(
-        default=None,
-        metadata={"help": "Extra keyword arguments for apply_chat_template (conversational prompts)."},
+        default=None, metadata={"help": "Extra apply_chat_template arguments (conversational prompts)."}
     )
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (else model.generate)."})
     vllm_mode: Literal["colocate", "server"] = field(

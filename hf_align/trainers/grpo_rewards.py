@@ -12,9 +12,9 @@ What ``reward_funcs`` may hold, and how each runs:
   the chat template for conversational prompts) with its own tokenizer, ``logits[:, 0]``;
 - any callable (module-level, closure, lambda, ``async def``): run in this process. A call that raises scores None
   for all its completions (counted, the first exception kept and logged); a call still running after
-  ``reward_timeout_s`` is interrupted (SIGUSR2 in the main thread) and training stops with ``RewardFunctionError`` naming the function (the
-  checkpoints already written stay; resume from the last one). A call stuck in C code that ignores the interrupt
-  makes the process exit after a grace period of the same length, with the same message.
+  ``reward_timeout_s`` is interrupted (SIGUSR2 to the main thread) and training stops with ``RewardFunctionError``
+  naming the function (finished checkpoints stay; resume from the last one). A call stuck in C code that ignores
+  the interrupt makes the process exit after as long again, with the same message.
 
 None, NaN and inf all mean "no reward from this function for this completion" (TRL). A completion with no reward
 from any function is unscorable: left out of its group's statistics, advantage 0. A generation round in which
