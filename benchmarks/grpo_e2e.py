@@ -46,42 +46,45 @@ def _setup(model: str, steps: int, out: str):
     from transformers import set_seed
 
     from hf_align.cli import parse_args
-    from hf_align.config import GRPOConfig, ModelArguments, ScriptArguments
-    from hf_align.data import load_dataset_rows
+    from hf_align.config import GRPOConfig, ModelArguments
+    from hf_align.data import format_prompt, load_dataset_rows, load_prompt_template
     from hf_align.modeling import load_from_args
+    from recipes.grpo import GRPOScriptArguments
 
     model_args, s, cfg = parse_args(
-        (ModelArguments, ScriptArguments, GRPOConfig), _settings(model, steps, out)
+        (ModelArguments, GRPOScriptArguments, GRPOConfig), _settings(model, steps, out)
     )
     cfg.stop_strings = []
     set_seed(cfg.seed)
     policy, tokenizer = load_from_args(model_args)
+    template = load_prompt_template(s.prompt_template)
     rows = load_dataset_rows(str(REPO / s.dataset_name), kind=s.dataset_kind, max_rows=s.max_train_samples)
-    return cfg, policy, tokenizer, rows
+    rows = [{**r, "prompt": format_prompt(template, r["question"])} for r in rows]
+    return cfg, s, policy, tokenizer, rows
 
 
 def worker_ours(model: str, steps: int, out: str) -> dict:
     from hf_align.trainers.grpo import GRPOTrainer
 
-    cfg, policy, tokenizer, rows = _setup(model, steps, out)
-    trainer = GRPOTrainer(policy, cfg, train_dataset=rows, processing_class=tokenizer)
+    cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
+    trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     memory = PeakMemory("cpu")
     memory.start()
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     trainer.close()
-    steps_log = [h for h in trainer.state.log_history if "reward_mean" in h]
+    steps_log = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "wall_s": wall,
         "peak_rss_mib": memory.peak_above_baseline() / 2**20,
-        "reward": [h["reward_mean"] for h in steps_log],
+        "reward": [h["reward"] for h in steps_log],
         "format_rate": [h["format_rate"] for h in steps_log],
         "generation_s": [h.get("time/generation_s", 0.0) for h in steps_log],
         "grading_s": [h.get("time/grading_s", 0.0) for h in steps_log],
         "training_s": [h.get("time/training_s", 0.0) for h in steps_log],
         "sync_s": [h.get("time/weight_sync_s", 0.0) for h in steps_log],
-        "completion_tokens": [h["completion_length_mean"] * cfg.rollout_batch_size for h in steps_log],
+        "completion_tokens": [h["completions/mean_length"] * cfg.generation_batch_size for h in steps_log],
     }
 
 
@@ -109,25 +112,21 @@ def worker_trl(model: str, steps: int, out: str) -> dict:
     import trl
     from transformers import TrainerCallback
 
-    from hf_align.data import format_prompt, load_prompt_template
     from hf_align.rewards import REWARD_FUNCTIONS
 
-    cfg, policy, tokenizer, rows = _setup(model, steps, out)
-    template = load_prompt_template(cfg.prompt_template)
-    data = datasets.Dataset.from_list(
-        [{"prompt": format_prompt(template, r["question"]), "answer": str(r["answer"])} for r in rows]
-    )
-    reward = REWARD_FUNCTIONS[cfg.reward_funcs[0]]
+    cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
+    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": str(r["answer"])} for r in rows])
+    reward = REWARD_FUNCTIONS[s.reward_funcs[0]]
 
     def reward_fn(prompts, completions, answer, **kwargs):
         return [reward(c, a)["reward"] for c, a in zip(completions, answer)]
 
-    reward_fn.__name__ = cfg.reward_funcs[0]
+    reward_fn.__name__ = s.reward_funcs[0]
     trl_cfg = trl.GRPOConfig(
         output_dir=out, max_steps=steps, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
         adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=0, weight_decay=0.0,
-        per_device_train_batch_size=cfg.rollout_batch_size, gradient_accumulation_steps=1,
-        num_generations=cfg.group_size, max_completion_length=cfg.max_completion_length,
+        per_device_train_batch_size=cfg.generation_batch_size, gradient_accumulation_steps=1,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_p=1.0, top_k=0, beta=0.0, loss_type="grpo", scale_rewards="group",
         num_iterations=1,
         logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=True, bf16=False,
@@ -165,7 +164,7 @@ def worker_trl(model: str, steps: int, out: str) -> dict:
         "grading_s": grade,
         "training_s": [t.get("step_s", 0.0) - g - r for t, g, r in zip(per_step, gen, grade)],
         "sync_s": [0.0 for _ in per_step],  # generate() runs on the trained model itself
-        "completion_tokens": [h["completions/mean_length"] * cfg.rollout_batch_size for h in logs],
+        "completion_tokens": [h["completions/mean_length"] * cfg.generation_batch_size for h in logs],
     }
 
 

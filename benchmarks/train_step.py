@@ -8,7 +8,7 @@ Each (library, algorithm) pair runs in a fresh process that builds the model (se
 the same weights), the library's real trainer, and one fixed batch in that library's own input format:
 
 - GRPO: one rollout batch of ``batch`` sequences (one prompt, a group of ``batch`` completions), fixed
-  advantages. hf_align: ``GRPOTrainer`` with ``loss_type=grpo_clip`` and ``sequence_mean`` (GRPO's
+  advantages. hf_align: ``GRPOTrainer`` with ``policy_loss=grpo_clip`` and ``loss_type=grpo`` (GRPO's
   per-sequence mean) and its default ``share_prompt_prefix`` (the group's prompt goes through the decoder
   once; ``--impls hf_align_one_pass`` adds a run with it off), the micro-batch prepared as its rollout
   step prepares it (old log-probs, global counts: not timed, they belong to the rollout phase). TRL: ``GRPOTrainer`` with ``loss_type=grpo``,
@@ -150,11 +150,11 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
 
         cfg = GRPOConfig(
             **base,
-            rollout_batch_size=B,
-            group_size=B,
-            loss_type="grpo_clip",
-            loss_reduction="sequence_mean",
-            cliprange=0.2,
+            generation_batch_size=B,
+            num_generations=B,
+            policy_loss="grpo_clip",
+            loss_type="grpo",
+            epsilon=0.2,
             beta=0.0,
             max_completion_length=C,
             grader_num_workers=0,
@@ -163,8 +163,9 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
             **_chunk(args),
         )
         trainer = GRPOTrainer(
-            model, cfg, train_dataset=[{"question": "q", "answer": "a"}], processing_class=tok
-        )
+            model, lambda completions, **kw: [0.0] * len(completions), cfg,
+            train_dataset=[{"prompt": "q", "answer": "a"}], processing_class=tok,
+        )  # fmt: skip
         scored = R.ScoredGroups(
             prompt_ids=[prompt] * B, completion_ids=completions, rewards=rewards_B.tolist()
         )

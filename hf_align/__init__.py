@@ -30,6 +30,7 @@ _LAZY = {
     "SFTTrainer": "hf_align.trainers.sft",
     "GRPOConfig": "hf_align.config",
     "GRPOTrainer": "hf_align.trainers.grpo",
+    "GraderReward": "hf_align.rewards.functions",
     "DPOConfig": "hf_align.config",
     "DPOTrainer": "hf_align.trainers.dpo",
     "RewardConfig": "hf_align.config",

@@ -269,133 +269,174 @@ class SFTConfig(_TRLConfig):
         super().__post_init__()
 
 
+# TRL's loss_type names -> (our reduction, whether its normalizer spans the whole optimizer step). bnpo normalizes
+# by the tokens of each LOCAL micro-batch, as TRL does (so it depends on the split; dapo is the exact global one).
+GRPO_LOSS_TYPES = {
+    "grpo": ("sequence_mean", True),
+    "dapo": ("token_mean", True),
+    "dr_grpo": ("constant", True),
+    "bnpo": ("token_mean", False),
+}
+_TRL_ONLY_LOSSES = ("cispo", "sapo", "luspo", "vespo")
+
+
 @dataclass
 class GRPOConfig(_CPUSafeMixin, TrainingArguments):
-    """Group-relative policy optimisation (and REINFORCE variants) with rollouts from a generation engine.
+    """Group-relative policy optimisation with TRL 1.16's field names and defaults, plus hf_align's extras.
 
-    One *rollout step* samples ``rollout_batch_size`` completions (``rollout_batch_size / group_size`` prompts,
-    ``group_size`` samples each), grades them and computes advantages; then ``epochs_per_rollout_batch`` passes
-    over them make ``rollout_batch_size / optimizer_batch_size`` optimizer steps each. ``max_steps`` counts optimizer
-    steps, as everywhere in transformers. With several processes each generates its share of the prompts.
+    One *generation step* samples ``generation_batch_size`` completions (``generation_batch_size /
+    num_generations`` prompts, ``num_generations`` samples each, shared over processes), scores them and computes
+    advantages; then ``num_iterations`` passes over them make ``generation_batch_size / (per_device_train_batch_size
+    x gradient_accumulation_steps x processes)`` optimizer steps each. ``max_steps`` counts optimizer steps.
+    Defaults are TRL's except those listed in the README's "Coming from TRL" table.
     """
 
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "chat_template_kwargs"]
+
+    # --- TrainingArguments defaults that differ (TRL: logging_steps 10, learning_rate 1e-6)
     bf16: bool | None = field(
         default=None, metadata={"help": "bfloat16 mixed precision. None: on when a CUDA device supports it."}
     )
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (the seed uses 0.95)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Prompts carry their own columns."})
-    # --- rollouts
-    rollout_batch_size: int = field(default=256, metadata={"help": "Completions sampled per rollout step."})
-    group_size: int = field(default=8, metadata={"help": "Completions per prompt (the group of GRPO)."})
-    optimizer_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Completions per optimizer step (the seed's train_batch_size) = per_device_train_batch_size x "
-            "gradient_accumulation_steps x processes. None: derived from those."
-        },
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: they reach the reward functions."}
     )
-    epochs_per_rollout_batch: int = field(
-        default=1,
-        metadata={"help": "Passes over each rollout batch; > 1 is off-policy (needs a ratio loss)."},
+    # --- model
+    model_init_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "from_pretrained keyword arguments when `model` is a string."}
     )
-    rollout_engine: Literal["hf", "vllm", "vllm_server"] = field(
-        default="hf",
-        metadata={"help": "hf: model.generate; vllm: colocated vllm.LLM; vllm_server: HTTP server."},
+    disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
+    # --- generation (TRL)
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (the group of GRPO)."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Completions per generation, all processes (None: from the next)."}
     )
-    max_prompt_length: int = field(
-        default=512, metadata={"help": "Prompts with more tokens are dropped (counted and logged)."}
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches per generation (None: gradient_accumulation_steps)."}
     )
-    max_completion_length: int = field(default=1024, metadata={"help": "Maximum new tokens per completion."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."}
-    )
+    max_completion_length: int = field(default=512, metadata={"help": "Maximum new tokens per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    min_completion_length: int = field(default=0, metadata={"help": "Minimum new tokens per completion."})
-    stop_strings: list[str] = field(
-        default_factory=lambda: ["</answer>"],
-        metadata={"help": "Generation stops after any of these strings."},
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Visit the prompts in a seeded order."})
+    chat_template_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Extra apply_chat_template arguments (conversational prompts)."}
     )
-    generation_batch_size: int = field(
-        default=32, metadata={"help": "Prompts per generate call (hf engine)."}
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (else model.generate)."})
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate",
+        metadata={
+            "help": "colocate: a vLLM engine in the training process; server: `python -m hf_align.rollout.vllm_server`."
+        },
     )
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL of the vLLM server (None: http://vllm_server_host:vllm_server_port)."},
+    )
+    vllm_server_host: str = field(
+        default="0.0.0.0", metadata={"help": "vLLM server host (without base URL)."}
+    )
+    vllm_server_port: int = field(default=8000, metadata={"help": "vLLM server port (without base URL)."})
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Fraction of GPU memory a colocated vLLM engine may take."}
     )
     vllm_enable_sleep_mode: bool = field(
         default=False, metadata={"help": "Put the colocated vLLM engine to sleep during training (GPU only)."}
     )
-    vllm_server_url: str = field(
-        default="http://127.0.0.1:8000",
-        metadata={"help": "Base URL of `python -m hf_align.rollout.vllm_server`."},
+    log_completions: bool = field(
+        default=False, metadata={"help": "Log a few (prompt, completion, reward) rows."}
     )
-    # --- rewards and advantages
-    prompt_template: str = field(default="r1_zero", metadata={"help": "Prompt template name or file."})
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["r1_zero"],
-        metadata={"help": "Reward function names (hf_align.rewards.REWARD_FUNCTIONS); rewards are summed."},
+    num_completions_to_print: int | None = field(default=None, metadata={"help": "How many (None: 4)."})
+    # --- loss (TRL)
+    beta: float = field(
+        default=0.0, metadata={"help": "Weight of the k3 KL penalty to the reference policy."}
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={"help": "Passes over each generation batch; > 1 is off-policy (needs a ratio loss)."},
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the importance ratio."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clip range (DAPO's clip-higher, e.g. 0.28). None: epsilon."}
+    )
+    importance_sampling_level: Literal["token", "sequence"] = field(
+        default="token", metadata={"help": "Importance ratio per token (GRPO) or per sequence (GSPO)."}
     )
     reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per reward function (default: all 1)."}
+        default=None,
+        metadata={"help": "One weight per reward function (default: all 1); rewards are summed."},
     )
-    grader_timeout_s: float = field(default=5.0, metadata={"help": "Per-completion grading time limit."})
-    grader_num_workers: int = field(default=2, metadata={"help": "Grader worker processes (0: in-process)."})
-    normalize_by_std: bool = field(
-        default=True, metadata={"help": "Divide advantages by the group's std (GRPO); False: Dr. GRPO."}
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "Divide advantages by the std of the group, of the whole generation batch, or none."
+        },
     )
-    advantage_eps: float = field(default=1e-6, metadata={"help": "Added to the group std before dividing."})
+    loss_type: str = field(
+        default="dapo",
+        metadata={
+            "help": "grpo: mean over each sequence's tokens, then over sequences; dapo: mean over all tokens of the "
+            "optimizer step (exact, global); dr_grpo: sum / (sequences x max_completion_length); bnpo: token mean "
+            "of each micro-batch."
+        },
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Leave completions cut by max_completion_length out of the loss."}
+    )
+    # --- hf_align extras
+    policy_loss: Literal["grpo_clip", "grpo_no_clip", "reinforce_with_baseline", "no_baseline"] = field(
+        default="grpo_clip",
+        metadata={
+            "help": "Per-token objective: grpo_clip (PPO clipped ratio, TRL's), grpo_no_clip, "
+            "reinforce_with_baseline (-A log p), no_baseline (-r log p)."
+        },
+    )
+    advantage_eps: float = field(default=1e-4, metadata={"help": "Added to the reward std before dividing."})
     dynamic_sampling: bool = field(
         default=False,
         metadata={"help": "DAPO: drop groups whose rewards are all equal and refill from the next prompts."},
     )
     max_dynamic_sampling_rounds: int = field(
-        default=4, metadata={"help": "Generation rounds per rollout step before accepting zero-std groups."}
-    )
-    # --- loss
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = field(
-        default="reinforce_with_baseline", metadata={"help": "Per-token policy-gradient loss."}
-    )
-    loss_reduction: Literal["sequence_mean", "token_mean", "constant"] = field(
-        default="sequence_mean",
-        metadata={
-            "help": "sequence_mean: GRPO's mean over tokens then sequences; token_mean: DAPO's mean over all tokens "
-            "of the step; constant: Dr. GRPO's sum / (sequences x max_completion_length)."
-        },
-    )
-    cliprange: float | None = field(
-        default=0.2,
-        metadata={"help": "PPO clip range epsilon (both sides); grpo_clip needs it or both bounds."},
-    )
-    cliprange_low: float | None = field(
-        default=None, metadata={"help": "Lower clip range (default: cliprange)."}
-    )
-    cliprange_high: float | None = field(
-        default=None,
-        metadata={"help": "Upper clip range, e.g. 0.28 for DAPO's clip-higher (default: cliprange)."},
-    )
-    ratio_level: Literal["token", "sequence"] = field(
-        default="token", metadata={"help": "Importance ratio per token (PPO/GRPO) or per sequence (GSPO)."}
-    )
-    beta: float = field(
-        default=0.0, metadata={"help": "Weight of the k3 KL penalty to the reference policy."}
+        default=4, metadata={"help": "Generation rounds per step before accepting zero-std groups."}
     )
     ref_mode: Literal["copy", "adapter_disabled"] | None = field(
         default=None,
         metadata={
             "help": "Reference policy for beta > 0. copy: a frozen copy of the initial model (or ref_model); "
-            "adapter_disabled: the policy with its LoRA adapters off (needs use_peft). None: adapter_disabled "
-            "under LoRA, else copy."
+            "adapter_disabled: the policy with its LoRA adapters off. None: adapter_disabled under LoRA, else copy."
         },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Prompts with more tokens are skipped (counted and logged). None: no limit."},
+    )
+    min_completion_length: int = field(default=0, metadata={"help": "Minimum new tokens per completion."})
+    stop_strings: list[str] = field(
+        default_factory=list, metadata={"help": "Generation also stops after any of these strings (kept)."}
+    )
+    hf_generate_batch_size: int = field(
+        default=32, metadata={"help": "Sequences per model.generate call (use_vllm false)."}
+    )
+    reward_timeout_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "Wall-clock limit of one call of a reward function or model; past it training stops."
+        },
+    )
+    grader_timeout_s: float = field(
+        default=5.0, metadata={"help": "Per-completion time limit of the built-in graders (killed past it)."}
+    )
+    grader_num_workers: int = field(
+        default=2, metadata={"help": "Built-in grader worker processes (0: in-process)."}
     )
     logprob_chunk_tokens: int = field(
         default=256, metadata={"help": "Tokens per log-prob chunk (memory knob)."}
     )
     share_prompt_prefix: bool = field(
-        default=True, metadata={"help": SHARE_PROMPT_HELP + " (saves 1 - 1/group_size of the prompt's work)."}
+        default=True,
+        metadata={"help": SHARE_PROMPT_HELP + " (saves 1 - 1/num_generations of the prompt's work)."},
     )
-    # --- evaluation and outputs
     eval_max_examples: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many rows."}
     )
@@ -407,65 +448,93 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     def __post_init__(self):
         self._resolve_precision()
         super().__post_init__()
-        if self.group_size < 2:
+        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
+            self.scale_rewards, self.scale_rewards
+        )
+        if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(
-                f"group_size must be >= 2 to compare completions of a prompt, got {self.group_size}"
+                f"scale_rewards must be 'group', 'batch' or 'none' (or a bool), got {self.scale_rewards!r}"
             )
-        if self.rollout_batch_size % self.group_size:
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            hint = " (a TRL loss hf_align does not implement)" if self.loss_type in _TRL_ONLY_LOSSES else ""
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of group_size "
-                f"({self.group_size}): every prompt gets a full group"
+                f"loss_type={self.loss_type!r}{hint}: choose one of {sorted(GRPO_LOSS_TYPES)}; "
+                "dapo (the default) is the exact global token mean"
             )
-        derived = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
-        if self.optimizer_batch_size is None:
-            self.optimizer_batch_size = derived
-        elif self.optimizer_batch_size != derived:
+        if self.num_generations < 2:
             raise ValueError(
-                f"optimizer_batch_size ({self.optimizer_batch_size}) must equal per_device_train_batch_size "
-                f"({self.per_device_train_batch_size}) x gradient_accumulation_steps "
-                f"({self.gradient_accumulation_steps}) x processes ({self.world_size}) = {derived}"
+                f"num_generations must be >= 2 to compare completions of a prompt, got {self.num_generations}"
             )
-        if self.rollout_batch_size % self.optimizer_batch_size:
+        per_step = (
+            self.per_device_train_batch_size * self.world_size
+        )  # completions per micro-batch, all processes
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("set generation_batch_size or steps_per_generation, not both")
+        if self.generation_batch_size is None:
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+            self.generation_batch_size = per_step * self.steps_per_generation
+        elif self.generation_batch_size % per_step:
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of optimizer_batch_size "
-                f"({self.optimizer_batch_size})"
+                f"generation_batch_size ({self.generation_batch_size}) must be a multiple of per_device_train_batch_size "
+                f"x processes = {per_step}"
             )
-        if self.rollout_batch_size % (self.group_size * self.world_size):
+        self.steps_per_generation = self.generation_batch_size // per_step
+        if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must split into whole groups per process: "
-                f"make it a multiple of group_size x processes = {self.group_size * self.world_size}"
+                f"generation_batch_size ({self.generation_batch_size}) must be a whole number of optimizer steps of "
+                f"per_device_train_batch_size x gradient_accumulation_steps x processes = "
+                f"{per_step * self.gradient_accumulation_steps} completions"
             )
-        if self.epochs_per_rollout_batch > 1 and self.loss_type not in ("grpo_clip", "grpo_no_clip"):
+        if self.generation_batch_size % (self.num_generations * self.world_size):
             raise ValueError(
-                f"epochs_per_rollout_batch={self.epochs_per_rollout_batch} is off-policy: use loss_type='grpo_clip' "
-                f"(or grpo_no_clip), not {self.loss_type!r}"
+                f"generation_batch_size ({self.generation_batch_size}) must split into whole groups per process: "
+                f"make it a multiple of num_generations x processes = {self.num_generations * self.world_size}"
             )
-        if self.ratio_level == "sequence" and self.loss_type not in ("grpo_clip", "grpo_no_clip"):
-            raise ValueError("ratio_level='sequence' (GSPO) needs loss_type='grpo_clip' or 'grpo_no_clip'")
-        for name in ("cliprange", "cliprange_low", "cliprange_high"):
+        ratio = self.policy_loss in ("grpo_clip", "grpo_no_clip")
+        if self.num_iterations > 1 and not ratio:
+            raise ValueError(
+                f"num_iterations={self.num_iterations} is off-policy: use policy_loss='grpo_clip' (or grpo_no_clip), "
+                f"not {self.policy_loss!r}"
+            )
+        if self.importance_sampling_level == "sequence" and not ratio:
+            raise ValueError(
+                "importance_sampling_level='sequence' (GSPO) needs policy_loss='grpo_clip' or 'grpo_no_clip'"
+            )
+        for name in ("epsilon", "epsilon_high"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
-        low = self.cliprange_low if self.cliprange_low is not None else self.cliprange
-        high = self.cliprange_high if self.cliprange_high is not None else self.cliprange
-        if self.loss_type == "grpo_clip" and (low is None or high is None):
-            raise ValueError(
-                "loss_type='grpo_clip' needs a clip range: set cliprange (e.g. 0.2) or both cliprange_low and "
-                "cliprange_high, or use loss_type='grpo_no_clip'"
-            )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
-            )
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for training rollouts (log-probs are taken at it)")
+        if self.reward_timeout_s <= 0:
+            raise ValueError(f"reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+
+    @property
+    def optimizer_batch_size(self) -> int:
+        """Completions per optimizer step, over all processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
     @property
     def steps_per_rollout(self) -> int:
-        """Optimizer steps made from one rollout batch."""
-        return self.epochs_per_rollout_batch * (self.rollout_batch_size // self.optimizer_batch_size)
+        """Optimizer steps made from one generation batch."""
+        return self.num_iterations * (self.generation_batch_size // self.optimizer_batch_size)
+
+    @property
+    def loss_reduction(self) -> str:
+        return GRPO_LOSS_TYPES[self.loss_type][0]
+
+    @property
+    def rollout_engine(self) -> str:
+        """Our engine name: hf (model.generate), vllm (colocated) or vllm_server."""
+        if not self.use_vllm:
+            return "hf"
+        return "vllm" if self.vllm_mode == "colocate" else "vllm_server"
+
+    @property
+    def vllm_server_url(self) -> str:
+        return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
 
 
 @dataclass

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 CURVES = [
-    ("reward_mean", "reward (train rollouts)"),
+    ("reward", "reward (train rollouts)"),
     ("accuracy", "answer accuracy (train rollouts)"),
     ("format_rate", "format rate (train rollouts)"),
     ("eval_accuracy", "eval accuracy"),
     ("eval_format_rate", "eval format rate"),
-    ("eval_mean_reward", "eval mean reward"),
+    ("eval_reward", "eval reward"),
 ]
 
 

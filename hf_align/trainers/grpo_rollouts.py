@@ -4,34 +4,45 @@ Kept apart from the trainer so each step can be read (and tested) on its own. No
 model except through the log-prob function handed in.
 
 Choices:
-- Rewards of several reward functions are summed with weights; the first function's ``format_reward`` and
-  ``answer_reward`` feed the format-rate and accuracy metrics.
-- No reward, no signal: a completion whose reward function raised, returned None / a non-dict, or returned a
-  NaN / inf reward (the grader flags the first cases ``grader_error``) gets reward 0 for the group statistics
-  and advantage 0, so it adds nothing to the gradient; it is counted (``reward_invalid`` per step) and the
-  grader logs the cause. A grading *timeout* is different: the completion made the grader hang (hostile or
-  pathological text), so it is graded 0 like a wrong answer, counted in ``grader_timeouts``.
+- Prompts come from the dataset's ``prompt`` column: a string goes to the engine as is, a conversation
+  (list of messages) is rendered with the tokenizer's chat template and its completions are message lists.
+- Rewards of several reward functions are summed with weights, skipping a function that gave no reward
+  (None / NaN) for a completion, as TRL does; a completion with no reward from any function is unscorable:
+  it is left out of its group's mean and std and gets advantage 0 (see ``hf_align.trainers.grpo_rewards``).
 - Dynamic sampling (DAPO, Yu et al. 2025) drops groups whose rewards are all equal (zero advantage: no
   learning signal) and samples more prompts; after ``max_rounds`` generation rounds the batch is completed
   with zero-std groups so that every step has the same shape.
-- Every optimizer step's global sequence and token counts are computed once per rollout batch (token counts
+- Every optimizer step's global sequence and token counts are computed once per generation batch (token counts
   summed over processes), so each micro-batch's loss is normalised exactly as the full batch would be.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from hf_align.data import build_shifted_sequences, format_prompt
+from hf_align.data import build_shifted_sequences
 from hf_align.losses.grpo import group_normalize_rewards
-from hf_align.rewards.pool import ERROR_FLAG
 from hf_align.rollout.base import Rollout, SamplingConfig
 
 logger = logging.getLogger(__name__)
+
+
+def is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def render_prompt(prompt, tokenizer, chat_template_kwargs: dict | None = None) -> str:
+    """The text the engine continues: a string prompt as is, a conversation through the chat template."""
+    if is_conversational(prompt):
+        return tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    return prompt
 
 
 class PromptStream:
@@ -39,12 +50,14 @@ class PromptStream:
 
     Position ``p = cursor x world + rank`` is row ``perm_epoch[p mod n]`` with ``epoch = p div n``, so the prompt
     order depends only on the seed (not on the number of processes), and ``p`` doubles as the prompt's sampling
-    seed offset. Prompts longer than ``max_prompt_length`` tokens are skipped, counted and logged.
+    seed offset (``shuffle=False``: the rows in order). Prompts longer than ``max_prompt_length`` tokens (when
+    set) are skipped, counted and logged.
     """
 
-    def __init__(self, rows: list[dict], template: str, tokenizer, max_prompt_length: int, seed: int):
-        self.rows, self.template, self.tokenizer = rows, template, tokenizer
-        self.max_prompt_length, self.seed = max_prompt_length, seed
+    def __init__(self, rows, tokenizer, max_prompt_length: int | None, seed: int, shuffle: bool = True,
+                 chat_template_kwargs: dict | None = None):  # fmt: skip
+        self.rows, self.tokenizer, self.chat_template_kwargs = rows, tokenizer, chat_template_kwargs
+        self.max_prompt_length, self.seed, self.shuffle = max_prompt_length, seed, shuffle
         self.cursor = 0
         self.dropped = 0
 
@@ -54,22 +67,26 @@ class PromptStream:
         while len(out) < count:
             position = self.cursor * world + rank
             epoch, index = divmod(position, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            row = self.rows[perm[index].item()]
+            if self.shuffle:
+                index = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))[
+                    index
+                ].item()
+            row = self.rows[index]
             self.cursor += 1
-            prompt = format_prompt(self.template, row["question"])
-            if len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) > self.max_prompt_length:
+            text = render_prompt(row["prompt"], self.tokenizer, self.chat_template_kwargs)
+            limit = self.max_prompt_length
+            if limit is not None and len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) > limit:
                 self.dropped += 1
                 logger.warning(
                     "prompt longer than max_prompt_length=%d dropped (%d so far): %.60r",
-                    self.max_prompt_length, self.dropped, row["question"],
+                    limit, self.dropped, text,
                 )  # fmt: skip
                 if self.dropped > 10 * n:
                     raise ValueError(
                         "every prompt exceeds max_prompt_length: raise it or shorten the prompts"
                     )
                 continue
-            out.append({"prompt": prompt, "answer": row["answer"], "position": position})
+            out.append({"text": text, "row": row, "position": position})
         return out
 
     def state_dict(self) -> dict[str, int]:
@@ -85,12 +102,8 @@ class ScoredGroups:
 
     prompt_ids: list[list[int]] = field(default_factory=list)
     completion_ids: list[list[int]] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    format_rewards: list[float] = field(default_factory=list)
-    answer_rewards: list[float] = field(default_factory=list)
-    valid: list[bool] = field(default_factory=list)  # False where the reward was not finite
+    rewards: list[float] = field(default_factory=list)  # weighted sum over functions; NaN: unscorable
 
     def extend(self, other: ScoredGroups, start: int, stop: int) -> None:
         for name in self.__dataclass_fields__:
@@ -100,45 +113,43 @@ class ScoredGroups:
         return len(self.rewards)
 
 
-def _finite_or_zero(value) -> float:
-    value = float(value or 0.0)
-    return value if math.isfinite(value) else 0.0
+def reward_inputs(prompts: list[dict], groups: list[list[Rollout]]) -> dict:
+    """TRL's reward-function arguments for these groups: prompts, completions (message lists for conversations),
+    completion ids, and every other dataset column as a list, one entry per completion."""
+    rows = [p["row"] for p, group in zip(prompts, groups) for _ in group]
+    flat = [r for group in groups for r in group]
+    conversational = bool(rows) and is_conversational(rows[0]["prompt"])
+    return {
+        "prompts": [row["prompt"] for row in rows],
+        "completions": [
+            [{"role": "assistant", "content": r.text}] if conversational else r.text for r in flat
+        ],
+        "completion_ids": [list(r.completion_ids) for r in flat],
+        "columns": {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"},
+    }
 
 
-def score_groups(
-    groups: list[list[Rollout]], answers: list, graders: list, weights: list[float]
-) -> tuple[ScoredGroups, int]:
-    """Grade every completion with every grader; returns the scored groups and the non-finite reward count."""
-    out = ScoredGroups()
-    truths = []
-    for group, answer in zip(groups, answers):
-        for r in group:
-            out.prompt_ids.append(r.prompt_ids)
-            out.completion_ids.append(r.completion_ids)
-            out.texts.append(r.text)
-            out.finish_reasons.append(r.finish_reason)
-            truths.append(answer)
-    totals = [0.0] * len(out.texts)
-    valid = [True] * len(out.texts)
-    for k, (grader, weight) in enumerate(zip(graders, weights)):
-        graded = grader.grade(out.texts, truths)
-        for i, d in enumerate(graded):
-            value = d.get("reward") if isinstance(d, dict) else None
-            if value is None or d.get(ERROR_FLAG) or not math.isfinite(float(value)):
-                valid[i] = False
-                continue
-            totals[i] += weight * float(value)
-        if k == 0:
-            out.format_rewards = [_finite_or_zero(d.get("format_reward")) for d in graded]
-            out.answer_rewards = [_finite_or_zero(d.get("answer_reward")) for d in graded]
-    out.rewards = [t if v else 0.0 for t, v in zip(totals, valid)]
-    out.valid = valid
-    return out, valid.count(False)
+def total_rewards(rewards_NF: torch.Tensor, weights: list[float]) -> list[float]:
+    """Weighted sum over the functions that gave a reward (TRL's nansum); NaN where none did."""
+    weighted_NF = rewards_NF * torch.tensor(weights, dtype=rewards_NF.dtype)
+    totals_N = weighted_NF.nansum(dim=1)
+    totals_N[torch.isnan(rewards_NF).all(dim=1)] = float("nan")
+    return totals_N.tolist()
+
+
+def scored_groups(groups: list[list[Rollout]], rewards: list[float]) -> ScoredGroups:
+    flat = [r for group in groups for r in group]
+    return ScoredGroups(
+        prompt_ids=[r.prompt_ids for r in flat],
+        completion_ids=[r.completion_ids for r in flat],
+        finish_reasons=[r.finish_reason for r in flat],
+        rewards=list(rewards),
+    )
 
 
 def group_has_signal(rewards: list[float], start: int, group_size: int) -> bool:
-    group = rewards[start : start + group_size]
-    return max(group) > min(group)
+    group = [r for r in rewards[start : start + group_size] if r == r]  # NaN: unscorable
+    return len(group) > 1 and max(group) > min(group)
 
 
 def select_groups(
@@ -153,13 +164,32 @@ def select_groups(
         target.extend(scored, start, start + group_size)
 
 
-def advantages_for(scored: ScoredGroups, group_size: int, eps: float, normalize_by_std: bool):
+def advantages_for(
+    scored: ScoredGroups, group_size: int, eps: float, scale: str, batch_std: float | None = None
+):
+    """Rewards minus their group's mean, divided by the group's std (``scale="group"``), by ``batch_std`` (the
+    std of the whole generation batch, all processes: ``"batch"``) or by nothing (``"none"``). Unscorable
+    completions (NaN) are left out of their group's statistics and get advantage 0; returns rewards with 0 there."""
     rewards_B = torch.tensor(scored.rewards, dtype=torch.float32)
-    advantages_B = group_normalize_rewards(rewards_B, group_size, eps, normalize_by_std)
-    advantages_B = advantages_B * torch.tensor(
-        scored.valid, dtype=torch.float32
-    )  # invalid rewards: no signal
-    return rewards_B, advantages_B
+    valid_B = ~torch.isnan(rewards_B)
+    by_group = scale == "group"
+    if valid_B.all():
+        advantages_B = group_normalize_rewards(rewards_B, group_size, eps, by_group)
+    else:
+        advantages_B = torch.zeros_like(rewards_B)
+        for start in range(0, len(rewards_B), group_size):
+            idx = valid_B[start : start + group_size].nonzero().flatten() + start
+            if len(idx):
+                advantages_B[idx] = group_normalize_rewards(rewards_B[idx], len(idx), eps, by_group)
+    if scale == "batch":
+        advantages_B = advantages_B / (batch_std + eps)
+    return rewards_B.nan_to_num(0.0), advantages_B
+
+
+def rewards_std(rewards: torch.Tensor) -> float:
+    """Unbiased std of the finite values (0 with fewer than two)."""
+    valid = rewards[~torch.isnan(rewards)]
+    return valid.std().item() if valid.numel() > 1 else 0.0
 
 
 def build_micro_batches(
@@ -169,6 +199,7 @@ def build_micro_batches(
     pad_token_id: int,
     micro_batch_size: int,
     micro_batches_per_step: int,
+    mask_truncated: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Split this process's rollout batch into micro-batches (in order), each trimmed to its own length.
 
@@ -178,6 +209,9 @@ def build_micro_batches(
     for i, start in enumerate(range(0, len(scored), micro_batch_size)):
         sl = slice(start, start + micro_batch_size)
         seqs = build_shifted_sequences(scored.prompt_ids[sl], scored.completion_ids[sl], pad_token_id)
+        if mask_truncated:  # TRL's mask_truncated_completions: cut completions leave the loss
+            cut = torch.tensor([f == "length" for f in scored.finish_reasons[sl]])
+            seqs["response_mask"] = seqs["response_mask"] * ~cut[:, None]
         seqs["advantages"] = advantages_B[sl]
         seqs["raw_rewards"] = rewards_B[sl]
         seqs["step_index"] = torch.tensor(i // micro_batches_per_step)
@@ -185,20 +219,30 @@ def build_micro_batches(
     return batches
 
 
-def rollout_metrics(scored: ScoredGroups, group_size: int, max_completion_length: int) -> dict[str, float]:
-    rewards = torch.tensor(scored.rewards)
-    lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
-    groups = rewards.view(-1, group_size)  # (num_groups, G)
-    return {
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-        "format_rate": sum(scored.format_rewards) / max(len(scored), 1),
-        "accuracy": sum(scored.answer_rewards) / max(len(scored), 1),
-        "zero_std_group_fraction": (groups.max(1).values == groups.min(1).values).float().mean().item(),
-        "completion_length_mean": lengths.mean().item(),
-        "completion_length_max": lengths.max().item(),
-        "truncated_fraction": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
-    }
+def rollout_metrics(rewards_NF: torch.Tensor, names: list[str], totals: list[float], scored_lengths: list[int],
+                    finish_reasons: list[str], group_size: int) -> dict[str, float]:  # fmt: skip
+    """TRL's metric names for one generation round, plus ``rewards/<name>/invalid`` (completions it gave no reward)."""
+    out = {}
+    for k, name in enumerate(names):
+        column = rewards_NF[:, k]
+        valid = column[~torch.isnan(column)]
+        out[f"rewards/{name}/mean"] = valid.mean().item() if valid.numel() else float("nan")
+        out[f"rewards/{name}/std"] = rewards_std(column)
+        out[f"rewards/{name}/invalid"] = float(column.numel() - valid.numel())
+    rewards = torch.tensor(totals, dtype=torch.float64)
+    valid = rewards[~torch.isnan(rewards)]
+    groups = rewards.nan_to_num(0.0).view(-1, group_size)  # (num_groups, G)
+    lengths = torch.tensor(scored_lengths, dtype=torch.float32)
+    out.update({
+        "reward": valid.mean().item() if valid.numel() else float("nan"),
+        "reward_std": rewards_std(rewards),
+        "frac_reward_zero_std": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": sum(r == "length" for r in finish_reasons) / max(len(finish_reasons), 1),
+    })  # fmt: skip
+    return out
 
 
 def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
@@ -206,7 +250,7 @@ def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
     seed, so the rollouts are the same whatever the number of processes or the generation batch size."""
     seeds = None if positions is None else [args.seed * 1_000_003 + p for p in positions]
     return SamplingConfig(
-        n=args.group_size,
+        n=args.num_generations,
         max_new_tokens=args.max_completion_length,
         temperature=args.temperature,
         top_p=args.top_p,

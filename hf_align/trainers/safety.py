@@ -59,7 +59,7 @@ def engine_faults(trainer, engine_kind: str, action: str):
             f"{trainer.state.global_step + 1}: {type(e).__name__}: {str(e)[:500]}. Training stopped. "
             + last_checkpoint_hint(trainer.args.output_dir)
             + (
-                "Out of memory: lower vllm_gpu_memory_utilization, generation_batch_size or "
+                "Out of memory: lower vllm_gpu_memory_utilization, generation_batch_size, hf_generate_batch_size or "
                 "max_completion_length, or enable vllm_enable_sleep_mode."
                 if oom
                 else "If the engine died (a vLLM server crashed or was stopped), restart it and resume."

@@ -70,20 +70,21 @@ def build_trainer(
         from hf_align.trainers.grpo import GRPOTrainer
         from tests.integration.test_grpo_trainer import ROWS, _config, letter_e_reward
 
-        out.mkdir(parents=True, exist_ok=True)
-        template = out / "colour.prompt"
-        template.write_text("Q: {question} A:")
-        # A rollout batch of 48 lasts 3 optimizer steps of 16: checkpoint-2 holds one unused step of rollouts, and
+        # A generation batch of 48 lasts 3 optimizer steps of 16: checkpoint-2 holds one unused step of rollouts, and
         # step 4 samples a new batch (temperature 1) from where the prompt stream stopped. The reward is continuous,
         # so every group carries a gradient.
         cfg = _config(
-            out, template, rollout_batch_size=48, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+            out, generation_batch_size=48, per_device_train_batch_size=8, gradient_accumulation_steps=2,
             plot_curves=False, **common,
         )  # fmt: skip
         return GRPOTrainer(
-            model, cfg, train_dataset=ROWS, processing_class=tokenizer, reward_funcs=[letter_e_reward],
+            model,
+            [letter_e_reward],
+            cfg,
+            train_dataset=ROWS,
+            processing_class=tokenizer,
             callbacks=list(callbacks),
-        )  # fmt: skip
+        )
     raise ValueError(f"--trainer must be one of {TRAINERS}, got {kind!r}")
 
 

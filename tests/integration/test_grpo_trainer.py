@@ -14,33 +14,33 @@ from tests.conftest import build_model, grad_capture
 TARGET = "blue"
 
 
-def target_word_reward(response: str, ground_truth) -> dict[str, float]:
+def target_word_reward(completions, **kwargs) -> list[float]:
     """A reward a random tiny model can learn: how often it says the target word (capped at 1)."""
-    hits = min(response.count(TARGET), 4) / 4
-    return {"format_reward": float(hits > 0), "answer_reward": 0.0, "reward": hits}
+    return [min(c.count(TARGET), 4) / 4 for c in completions]
 
 
-def letter_e_reward(response: str, ground_truth) -> dict[str, float]:
+def letter_e_reward(completions, **kwargs) -> list[float]:
     """Continuous (almost never tied within a group), so every group carries a learning signal."""
-    return {"reward": response.count("e") / max(len(response), 1)}
+    return [c.count("e") / max(len(c), 1) for c in completions]
 
 
-ROWS = [{"question": q, "answer": "0"} for q in ["red", "green", "cat", "dog", "yes", "no", "good", "bad"]]
+ROWS = [
+    {"prompt": f"Q: {q} A:", "answer": "0"}
+    for q in ["red", "green", "cat", "dog", "yes", "no", "good", "bad"]
+]
 
 
-def _config(tmp_path, template, **kw) -> GRPOConfig:
+def _config(tmp_path, **kw) -> GRPOConfig:
     base = dict(
         output_dir=str(tmp_path / "out"),
-        prompt_template=str(template),
-        rollout_batch_size=32,
-        group_size=8,
+        generation_batch_size=32,
+        num_generations=8,
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,
         max_steps=20,
         learning_rate=2e-2,
         lr_scheduler_type="constant",
         max_completion_length=8,
-        stop_strings=[],
         temperature=1.0,
         grader_num_workers=0,
         logging_steps=1,
@@ -55,24 +55,17 @@ def _config(tmp_path, template, **kw) -> GRPOConfig:
     return GRPOConfig(**base)
 
 
-@pytest.fixture()
-def template(tmp_path):
-    path = tmp_path / "colour.prompt"
-    path.write_text("Q: {question} A:")
-    return path
-
-
 def _rewards(trainer):
-    return [h["reward_mean"] for h in trainer.state.log_history if "reward_mean" in h]
+    return [h["reward"] for h in trainer.state.log_history if "reward" in h]
 
 
 @pytest.mark.slow
-def test_reward_rises_and_parameters_change(tmp_path, tokenizer, template):
+def test_reward_rises_and_parameters_change(tmp_path, tokenizer):
     model = build_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = GRPOTrainer(
         model,
-        _config(tmp_path, template),
+        args=_config(tmp_path),
         train_dataset=ROWS,
         processing_class=tokenizer,
         reward_funcs=[target_word_reward],
@@ -84,17 +77,18 @@ def test_reward_rises_and_parameters_change(tmp_path, tokenizer, template):
     assert last > first + 0.2, rewards
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     history = trainer.state.log_history
-    for key in ("loss", "grad_norm", "entropy", "completion_length_mean", "zero_std_group_fraction",
-                "time/generation_s", "time/grading_s", "time/training_s", "generation_tokens_per_s"):  # fmt: skip
+    for key in ("loss", "grad_norm", "entropy", "completions/mean_length", "frac_reward_zero_std",
+                "rewards/target_word_reward/mean", "time/generation_s", "time/grading_s", "time/training_s",
+                "generation_tokens_per_s"):  # fmt: skip
         assert any(key in h for h in history), key
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
 
 
-def test_checkpoint_saved_and_resumed(tmp_path, tokenizer, template):
+def test_checkpoint_saved_and_resumed(tmp_path, tokenizer):
     """Save at step 2, resume from it: the resumed run reproduces steps 3-4 of the uninterrupted one."""
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, plot_curves=False)
     full = GRPOTrainer(
-        build_model(tokenizer), _config(tmp_path / "a", template, **kw), train_dataset=ROWS,
+        build_model(tokenizer), args=_config(tmp_path / "a", **kw), train_dataset=ROWS,
         processing_class=tokenizer, reward_funcs=[target_word_reward],
     )  # fmt: skip
     full.train()
@@ -103,7 +97,7 @@ def test_checkpoint_saved_and_resumed(tmp_path, tokenizer, template):
     assert (checkpoint / "rollout_state_rank0.pt").is_file()
 
     resumed = GRPOTrainer(
-        build_model(tokenizer, seed=123), _config(tmp_path / "a", template, **kw), train_dataset=ROWS,
+        build_model(tokenizer, seed=123), args=_config(tmp_path / "a", **kw), train_dataset=ROWS,
         processing_class=tokenizer, reward_funcs=[target_word_reward],
     )  # fmt: skip
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -121,11 +115,11 @@ def test_checkpoint_saved_and_resumed(tmp_path, tokenizer, template):
         torch.testing.assert_close(p, q, msg=n)
 
 
-def test_dynamic_sampling_fills_batch_and_counts(tmp_path, tokenizer, template):
-    cfg = _config(tmp_path, template, max_steps=1, dynamic_sampling=True, max_dynamic_sampling_rounds=2,
+def test_dynamic_sampling_fills_batch_and_counts(tmp_path, tokenizer):
+    cfg = _config(tmp_path, max_steps=1, dynamic_sampling=True, max_dynamic_sampling_rounds=2,
                   plot_curves=False)  # fmt: skip
     trainer = GRPOTrainer(
-        build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+        build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,
         reward_funcs=[target_word_reward],
     )  # fmt: skip
     trainer.train()
@@ -133,11 +127,10 @@ def test_dynamic_sampling_fills_batch_and_counts(tmp_path, tokenizer, template):
     assert 1 <= logged["dynamic_sampling_rounds"] <= 2
 
 
-def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer, template):
-    cfg = _config(tmp_path, template, max_steps=4, epochs_per_rollout_batch=2, loss_type="grpo_clip",
-                  per_device_train_batch_size=8, plot_curves=False)  # fmt: skip
+def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer):
+    cfg = _config(tmp_path, max_steps=4, num_iterations=2, per_device_train_batch_size=8, plot_curves=False)
     trainer = GRPOTrainer(
-        build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+        build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,
         reward_funcs=[target_word_reward],
     )  # fmt: skip
     trainer.train()
@@ -151,37 +144,65 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer, template):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(rollout_batch_size=30), "multiple of group_size"),
-        (dict(per_device_train_batch_size=4, optimizer_batch_size=16), "optimizer_batch_size"),
-        (dict(epochs_per_rollout_batch=2), "off-policy"),
-        (dict(ratio_level="sequence"), "GSPO"),
-        (dict(cliprange_high=1.5), "cliprange_high"),
-        (dict(reward_funcs=["r1_zero"], reward_weights=[1.0, 2.0]), "reward_weights"),
-        (dict(loss_type="grpo_clip", cliprange=None), "grpo_clip' needs a clip range"),
-        (dict(loss_type="grpo_clip", cliprange=None, cliprange_low=0.2), "grpo_clip' needs a clip range"),
+        (dict(generation_batch_size=30), "must be a multiple of per_device_train_batch_size"),
+        (dict(generation_batch_size=48), "whole number of optimizer steps"),
+        (dict(generation_batch_size=32, steps_per_generation=2), "not both"),
+        (
+            dict(
+                per_device_train_batch_size=4,
+                generation_batch_size=12,
+                num_generations=8,
+                gradient_accumulation_steps=1,
+            ),
+            "whole groups",
+        ),
+        (dict(num_iterations=2, policy_loss="reinforce_with_baseline"), "off-policy"),
+        (dict(importance_sampling_level="sequence", policy_loss="no_baseline"), "GSPO"),
+        (dict(epsilon_high=1.5), "epsilon_high"),
+        (dict(loss_type="cispo"), r"loss_type='cispo'.*choose one of \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]"),
+        (dict(loss_type="token_mean"), "choose one of"),
+        (dict(scale_rewards="std"), "scale_rewards must be"),
         (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(group_size=1, rollout_batch_size=8), "group_size must be >= 2"),
+        (dict(num_generations=1, generation_batch_size=32), "num_generations must be >= 2"),
         (dict(beta=-0.1), "beta must be >= 0"),
     ],
 )
-def test_config_validation(tmp_path, template, bad, message):
+def test_config_validation(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
-        _config(tmp_path, template, **bad)
+        _config(tmp_path, **bad)
 
 
-@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean", "constant"])
-def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, template, reduction):
+def test_trl_defaults_and_aliases(tmp_path):
+    cfg = GRPOConfig(output_dir=str(tmp_path))
+    assert (cfg.learning_rate, cfg.beta, cfg.epsilon, cfg.num_generations, cfg.max_completion_length) == (
+        1e-6, 0.0, 0.2, 8, 512,
+    )  # fmt: skip
+    assert (cfg.loss_type, cfg.scale_rewards, cfg.logging_steps, cfg.remove_unused_columns) == (
+        "dapo",
+        "group",
+        10,
+        False,
+    )
+    assert cfg.steps_per_generation == cfg.gradient_accumulation_steps == 1 and cfg.generation_batch_size == 8
+    assert GRPOConfig(output_dir=str(tmp_path), scale_rewards=False).scale_rewards == "none"
+    assert GRPOConfig(output_dir=str(tmp_path), scale_rewards=True).scale_rewards == "group"
+    server = GRPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server", vllm_server_port=8011)
+    assert server.rollout_engine == "vllm_server" and server.vllm_server_url == "http://0.0.0.0:8011"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_type):
     """One optimizer step over the same 8 rollouts, split 8x1, 4x2, 1x8: identical gradients (1e-6)."""
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
         cap = grad_capture()
         cfg = _config(
-            tmp_path / f"{micro}x{accum}", template, max_steps=1, rollout_batch_size=8,
-            per_device_train_batch_size=micro, gradient_accumulation_steps=accum, loss_reduction=reduction,
+            tmp_path / f"{micro}x{accum}", max_steps=1, generation_batch_size=8,
+            per_device_train_batch_size=micro, gradient_accumulation_steps=accum, loss_type=loss_type,
             max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
         )  # fmt: skip
         trainer = GRPOTrainer(
-            build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+            build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,
             reward_funcs=[letter_e_reward], callbacks=[cap],
         )  # fmt: skip
         trainer.train()
@@ -199,14 +220,14 @@ def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, templ
             )
 
 
-def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer, template):
+def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer):
     """share_prompt_prefix (the default) runs each group's prompt through the decoder once per micro-batch:
     the same gradients as one full pass per row (1e-5), with fewer decoder rows."""
     grads, shapes = {}, {}
     for share in (False, True):
         cap = grad_capture()
         cfg = _config(
-            tmp_path / str(share), template, max_steps=1, rollout_batch_size=16, per_device_train_batch_size=8,
+            tmp_path / str(share), max_steps=1, generation_batch_size=16, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
             share_prompt_prefix=share,
         )  # fmt: skip
@@ -219,7 +240,7 @@ def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer, template
             with_kwargs=True,
         )
         trainer = GRPOTrainer(
-            model, cfg, train_dataset=ROWS, processing_class=tokenizer,
+            model, args=cfg, train_dataset=ROWS, processing_class=tokenizer,
             reward_funcs=[letter_e_reward], callbacks=[cap],
         )  # fmt: skip
         trainer.train()
@@ -232,7 +253,7 @@ def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer, template
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
+def test_two_processes_equal_one_process(tmp_path, tokenizer):
     """accelerate multi_cpu (2 processes x 4 x accumulation 2) == 1 process (8 x 2) at global batch 16, for two
     steps: same rollouts (seeded per prompt position), same loss and gradient norm."""
     import os
@@ -244,8 +265,10 @@ def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
     model_dir = tmp_path / "model"
     build_model(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    data = tmp_path / "qa.jsonl"  # question / answer rows: the recipe builds the prompt through the template
+    data.write_text("".join(json.dumps({"question": r["prompt"][3:-3], "answer": "0"}) + "\n" for r in ROWS))
+    template = tmp_path / "colour.prompt"
+    template.write_text("Q: {question} A:")
 
     def run(launcher: list[str], out: Path, micro: int) -> dict[int, dict]:
         cmd = launcher + [
@@ -253,7 +276,7 @@ def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
             "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--dataset_kind", "qa",
             "--output_dir", str(out), "--prompt_template", str(template),
             "--reward_funcs", "tests.integration.test_grpo_trainer:letter_e_reward", "--grader_num_workers", "0",
-            "--rollout_batch_size", "16", "--group_size", "8",
+            "--generation_batch_size", "16", "--num_generations", "8",
             "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", "2",
             "--max_steps", "2", "--learning_rate", "1e-2", "--max_completion_length", "6",
             "--max_prompt_length", "64", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
@@ -274,58 +297,52 @@ def test_two_processes_equal_one_process(tmp_path, tokenizer, template):
     )
     assert set(one) == set(two) == {1, 2}
     for step in (1, 2):
-        assert two[step]["reward_mean"] == pytest.approx(one[step]["reward_mean"], rel=1e-6)
+        assert two[step]["reward"] == pytest.approx(one[step]["reward"], rel=1e-6)
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-7)
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5)
         assert one[step]["grad_norm"] > 0
 
 
-def test_evaluation_runs_once_per_eval_step(tmp_path, tokenizer, template):
-    cfg = _config(tmp_path, template, max_steps=2, eval_strategy="steps", eval_steps=2, eval_on_start=True,
+def test_evaluation_runs_once_per_eval_step(tmp_path, tokenizer):
+    cfg = _config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, eval_on_start=True,
                   max_completion_length=4, plot_curves=False)  # fmt: skip
     trainer = GRPOTrainer(
-        build_model(tokenizer), cfg, train_dataset=ROWS, eval_dataset=ROWS[:2], processing_class=tokenizer,
+        build_model(tokenizer), args=cfg, train_dataset=ROWS, eval_dataset=ROWS[:2], processing_class=tokenizer,
         reward_funcs=[target_word_reward],
     )  # fmt: skip
     trainer.train()
-    evals = [h["step"] for h in trainer.state.log_history if "eval_mean_reward" in h]
+    evals = [h["step"] for h in trainer.state.log_history if "eval_reward" in h]
     assert evals == [0, 2]
 
 
-def test_beta_without_a_usable_reference_fails_at_start(tmp_path, tokenizer, template):
-    cfg = _config(tmp_path, template, beta=0.1, ref_mode="adapter_disabled")
+def test_beta_without_a_usable_reference_fails_at_start(tmp_path, tokenizer):
+    cfg = _config(tmp_path, beta=0.1, ref_mode="adapter_disabled")
     with pytest.raises(ValueError, match="needs a LoRA policy"):
-        GRPOTrainer(build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+        GRPOTrainer(build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,
                     reward_funcs=[target_word_reward])  # fmt: skip
 
 
-def test_kl_to_a_frozen_copy_starts_at_zero_and_grows(tmp_path, tokenizer, template):
-    cfg = _config(tmp_path, template, max_steps=3, beta=0.1, plot_curves=False)
-    trainer = GRPOTrainer(build_model(tokenizer), cfg, train_dataset=ROWS, processing_class=tokenizer,
+def test_kl_to_a_frozen_copy_starts_at_zero_and_grows(tmp_path, tokenizer):
+    cfg = _config(tmp_path, max_steps=3, beta=0.1, plot_curves=False)
+    trainer = GRPOTrainer(build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,
                           reward_funcs=[letter_e_reward])  # fmt: skip
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
     trainer.train()
-    kl = [h["kl_mean"] for h in trainer.state.log_history if "kl_mean" in h]
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-6, kl
 
 
-def flaky_reward(response: str, ground_truth) -> dict[str, float] | None:
-    """Raises, returns None, returns NaN, or a real reward, depending on the completion."""
-    kind = len(response) % 4
-    if kind == 0:
-        raise RuntimeError("reward service unavailable")
-    if kind == 1:
-        return None
-    if kind == 2:
-        return {"reward": float("nan")}
-    return {"reward": response.count("e") / max(len(response), 1)}
+def sometimes_none_reward(completions, **kwargs) -> list[float | None]:
+    """No reward (None) for completions of even length, NaN for a length of 1 mod 4, else a real one."""
+    return [
+        None if len(c) % 2 == 0 else float("nan") if len(c) % 4 == 1 else c.count("e") / len(c)
+        for c in completions
+    ]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_failing_rewards_are_counted_and_get_zero_advantage(tmp_path, tokenizer, template, workers):
-    """Documented policy (hf_align/trainers/grpo_rollouts.py): a reward that raises or comes back None / NaN
-    counts in reward_invalid and its completion's advantage is 0; the loss never sees a NaN."""
-    from hf_align.rewards import Grader
+def test_unscorable_completions_get_zero_advantage_and_are_counted(tmp_path, tokenizer):
+    """Documented policy (hf_align/trainers/grpo_rewards.py): None / NaN is "no reward"; a completion with no reward
+    from any function has advantage 0 and is left out of its group's statistics; counted per function."""
     from hf_align.rollout import HFEngine, SamplingConfig
     from hf_align.trainers import grpo_rollouts as R
 
@@ -333,24 +350,32 @@ def test_failing_rewards_are_counted_and_get_zero_advantage(tmp_path, tokenizer,
     groups = HFEngine(model, tokenizer).generate(
         ["Q: red A:", "Q: cat A:"], SamplingConfig(n=8, max_new_tokens=8, temperature=1.0, seed=3)
     )
-    with Grader(flaky_reward, timeout_s=5.0, num_workers=workers) as grader:
-        scored, invalid = R.score_groups(groups, ["0", "0"], [grader], [1.0])
-        assert grader.stats["errors"] == sum(len(t) % 4 in (0, 1) for t in scored.texts)
-    kinds = [len(t) % 4 for t in scored.texts]
-    assert invalid == sum(k != 3 for k in kinds) and 0 < invalid < len(kinds), kinds
-    _, advantages = R.advantages_for(scored, 8, 1e-6, True)
-    for k, a, r in zip(kinds, advantages.tolist(), scored.rewards):
-        assert r == r and a == a  # finite
-        if k != 3:
+    texts = [r.text for g in groups for r in g]
+    values = sometimes_none_reward(texts)
+    rewards_NF = torch.tensor([[v if v is not None else float("nan")] for v in values], dtype=torch.float64)
+    totals = R.total_rewards(rewards_NF, [1.0])
+    scored = R.scored_groups(groups, totals)
+    rewards, advantages = R.advantages_for(scored, 8, 1e-4, "group")
+    kinds = [v is not None and v == v for v in values]
+    assert 0 < sum(kinds) < len(kinds), texts
+    for g in range(2):  # TRL: (r - nanmean) / (nanstd + eps) over the scorable ones of the group
+        idx = [i for i in range(8 * g, 8 * g + 8) if kinds[i]]
+        if len(idx) > 1:
+            r = torch.tensor([values[i] for i in idx])
+            want = (r - r.mean()) / (r.std() + 1e-4) if r.max() > r.min() else torch.zeros_like(r)
+            torch.testing.assert_close(advantages[idx], want.float(), rtol=1e-5, atol=1e-6)
+    for ok, a, r in zip(kinds, advantages.tolist(), rewards.tolist()):
+        if not ok:
             assert a == 0.0 and r == 0.0
 
-    cfg = _config(tmp_path, template, max_steps=2, plot_curves=False, grader_num_workers=workers)
+    cfg = _config(tmp_path, max_steps=2, plot_curves=False)
     trainer = GRPOTrainer(
-        model, cfg, train_dataset=ROWS, processing_class=tokenizer, reward_funcs=[flaky_reward]
+        model, [sometimes_none_reward, letter_e_reward], cfg, train_dataset=ROWS, processing_class=tokenizer
     )
     trainer.train()
-    logged = [h for h in trainer.state.log_history if "reward_invalid" in h]
-    assert logged and sum(h["reward_invalid"] for h in logged) > 0
+    logged = [h for h in trainer.state.log_history if "rewards/sometimes_none_reward/invalid" in h]
+    assert logged and sum(h["rewards/sometimes_none_reward/invalid"] for h in logged) > 0
     for h in logged:
-        assert all(h[k] == h[k] for k in ("loss", "grad_norm", "reward_mean")), h
+        assert h["rewards/letter_e_reward/invalid"] == 0
+        assert all(h[k] == h[k] for k in ("loss", "grad_norm", "reward")), h
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

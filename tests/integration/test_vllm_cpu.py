@@ -333,8 +333,11 @@ def test_server_generates_and_takes_weight_pushes(tiny_model_dir, base_model, to
         client.close()
 
 
-def _length_reward(response: str, ground_truth) -> dict[str, float]:
-    return {"reward": min(len(response), 20) / 20}
+def _length_reward(completions, **kwargs) -> list[float]:
+    return [min(len(c), 20) / 20 for c in completions]
+
+
+_GRPO_ROWS = [{"prompt": f"Q: {q} A:", "answer": "0"} for q in ("red", "green", "cat")]
 
 
 @vllm_test
@@ -347,8 +350,6 @@ def test_server_death_stops_grpo_with_a_clear_error_and_an_intact_checkpoint(tin
     from hf_align.rollout import RolloutEngineError
     from hf_align.trainers.grpo import GRPOTrainer
 
-    template = tmp_path / "q.prompt"
-    template.write_text("Q: {question} A:")
     with _served(tiny_model_dir, tmp_path) as (proc, url):
 
         class KillServerAfterFirstSave(TrainerCallback):
@@ -357,15 +358,15 @@ def test_server_death_stops_grpo_with_a_clear_error_and_an_intact_checkpoint(tin
                 proc.wait()
 
         args = GRPOConfig(
-            output_dir=str(tmp_path / "out"), prompt_template=str(template), rollout_engine="vllm_server",
-            vllm_server_url=url, rollout_batch_size=4, group_size=4, per_device_train_batch_size=4,
-            max_steps=3, save_steps=1, max_completion_length=6, stop_strings=[], grader_num_workers=0,
+            output_dir=str(tmp_path / "out"), use_vllm=True, vllm_mode="server", vllm_server_base_url=url,
+            generation_batch_size=4, num_generations=4, per_device_train_batch_size=4,
+            max_steps=3, save_steps=1, max_completion_length=6, grader_num_workers=0,
             max_prompt_length=64, report_to="none", disable_tqdm=True, plot_curves=False, seed=0,
         )  # fmt: skip
         trainer = GRPOTrainer(
             AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-            args,
-            train_dataset=[{"question": q, "answer": "0"} for q in ("red", "green", "cat")],
+            args=args,
+            train_dataset=_GRPO_ROWS,
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
             reward_funcs=[_length_reward],
             callbacks=[KillServerAfterFirstSave()],
@@ -393,19 +394,16 @@ def test_vllm_out_of_memory_stops_grpo_with_a_clear_error(tiny_model_dir, tmp_pa
     from hf_align.rollout import RolloutEngineError
     from hf_align.trainers.grpo import GRPOTrainer
 
-    template = tmp_path / "q.prompt"
-    template.write_text("Q: {question} A:")
-
     def trainer(engine: str, steps: int) -> GRPOTrainer:
         args = GRPOConfig(
-            output_dir=str(tmp_path / "out"), prompt_template=str(template), rollout_engine=engine,
-            rollout_batch_size=4, group_size=4, per_device_train_batch_size=4, max_steps=steps, save_steps=1,
-            max_completion_length=6, stop_strings=[], grader_num_workers=0, max_prompt_length=64,
+            output_dir=str(tmp_path / "out"), use_vllm=engine == "vllm", vllm_mode="colocate",
+            generation_batch_size=4, num_generations=4, per_device_train_batch_size=4, max_steps=steps, save_steps=1,
+            max_completion_length=6, grader_num_workers=0, max_prompt_length=64,
             report_to="none", disable_tqdm=True, plot_curves=False, seed=0,
         )  # fmt: skip
         return GRPOTrainer(
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir), args,
-            train_dataset=[{"question": q, "answer": "0"} for q in ("red", "green", "cat")],
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+            train_dataset=_GRPO_ROWS,
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), reward_funcs=[_length_reward],
         )  # fmt: skip
 

@@ -17,10 +17,13 @@ def test_recipe_yaml_parses(path, tmp_path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#"), f"{path} must start with a comment holding its launch command"
     cls = CONFIGS[path.parent.name]
+    script_cls = ScriptArguments
+    if cls is GRPOConfig:  # the GRPO recipe adds reward_funcs and prompt_template to the script arguments
+        from recipes.grpo import GRPOScriptArguments as script_cls
     # CPU overrides so GPU configs (bf16) validate on this machine; everything else comes from the file.
     cpu = ["--use_cpu", "true", "--bf16", "false", "--output_dir", str(tmp_path)]
     model_args, script_args, cfg = parse_args(
-        (ModelArguments, ScriptArguments, cls), ["--config", str(path), *cpu]
+        (ModelArguments, script_cls, cls), ["--config", str(path), *cpu]
     )
     assert model_args.model_name_or_path and script_args.dataset_name
 

@@ -1,0 +1,52 @@
+"""The built-in graders as reward functions of TRL's protocol, still time-bounded in worker processes.
+
+``GraderReward("r1_zero")(prompts, completions, answer=[...])`` returns one float per completion, or None where
+the grader raised or returned something unusable (TRL: "no reward from this function for this completion"); a
+completion that makes the grader overrun ``timeout_s`` is killed with its worker and scores 0, like a wrong
+answer. The ground truth comes from the dataset's ``answer`` column (or TRL's ``solution``). The grader's full
+result dicts of the last call stay in ``last_details`` (format / answer rewards, for the accuracy metrics).
+Workers start on the first call and stop with ``close()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hf_align.rewards.pool import ERROR_FLAG, Grader
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: itself, or the content of the last message of a conversational completion."""
+    if isinstance(completion, list):
+        return str(completion[-1]["content"]) if completion else ""
+    return completion
+
+
+class GraderReward:
+    def __init__(self, grader: str | Callable = "r1_zero", timeout_s: float = 5.0, num_workers: int = 2):
+        self.grader, self.timeout_s, self.num_workers = grader, timeout_s, num_workers
+        self.__name__ = grader if isinstance(grader, str) else getattr(grader, "__name__", "grader")
+        self._pool: Grader | None = None
+        self.stats: dict[str, int] = {}
+        self.last_details: list[dict[str, float]] = []
+
+    def __call__(self, prompts, completions, completion_ids=None, answer=None, solution=None, **kwargs):
+        truths = answer if answer is not None else solution
+        if truths is None:
+            raise ValueError(
+                f"the built-in grader {self.__name__!r} needs the ground truth in an 'answer' (or 'solution') column"
+            )
+        if self._pool is None:
+            self._pool = Grader(self.grader, self.timeout_s, self.num_workers)
+        self.last_details = self._pool.grade([completion_text(c) for c in completions], list(truths))
+        self.stats = dict(self._pool.stats)
+        return [None if d.get(ERROR_FLAG) else d.get("reward") for d in self.last_details]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return f"GraderReward({self.__name__!r}, timeout_s={self.timeout_s}, num_workers={self.num_workers})"

@@ -1,0 +1,220 @@
+"""How GRPOTrainer calls its reward functions: TRL's protocol, bounded in time, failures counted, never silent.
+
+A reward function is called once per generation round with this process's completions:
+``f(prompts=[...], completions=[...], completion_ids=[...], trainer_state=state, **columns)`` where every dataset
+column but ``prompt`` comes as a list (one entry per completion) and returns one ``float | None`` per completion.
+What ``reward_funcs`` may hold, and how each runs:
+
+- a name registered in ``hf_align.rewards.REWARD_FUNCTIONS`` (``"r1_zero"``, ``"gsm8k"``, ...): a ``GraderReward``
+  grading in worker processes, each completion within ``grader_timeout_s`` (killed past it, scored 0);
+  ``"package.module:function"``: that function, imported;
+- any other string, or a sequence-classification model: a reward model scoring prompt + completion (rendered with
+  the chat template for conversational prompts) with its own tokenizer, ``logits[:, 0]``;
+- any callable (module-level, closure, lambda, ``async def``): run in this process. A call that raises scores None
+  for all its completions (counted, the first exception kept and logged); a call still running after
+  ``reward_timeout_s`` is interrupted (SIGUSR2 to the main thread) and training stops with ``RewardFunctionError``
+  naming the function (finished checkpoints stay; resume from the last one). A call stuck in C code that ignores
+  the interrupt makes the process exit after as long again, with the same message.
+
+None, NaN and inf all mean "no reward from this function for this completion" (TRL). A completion with no reward
+from any function is unscorable: left out of its group's statistics, advantage 0. A generation round in which
+no completion got any reward stops training (``RewardFunctionError`` naming each function and its first failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import math
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+import torch
+
+from hf_align.rewards import REWARD_FUNCTIONS, get_reward_fn
+from hf_align.rewards.functions import GraderReward
+
+logger = logging.getLogger(__name__)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function gave no usable reward for a whole generation round, or ran past its time limit."""
+
+
+def reward_name(fn) -> str:
+    if isinstance(fn, torch.nn.Module):
+        return str(getattr(fn.config, "_name_or_path", "") or type(fn).__name__).rstrip("/").split("/")[-1]
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _run_coroutine(coroutine):
+    """``asyncio.run``, or in a helper thread when this thread already runs an event loop (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(asyncio.run, coroutine).result()
+    finally:
+        pool.shutdown(wait=False)
+
+
+class _Timeout(BaseException):  # not an Exception: a reward function's `except Exception` must not swallow it
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float | None, name: str, hint: str):
+    """Raise in the main thread after ``seconds`` (a real signal, SIGUSR2, so a blocking call is interrupted too);
+    if it does not come back within as long again, exit. Without ``seconds``, or off the main thread, no limit."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+    message = (
+        f"reward function {name!r} ran for more than reward_timeout_s={seconds:g} s. Training stopped. {hint}"
+    )
+
+    def on_signal(signum, frame):
+        if not done.is_set():
+            raise _Timeout
+
+    def on_timeout():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+        if not done.wait(seconds):
+            logger.critical("%s It did not respond to the interrupt: exiting.", message)
+            os._exit(1)
+
+    previous = signal.signal(signal.SIGUSR2, on_signal)
+    timer = threading.Timer(seconds, on_timeout)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except _Timeout:
+        raise RewardFunctionError(message) from None
+    finally:
+        done.set()
+        timer.cancel()
+        signal.signal(signal.SIGUSR2, previous)
+
+
+class RewardRunner:
+    """Holds the reward functions of a trainer, calls them, and keeps per-function failure counts."""
+
+    def __init__(self, reward_funcs, reward_processing_classes, weights, args, device):
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("reward_funcs is empty: pass at least one reward function")
+        procs = reward_processing_classes
+        procs = list(procs) if isinstance(procs, (list, tuple)) else [procs] * len(funcs)
+        if len(procs) != len(funcs):
+            raise ValueError(f"{len(procs)} reward_processing_classes for {len(funcs)} reward_funcs")
+        self.funcs, self.processing = zip(*(self._resolve(f, p, args, device) for f, p in zip(funcs, procs)))
+        self.names = [reward_name(f) for f in self.funcs]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
+        if len(self.weights) != len(self.funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.weights)} values for {len(self.funcs)} reward_funcs"
+            )
+        self.timeout_s = args.reward_timeout_s
+        self.hint = ""
+
+    @staticmethod
+    def _resolve(fn, proc, args, device):
+        if isinstance(fn, str) and fn in REWARD_FUNCTIONS:
+            return GraderReward(fn, args.grader_timeout_s, args.grader_num_workers), None
+        if isinstance(fn, str) and ":" in fn:  # "package.module:function" from a YAML / command line
+            return get_reward_fn(fn), None
+        if isinstance(fn, str):  # TRL: any other string is a reward model id / path
+            from transformers import AutoModelForSequenceClassification
+
+            kwargs = dict(args.model_init_kwargs or {})
+            fn = AutoModelForSequenceClassification.from_pretrained(fn, num_labels=1, **kwargs)
+        if isinstance(fn, torch.nn.Module):
+            from hf_align.trainers.base import load_processing_class
+
+            proc = load_processing_class(fn, proc)
+            fn.config.pad_token_id = getattr(proc, "tokenizer", proc).pad_token_id
+            return fn.to(device).eval(), proc
+        if not callable(fn):
+            raise TypeError(
+                f"a reward function must be a callable, a model or a string, got {type(fn).__name__}"
+            )
+        return fn, None
+
+    def close(self) -> None:
+        for fn in self.funcs:
+            if isinstance(fn, GraderReward):
+                fn.close()
+
+    def graders(self) -> list[GraderReward]:
+        return [f for f in self.funcs if isinstance(f, GraderReward)]
+
+    def __call__(self, prompts, completions, completion_ids, columns: dict, trainer_state):
+        """``(rewards (N, F) float64 with NaN for "no reward", {name: first failure or None})``."""
+        n = len(completions)
+        out = torch.full((n, len(self.funcs)), float("nan"), dtype=torch.float64)
+        failures: dict[str, str | None] = {}
+        kwargs = {**columns, "trainer_state": trainer_state}
+        for k, (fn, proc, name) in enumerate(zip(self.funcs, self.processing, self.names)):
+            failures[name] = None
+            bounded = not isinstance(fn, GraderReward)  # a grader's pool bounds each of its items itself
+            try:
+                with _time_limit(self.timeout_s if bounded else None, name, self.hint):
+                    if isinstance(fn, torch.nn.Module):
+                        values = self._score_model(fn, proc, prompts, completions)
+                    else:
+                        values = fn(
+                            prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs
+                        )
+                        if inspect.iscoroutine(values):  # async def
+                            values = _run_coroutine(values)
+            except RewardFunctionError:
+                raise
+            except Exception as e:
+                failures[name] = f"{type(e).__name__}: {e}"
+                logger.warning(
+                    "reward function %r raised on %d completions (scored None): %s", name, n, failures[name]
+                )
+                continue
+            values = list(values)
+            if len(values) != n:
+                raise ValueError(
+                    f"reward function {name!r} returned {len(values)} rewards for {n} completions"
+                )
+            for i, v in enumerate(values):
+                v = float(v) if v is not None else float("nan")
+                out[i, k] = v if math.isfinite(v) else float("nan")
+            if torch.isnan(out[:, k]).all():
+                failures[name] = failures[name] or "returned None / NaN for every completion"
+        return out, failures
+
+    @torch.no_grad()
+    def _score_model(self, model, tokenizer, prompts, completions) -> list[float]:
+        if isinstance(prompts[0], list):
+            texts = [
+                tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)
+            ]  # fmt: skip
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        batch = tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+        )
+        device = next(model.parameters()).device
+        return model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float().tolist()
+
+
+def check_some_reward(rewards_NF: torch.Tensor, failures: dict, hint: str) -> None:
+    """Item 5 of the GRPO contract: a round in which no completion got any reward stops training."""
+    if rewards_NF.numel() and torch.isnan(rewards_NF).all():
+        named = "; ".join(f"{name!r}: {why or 'no reward'}" for name, why in failures.items())
+        raise RewardFunctionError(
+            f"no completion of this generation round got a reward from any reward function ({named}). "
+            f"Training stopped: it would not learn. {hint}"
+        )

@@ -1,0 +1,242 @@
+"""GRPOTrainer with TRL's reward-function protocol: any callable, reward models, built-in graders, failures.
+
+Every run is one or two optimizer steps on the tiny model (conftest.py); what is checked is what reached the reward
+functions and what the trainer logged or raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_align.config import GRPOConfig
+from hf_align.trainers.grpo import GRPOTrainer
+from hf_align.trainers.grpo_rewards import RewardFunctionError
+from tests.conftest import build_model
+
+ROWS = [{"prompt": f"Q: {q} A:", "answer": "0", "colour": q} for q in ["red", "green", "cat", "dog"]]
+
+
+def _args(tmp_path, **kw) -> GRPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=6, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
+        plot_curves=False, disable_tqdm=True, grader_num_workers=0, seed=0,
+    )  # fmt: skip
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _logged(trainer) -> dict:
+    return next(h for h in trainer.state.log_history if "reward" in h)
+
+
+def test_local_function_lambda_and_async_reward_all_work(tmp_path, tokenizer):
+    calls = {}
+
+    def local_reward(
+        prompts, completions, completion_ids, trainer_state, **kwargs
+    ):  # not importable: a closure
+        calls["local"] = (len(prompts), len(completion_ids), trainer_state.global_step)
+        return [float(len(ids)) for ids in completion_ids]
+
+    async def async_reward(completions, **kwargs):
+        await asyncio.sleep(0)
+        calls["async"] = len(completions)
+        return [c.count("e") / max(len(c), 1) for c in completions]
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer),
+        [local_reward, lambda completions, **kw: [1.0] * len(completions), async_reward],
+        _args(tmp_path),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert calls["local"] == (8, 8, 0) and calls["async"] == 8
+    h = _logged(trainer)
+    for name in ("local_reward", "<lambda>", "async_reward"):
+        assert h[f"rewards/{name}/mean"] == h[f"rewards/{name}/mean"] and h[f"rewards/{name}/invalid"] == 0
+    assert h["rewards/<lambda>/mean"] == 1.0 and h["rewards/<lambda>/std"] == 0.0
+    assert h["reward"] == pytest.approx(
+        h["rewards/local_reward/mean"] + 1.0 + h["rewards/async_reward/mean"], rel=1e-6
+    )
+
+
+def test_columns_reach_rewards_and_weights_apply(tmp_path, tokenizer):
+    seen = {}
+
+    def colour_reward(completions, colour, answer, **kwargs):
+        seen["colour"], seen["answer"] = list(colour), list(answer)
+        return [float(len(c)) for c in completions]
+
+    def one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), [colour_reward, one], _args(tmp_path, reward_weights=[0.5, 2.0]),
+        train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    # one prompt x 4 completions per process step, here two prompts: each column entry repeated per completion
+    assert len(seen["colour"]) == 8 and seen["colour"][:4] == [seen["colour"][0]] * 4
+    assert seen["colour"][0] in {r["colour"] for r in ROWS} and seen["answer"] == ["0"] * 8
+    h = _logged(trainer)
+    assert h["reward"] == pytest.approx(0.5 * h["rewards/colour_reward/mean"] + 2.0, rel=1e-6)
+
+
+def test_conversational_prompts_give_message_completions(tmp_path, tokenizer):
+    seen = {}
+
+    def chat_reward(prompts, completions, **kwargs):
+        seen["prompt"], seen["completion"] = prompts[0], completions[0]
+        return [float(len(c[0]["content"])) for c in completions]
+
+    rows = [{"prompt": [{"role": "user", "content": f"Say {q}"}]} for q in ("red", "blue")]
+    trainer = GRPOTrainer(
+        build_model(tokenizer), chat_reward, _args(tmp_path), train_dataset=rows, processing_class=tokenizer
+    )
+    trainer.train()
+    assert seen["prompt"][0]["role"] == "user"
+    assert isinstance(seen["completion"], list) and seen["completion"][0]["role"] == "assistant"
+    assert isinstance(seen["completion"][0]["content"], str)
+
+
+def test_a_reward_that_always_raises_stops_training_naming_it(tmp_path, tokenizer):
+    def broken_reward(completions, **kwargs):
+        raise RuntimeError("reward service unavailable")
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), [broken_reward], _args(tmp_path, max_steps=2), train_dataset=ROWS,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(
+        RewardFunctionError, match=r"'broken_reward': RuntimeError: reward service unavailable"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+
+
+def test_a_partly_failing_reward_is_counted_and_training_goes_on(tmp_path, tokenizer):
+    calls = []
+
+    def sometimes_raises(completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first call fails")
+        return [1.0 for _ in completions]
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), [sometimes_raises, lambda completions, **kw: [float(len(c)) for c in completions]],
+        _args(tmp_path, max_steps=2), train_dataset=ROWS, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    invalid = [h["rewards/sometimes_raises/invalid"] for h in trainer.state.log_history if "reward" in h]
+    assert invalid == [8.0, 0.0]
+
+
+def test_a_hanging_reward_stops_training_with_a_clear_error(tmp_path, tokenizer):
+    def hanging_reward(completions, **kwargs):
+        time.sleep(60)
+        return [0.0] * len(completions)
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), hanging_reward, _args(tmp_path, reward_timeout_s=1.0), train_dataset=ROWS,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(RewardFunctionError, match=r"'hanging_reward' ran for more than reward_timeout_s=1 s"):
+        trainer.train()
+    assert time.monotonic() - start < 30
+
+
+def _reward_model(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return Qwen2ForSequenceClassification(config).eval()
+
+
+def test_sequence_classification_reward_model_object_and_path(tmp_path, tokenizer):
+    reward_model = _reward_model(tokenizer)
+    path = tmp_path / "my-rm"
+    reward_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    for funcs, procs in ((reward_model, tokenizer), (str(path), None)):
+        trainer = GRPOTrainer(
+            build_model(tokenizer), funcs, _args(tmp_path), train_dataset=ROWS, processing_class=tokenizer,
+            reward_processing_classes=procs,
+        )  # fmt: skip
+        trainer.train()
+        name = trainer.reward_func_names[0]
+        assert name == "my-rm" if isinstance(funcs, str) else True
+        h = _logged(trainer)
+        assert h[f"rewards/{name}/invalid"] == 0 and h[f"rewards/{name}/std"] > 0
+
+
+def test_builtin_grader_by_name_in_worker_processes(tmp_path, tokenizer):
+    rows = [{"prompt": f"Q: {q} A:", "answer": "7"} for q in ("red", "cat")]
+    trainer = GRPOTrainer(
+        build_model(tokenizer), ["gsm8k", "question_only"], _args(tmp_path, grader_num_workers=1),
+        train_dataset=rows, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    h = _logged(trainer)
+    for key in (
+        "rewards/gsm8k/mean",
+        "rewards/question_only/mean",
+        "accuracy",
+        "format_rate",
+        "grader_timeouts",
+    ):
+        assert key in h, key
+
+
+def test_model_as_a_path_without_args(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = GRPOTrainer(
+        str(tiny_model_dir), lambda completions, **kw: [0.0] * len(completions), train_dataset=ROWS
+    )
+    assert trainer.args.output_dir.endswith("-GRPO") and trainer.args.num_generations == 8
+    assert trainer.processing_class.pad_token == tokenizer.pad_token
+    assert trainer.model.config.model_type == "qwen2"
+
+
+def test_batch_scaled_advantages_and_truncated_completions_masked(tmp_path, tokenizer):
+    from hf_align.trainers import grpo_rollouts as R
+
+    scored = R.ScoredGroups(rewards=[0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, float("nan")])
+    _, advantages = R.advantages_for(
+        scored, 4, 1e-4, "batch", batch_std=R.rewards_std(torch.tensor(scored.rewards))
+    )
+    std = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]).std()  # TRL: nanstd of the whole generation batch
+    want = torch.tensor([-0.75, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0]) / (std + 1e-4)
+    torch.testing.assert_close(advantages, want)
+
+    # every completion of the tiny model runs into max_completion_length: masked, nothing to learn, no NaN
+    trainer = GRPOTrainer(
+        build_model(tokenizer), lambda completions, **kw: [float(len(c)) for c in completions],
+        _args(tmp_path, mask_truncated_completions=True), train_dataset=ROWS, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    h = _logged(trainer)
+    assert h["completions/clipped_ratio"] == 1.0 and h["loss"] == 0.0 and h["grad_norm"] == 0.0
+
+
+def test_constructor_takes_trls_arguments_in_trls_order():
+    import inspect
+
+    trl = pytest.importorskip("trl")
+    ours = list(inspect.signature(GRPOTrainer.__init__).parameters)
+    theirs = list(inspect.signature(trl.GRPOTrainer.__init__).parameters)
+    assert ours[: theirs.index("peft_config") + 1] == theirs[: theirs.index("peft_config") + 1]
