@@ -319,6 +319,9 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Penalty on tokens already in prompt or completion (1: off)."}
+    )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Visit the prompts in a seeded order."})
     chat_template_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Extra apply_chat_template arguments (conversational prompts)."}
@@ -508,6 +511,8 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for training rollouts (log-probs are taken at it)")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
         if self.reward_timeout_s <= 0:
             raise ValueError(f"reward_timeout_s must be > 0, got {self.reward_timeout_s}")
 

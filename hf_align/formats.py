@@ -411,4 +411,3 @@ def truncate_pair(prompt: list[int], answer: list[int], max_length: int | None, 
     if mode == "keep_start":
         return prompt[:max_length], answer[: max(max_length - len(prompt), 0)]
     return prompt[extra:], answer[max(extra - len(prompt), 0) :]
-

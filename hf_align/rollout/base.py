@@ -37,6 +37,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in prompt or completion; 1 = off
     min_new_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -53,6 +54,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

@@ -33,6 +33,7 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     StopStringCriteria,
@@ -210,6 +211,8 @@ class HFEngine:
 
     def _processors(self, sampling: SamplingConfig, recorder: _SampledLogprobRecorder) -> LogitsProcessorList:
         processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:  # before the warpers, as generate() orders them
+            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
         if not sampling.greedy:
             if sampling.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(sampling.temperature))

@@ -381,6 +381,7 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,  # 0 = off, as in vLLM
+            repetition_penalty=sampling.repetition_penalty,
             min_p=0.0,
             max_tokens=sampling.max_new_tokens,
             min_tokens=sampling.min_new_tokens,
@@ -389,7 +390,6 @@ class VLLMEngine:
             stop_token_ids=list(self.eos_token_ids),
             seed=seed,
             logprobs=0,
-            repetition_penalty=1.0,
             presence_penalty=0.0,
             frequency_penalty=0.0,
         )

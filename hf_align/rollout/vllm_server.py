@@ -212,6 +212,7 @@ class VLLMServerEngine:
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,  # 0 = off
+            "repetition_penalty": sampling.repetition_penalty,
             "min_p": 0.0,
             "max_tokens": sampling.max_new_tokens,
             "min_tokens": sampling.min_new_tokens,
@@ -220,7 +221,6 @@ class VLLMServerEngine:
             "stop_token_ids": list(self.eos_token_ids),
             "logprobs": 0,
             "return_token_ids": True,
-            "repetition_penalty": 1.0,
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
             "skip_special_tokens": True,

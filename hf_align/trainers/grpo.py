@@ -74,6 +74,19 @@ def _placeholder_collate(items: list[int]) -> dict[str, torch.Tensor]:
     return {"index": torch.tensor(items)}
 
 
+def _in_memory(dataset):
+    """An ``IterableDataset`` read into a list: prompts are drawn by a seeded permutation (exact resume), which
+    needs random access. A stream that never ends cannot be used for GRPO."""
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        dataset = list(dataset)
+        logger.info("read an IterableDataset of %d prompts into memory", len(dataset))
+    return dataset
+
+
 def _check_prompts(dataset, name: str) -> None:
     first = dataset[0] if dataset is not None and len(dataset) else None
     if first is None:
@@ -114,6 +127,7 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         model, args, processing_class = prepare_trainer_inputs(
             model, args, processing_class, peft_config, GRPOConfig, "GRPO"
         )
+        train_dataset, eval_dataset = _in_memory(train_dataset), _in_memory(eval_dataset)
         _check_prompts(train_dataset, "train_dataset")
         # max_steps unset: TRL's num_train_epochs passes over the prompts, each sampled num_generations times
         if args.max_steps <= 0:
@@ -378,8 +392,20 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         return None  # counts come with each micro-batch (see grpo_rollouts.attach_global_counts)
 
+    _signal = False  # this optimizer step had something to learn (see _step_has_learning_signal)
+
+    def _step_has_learning_signal(self) -> bool:
+        """Some completion of this step has tokens in the loss and a non-zero advantage (reward, for
+        no_baseline): then an exactly zero gradient means the loss is cut off from the weights."""
+        signal, self._signal = self._signal, False
+        return signal
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a, device = self.args, self.accelerator.device
+        weight_B = inputs[
+            "raw_rewards" if a.policy_loss == "no_baseline" else "advantages"
+        ]  # on the CPU: no sync
+        self._signal = self._signal or bool(((weight_B != 0) & inputs["response_mask"].any(-1)).any())
         out = self._logps(model, inputs, with_entropy=True)
         mask_BT = inputs["response_mask"].to(device)
         opt = {k: inputs[k].to(device) for k in ("old_log_probs", "ref_log_probs") if k in inputs}

@@ -255,6 +255,7 @@ def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
         min_new_tokens=args.min_completion_length,
         stop=list(args.stop_strings),
         seed=args.seed,

@@ -12,6 +12,9 @@ Choices:
   stops together) and raise `NonFiniteError` naming the step: the weights were never touched by the bad
   step and the last checkpoint on disk stays as it was. A non-finite micro-batch loss is reported in the
   same message.
+- **No silent non-learning.** A step whose gradient norm is exactly 0 although it had something to learn
+  (``_step_has_learning_signal``: always for SFT / DPO / reward models; GRPO: a non-zero advantage on a kept
+  token) raises `NoLearningError`: a run whose weights are cut off from its loss never "succeeds".
 - **Rollout engine faults** (vLLM engine death, out of memory, an unreachable server) surface as
   `RolloutEngineError` naming the engine, what it was doing, the step and the last checkpoint to resume from.
   Nothing is saved after the failure, so that checkpoint is intact.
@@ -100,6 +103,10 @@ def refuse_unsupported_sharding(state) -> None:
     )
 
 
+class NoLearningError(RuntimeError):
+    """An optimizer step that should have learned something has an exactly zero gradient."""
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a NaN / inf loss or gradient norm; the optimizer step was not applied."""
 
@@ -138,7 +145,18 @@ class SafeTrainingMixin:
                 + last_checkpoint_hint(self.args.output_dir)
                 + "Lower the learning rate, check the data / rewards of this step, or use bf16 instead of fp16."
             )
+        if value == 0.0 and self._step_has_learning_signal():
+            raise NoLearningError(
+                f"optimizer step {self.state.global_step + 1}: the gradient norm is exactly 0 although this step "
+                "had something to learn (trainable tokens, or non-zero advantages); nothing would be learned. "
+                "Likely causes: weights sharded by the engine and read as empty, every parameter frozen, or a "
+                "loss detached from the model. " + last_checkpoint_hint(self.args.output_dir)
+            )
         return grad_norm
+
+    def _step_has_learning_signal(self) -> bool:
+        """Hook: whether this optimizer step's loss should give a non-zero gradient (GRPO: some advantage != 0)."""
+        return True
 
     # ------------------------------------------------------------------ atomic checkpoints
 

@@ -50,7 +50,9 @@ def build_trainer(
         # 8 examples in batches of 3: steps 1-3 are epoch 0 (3 + 3 + 2), step 4 starts a reshuffled epoch 1, and
         # checkpoint-2 is in the middle of an epoch.
         cfg = _config(out, per_device_train_batch_size=3, **common)
-        return SFTTrainer(model, cfg, train_dataset=TOY, processing_class=tokenizer, callbacks=list(callbacks))
+        return SFTTrainer(
+            model, cfg, train_dataset=TOY, processing_class=tokenizer, callbacks=list(callbacks)
+        )
     if kind == "dpo":
         from hf_align.trainers.dpo import DPOTrainer
         from tests.integration.test_dpo_trainer import TOY, _config
