@@ -14,7 +14,8 @@ Choices:
   same message.
 - **No silent non-learning.** A step whose gradient norm is exactly 0 although it had something to learn
   (``_step_has_learning_signal``: always for SFT / DPO / reward models; GRPO: a non-zero advantage on a kept
-  token) raises `NoLearningError`: a run whose weights are cut off from its loss never "succeeds".
+  token) before any step has had a non-zero gradient raises `NoLearningError`: a run whose weights are cut off
+  from its loss never "succeeds".
 - **Rollout engine faults** (vLLM engine death, out of memory, an unreachable server) surface as
   `RolloutEngineError` naming the engine, what it was doing, the step and the last checkpoint to resume from.
   Nothing is saved after the failure, so that checkpoint is intact.
@@ -115,6 +116,7 @@ class SafeTrainingMixin:
     """Mix in before `transformers.Trainer`: ``class SFTTrainer(SafeTrainingMixin, Trainer)``."""
 
     _step_losses: list[torch.Tensor] | None = None  # this optimizer step's micro-batch losses, on the device
+    _has_learned = False  # some optimizer step of this process had a non-zero gradient
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -145,10 +147,15 @@ class SafeTrainingMixin:
                 + last_checkpoint_hint(self.args.output_dir)
                 + "Lower the learning rate, check the data / rewards of this step, or use bf16 instead of fp16."
             )
-        if value == 0.0 and self._step_has_learning_signal():
+        signal = self._step_has_learning_signal()  # called every step: it also resets GRPO's per-step flag
+        # Only until the first non-zero gradient: later, a policy that has become certain of its samples (every
+        # log-prob exactly 0 in float32) or a fully clipped ratio legitimately gives a zero gradient.
+        self._has_learned = self._has_learned or value > 0.0
+        if value == 0.0 and signal and not self._has_learned:
             raise NoLearningError(
                 f"optimizer step {self.state.global_step + 1}: the gradient norm is exactly 0 although this step "
-                "had something to learn (trainable tokens, or non-zero advantages); nothing would be learned. "
+                "had something to learn (trainable tokens, or non-zero advantages), and no step of this run has "
+                "had a non-zero gradient yet; nothing would be learned. "
                 "Likely causes: weights sharded by the engine and read as empty, every parameter frozen, or a "
                 "loss detached from the model. " + last_checkpoint_hint(self.args.output_dir)
             )
