@@ -100,6 +100,8 @@ def prepare_trainer_inputs(
     args = resolve_args(args, config_cls, model, suffix)
     set_seed(args.seed)  # LoRA adapters are initialised at random
     quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if quantized and not isinstance(model, str):
+        logger.warning("quantization_config is ignored: the model is already loaded")
     model = load_model(model, args, auto_class, **quantized)
     processing_class = load_processing_class(model, processing_class, args)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)

@@ -42,7 +42,7 @@ from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
 from hf_align.losses.grpo import policy_loss
 from hf_align.rollout import make_engine
 from hf_align.trainers import grpo_rollouts as R
-from hf_align.trainers.base import MetricsMixin, prepare_trainer_inputs, resolve_args
+from hf_align.trainers.base import MetricsMixin, prepare_trainer_inputs
 from hf_align.trainers.grpo_rewards import RewardRunner, check_some_reward
 from hf_align.trainers.metrics import weighted_mean
 from hf_align.trainers.safety import SafeTrainingMixin, engine_faults, last_checkpoint_hint
@@ -118,14 +118,14 @@ class GRPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         ref_model=None,
         rollout_engine=None,
     ):
-        if quantization_config is not None:  # TRL: applies when `model` is loaded from a string
-            args = resolve_args(args, GRPOConfig, model, "GRPO")
-            args.model_init_kwargs = {
-                **(args.model_init_kwargs or {}),
-                "quantization_config": quantization_config,
-            }
         model, args, processing_class = prepare_trainer_inputs(
-            model, args, processing_class, peft_config, GRPOConfig, "GRPO"
+            model,
+            args,
+            processing_class,
+            peft_config,
+            GRPOConfig,
+            "GRPO",
+            quantization_config=quantization_config,
         )
         train_dataset, eval_dataset = _in_memory(train_dataset), _in_memory(eval_dataset)
         _check_prompts(train_dataset, "train_dataset")
