@@ -1,14 +1,10 @@
 """Pairwise reward-model loss as a pure function of scalar rewards.
 
-Choices:
-- Bradley-Terry (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT, eq. 1): the reward model scores the
-  chosen and the rejected answer to the same prompt, and ``P(c > r) = sigma(r_c - r_r)``; the loss is the
-  negative log-likelihood of the observed preference, averaged over the B pairs of this batch.
-- An optional per-pair ``margin_B`` is subtracted inside the sigmoid (Llama 2, Touvron et al. 2023, eq. 2):
-  pairs rated as clearly different must be separated by at least that much before the loss flattens.
-- The Bradley-Terry likelihood only sees reward differences, so the reward's offset drifts freely. An optional
-  auxiliary term ``coef * mean((r_c + r_r)^2)`` (Eisenstein et al. 2023, "Helping or Herding? Reward Model
-  Ensembles Mitigate but do not Eliminate Reward Hacking") pulls the rewards of each pair towards mean zero.
+Bradley-Terry (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT, eq. 1): ``P(c > r) = sigma(r_c - r_r)``
+for a chosen and a rejected answer to one prompt; the loss is the NLL of the observed preference, averaged over
+the batch's pairs. An optional per-pair margin is subtracted inside the sigmoid (Llama 2, Touvron et al. 2023,
+eq. 2). The likelihood only sees reward differences, so the rewards' offset drifts freely: an optional
+``coef * mean((r_c + r_r)^2)`` (Eisenstein et al. 2023, "Helping or Herding?") pulls each pair to mean zero.
 """
 
 from __future__ import annotations
@@ -23,12 +19,10 @@ def bradley_terry_loss(
     margin_B: torch.Tensor | None = None,
     center_rewards_coefficient: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L = mean_i[-log sigma(r_c,i - r_r,i - m_i)] + coef * mean_i[(r_c,i + r_r,i)^2]``, rewards (B,) -> scalar.
-
-    ``m_i`` = ``margin_B`` (0 when None); the centering term is added only when
-    ``center_rewards_coefficient`` > 0. Metrics, detached 0-dim tensors: ``accuracy`` (fraction of pairs with
-    ``r_c > r_r`` strictly), ``margin`` (mean of ``r_c - r_r``, without ``m``), ``rewards/chosen`` and
-    ``rewards/rejected`` (means), and TRL's ``min_reward`` / ``mean_reward`` / ``max_reward`` over all 2B rewards.
+    """``L = mean_i[-log sigma(r_c,i - r_r,i - m_i)] + coef * mean_i[(r_c,i + r_r,i)^2]``, rewards (B,) -> scalar,
+    ``m_i`` = ``margin_B`` (0 when None). Metrics, detached 0-dim: ``accuracy`` (fraction with ``r_c > r_r``),
+    ``margin`` (mean ``r_c - r_r``, without ``m``), ``rewards/chosen`` / ``rewards/rejected``, and TRL's
+    ``min_reward`` / ``mean_reward`` / ``max_reward`` over all 2B rewards.
     """
     if chosen_rewards_B.shape != rejected_rewards_B.shape:
         raise ValueError(

@@ -1,15 +1,9 @@
-"""Supervised fine-tuning loss: negative log-likelihood of response tokens only.
+"""Supervised fine-tuning loss: the negative log-likelihood of response tokens only, from per-token log-probs.
 
-Two normalizations, chosen by name from ``SFT_NORMALIZATIONS``:
-
-- ``token_mean``:   L = (1 / N_tok) * sum_i sum_t m_it * (-log p_it), where N_tok is the number of response
-  tokens in the whole optimizer step (all micro-batches, all processes). Passing the global N_tok makes the
-  gradient identical whatever the split into micro-batches / accumulation steps / processes.
-- ``sequence_sum``: L = (1 / N_seq) * sum_i [ (1 / c) * sum_t m_it * (-log p_it) ], c = normalize_constant,
-  N_seq the number of sequences in the optimizer step: the seed's ``sft_microbatch_train_step``, where each
-  sequence counts equally however long its response is.
-
-The functions take per-token log-probs, never a model: see ``hf_align.logprobs`` for how those are made.
+Normalizations, by name from ``SFT_NORMALIZATIONS``: ``token_mean`` divides by the number of response tokens
+of the whole optimizer step (all micro-batches and processes), so the gradient does not depend on how the step
+is split; ``sequence_sum`` is the seed's ``sft_microbatch_train_step``: every sequence counts the same however
+long its response is.
 """
 
 from __future__ import annotations
@@ -22,22 +16,19 @@ from hf_align.logprobs import masked_mean_or_zero, masked_normalize
 
 
 def token_mean_nll(
-    logps_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: float | None = None, **_
+    logps_BT, mask_BT, num_tokens=None, num_sequences=None, normalize_constant=1.0
 ) -> torch.Tensor:
-    """sum of -log p over masked tokens / num_tokens (default: this batch's masked-token count)."""
+    """``L = (1/N_tok) sum_i sum_t m_it (-log p_it)``, N_tok = ``num_tokens`` (default: this batch's, >= 1)."""
     if num_tokens is None:
         return -masked_mean_or_zero(logps_BT, mask_BT)
     return -masked_normalize(logps_BT, mask_BT, normalize_constant=max(float(num_tokens), 1.0))
 
 
 def sequence_sum_nll(
-    logps_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    num_sequences: float | None = None,
-    normalize_constant: float = 1.0,
-    **_,
+    logps_BT, mask_BT, num_tokens=None, num_sequences=None, normalize_constant=1.0
 ) -> torch.Tensor:
-    """Per sequence: sum of -log p / normalize_constant; then summed and divided by num_sequences."""
+    """``L = (1/N_seq) sum_i (1/c) sum_t m_it (-log p_it)``, c = ``normalize_constant``, N_seq = ``num_sequences``
+    (default: this batch's B)."""
     per_seq_B = -masked_normalize(logps_BT, mask_BT, normalize_constant=normalize_constant, dim=-1)
     n = logps_BT.shape[0] if num_sequences is None else num_sequences
     return per_seq_B.sum() / max(float(n), 1.0)
@@ -57,18 +48,13 @@ def sft_loss(
     num_sequences: float | None = None,
     normalize_constant: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Completion-only NLL under the chosen normalization. Returns ``(loss, metrics)`` (metrics detached)."""
+    """Completion-only NLL under ``SFT_NORMALIZATIONS[normalization]``; metrics (detached): ``nll_per_token``
+    over this batch, ``response_tokens``."""
     if normalization not in SFT_NORMALIZATIONS:
         raise ValueError(
             f"unknown SFT normalization {normalization!r}; choose from {sorted(SFT_NORMALIZATIONS)}"
         )
-    loss = SFT_NORMALIZATIONS[normalization](
-        logps_BT,
-        mask_BT,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-        normalize_constant=normalize_constant,
-    )
+    loss = SFT_NORMALIZATIONS[normalization](logps_BT, mask_BT, num_tokens, num_sequences, normalize_constant)
     with torch.no_grad():
         metrics = {
             "nll_per_token": -masked_mean_or_zero(logps_BT.detach(), mask_BT),
@@ -83,11 +69,10 @@ def sft_microbatch_train_step(
     gradient_accumulation_steps: int,
     normalize_constant: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The seed's SFT micro-step: per-sequence masked sum of -log p / normalize_constant, mean over the batch,
-    divided by gradient_accumulation_steps, then ``backward()``. Gradients accumulate across calls.
-    """
+    """The seed's SFT micro-step: ``sequence_sum`` / ``gradient_accumulation_steps``, then ``backward()``
+    (gradients accumulate across calls)."""
     loss, metrics = sft_loss(
-        policy_log_probs, response_mask, normalization="sequence_sum", normalize_constant=normalize_constant
+        policy_log_probs, response_mask, "sequence_sum", normalize_constant=normalize_constant
     )
     loss = loss / gradient_accumulation_steps
     loss.backward()
