@@ -92,13 +92,7 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
-def _head_chunk(
-    head: torch.nn.Module,
-    hidden_NH: torch.Tensor,
-    labels_N: torch.Tensor,
-    temperature: float,
-    entropy_out: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
+def _head_chunk(head, hidden_NH, labels_N, temperature: float, entropy_out: list | None = None):
     """Log-probs of one chunk; its entropy is appended to ``entropy_out`` if that list is still empty (so the
     recomputation in a checkpointed backward pass does not compute it again)."""
     logits_NV = head(hidden_NH).float()
@@ -185,14 +179,7 @@ def _plain_linear(head: torch.nn.Module) -> bool:
     )
 
 
-def _score(
-    head: torch.nn.Module,
-    hidden_NH: torch.Tensor,
-    labels_N: torch.Tensor,
-    temperature: float,
-    chunk_tokens: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, with_entropy: bool) -> tuple:
     """Log-probs (N,) of ``labels_N`` under ``head(hidden_NH)``, chunk by chunk, and entropies if asked."""
     logps, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
@@ -219,8 +206,7 @@ def _score(
 
 
 def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
-    """Run ``model(**kwargs, logits_to_keep=1)``; return (its output, the decoder's final hidden states), or
-    None when the forward does not take ``logits_to_keep``."""
+    """(``model(**kwargs, logits_to_keep=1)``, the decoder's final hidden states), or None without that kwarg."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, _args, output):
@@ -237,10 +223,8 @@ def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
 
 
 def _can_share_prompts(model: torch.nn.Module) -> bool:
-    """Whether the two-pass shared-prompt forward is known to be exact for this model: a plain (or DDP /
-    PEFT wrapped) decoder with sdpa or eager attention, unsharded weights, and no gradient checkpointing
-    (transformers' checkpointed layers drop the cache in training; in eval the one-pass path is kept as well, so
-    a ratio loss compares log-probs computed the same way)."""
+    """Whether the shared-prompt forward is known to be exact here: a plain (or DDP / PEFT wrapped) decoder with
+    sdpa or eager attention, unsharded weights, no gradient checkpointing (its layers drop the cache)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if hasattr(model, "module") and not isinstance(model, DistributedDataParallel):
@@ -258,9 +242,7 @@ def _can_share_prompts(model: torch.nn.Module) -> bool:
     return weight is not None and type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id")
 
 
-def _distinct_prompts(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, valid_BT: torch.Tensor
-) -> tuple[torch.Tensor, ...] | None:
+def _distinct_prompts(input_ids, attention_mask, valid_BT) -> tuple[torch.Tensor, ...] | None:
     """The layout ``_shared_prompt_hidden`` needs, or None: every row's scored positions are one run
     ``[p - 1, p - 1 + c)`` right after its prompt of ``p`` tokens (the layout of ``build_shifted_sequences``),
     attended up to its end, and some prompt is shared. Returns ``(prompts_UP, prompt_mask_UP, index_B,
@@ -289,13 +271,7 @@ def _distinct_prompts(
     return prompts_UP, prompt_mask_UP, torch.tensor(index, device=input_ids.device), first_B, n_B
 
 
-def _shared_prompt_hidden(
-    model: torch.nn.Module,
-    decoder: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    valid_BT: torch.Tensor,
-) -> torch.Tensor | None:
+def _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_BT) -> torch.Tensor | None:
     """Final hidden states at the scored positions (K, H), row-major, with each distinct prompt run once.
 
     Under causal attention a prompt's hidden states and keys / values do not depend on what follows it: each
@@ -343,9 +319,7 @@ def _shared_prompt_hidden(
     return torch.cat(pieces, 1)[keep_BC]
 
 
-def _scored_positions(
-    labels_BT: torch.Tensor, vocab: int | None, logprob_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _scored_positions(labels_BT, vocab: int | None, logprob_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid_N, labels_N): where a log-prob is wanted (a label in [0, vocab) inside ``logprob_mask``) and the
     labels, 0 elsewhere (a safe index)."""
     labels_N = labels_BT.reshape(-1)
@@ -356,8 +330,7 @@ def _scored_positions(
 
 
 def _to_rows(scores, keep_K: torch.Tensor | None, valid_N: torch.Tensor, B: int, T: int) -> dict:
-    """(log-probs, entropies or None) at the scored positions -> (B, T) rows, 0 elsewhere (``index_copy`` is
-    differentiable in its source; ``keep_K`` None: every position was scored)."""
+    """(log-probs, entropies or None) at the scored positions ``keep_K`` (None: all) -> (B, T), 0 elsewhere."""
 
     def rows(values_K: torch.Tensor) -> torch.Tensor:
         if keep_K is None:
@@ -368,7 +341,7 @@ def _to_rows(scores, keep_K: torch.Tensor | None, valid_N: torch.Tensor, B: int,
     return {"log_probs": rows(logps_K)} | ({} if entropy_K is None else {"token_entropy": rows(entropy_K)})
 
 
-def _hidden_at(model, decoder, input_ids, attention_mask, valid_N, keep_K, share: bool, model_kwargs: dict):
+def _hidden_at(model, decoder, input_ids, attention_mask, valid_N, keep_K, share: bool, kwargs: dict):
     """Final hidden states (K, H) at the scored positions, row-major: from the shared-prompt forward when
     ``share`` and it applies, else from one pass; None when the forward does not take ``logits_to_keep``."""
     B, T = input_ids.shape
@@ -377,7 +350,7 @@ def _hidden_at(model, decoder, input_ids, attention_mask, valid_N, keep_K, share
         if hidden_KH is not None:
             return hidden_KH
     ran = _run_capturing_hidden(
-        model, decoder, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+        model, decoder, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
     )
     if ran is None:
         return None
@@ -399,13 +372,11 @@ def get_response_log_probs(
 ) -> dict[str, torch.Tensor]:
     """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked.
 
-    ``labels`` are already aligned with ``input_ids`` (labels[:, t] is the token predicted at position t),
-    as produced by ``tokenize_prompt_and_output``. ``temperature`` divides the logits first, matching a
-    sampler that used the same temperature. ``logprob_mask`` (B, T), optional: only these positions are
-    scored (e.g. the response mask); the others, like labels outside [0, V), get log-prob 0 and entropy 0
-    without running the output layer on them. ``share_prompts``: rows whose prompts (the tokens before their
-    ``logprob_mask`` run) are identical run that prompt through the decoder once (``_shared_prompt_hidden``).
-    Extra ``model_kwargs`` (e.g. ``position_ids`` for packed sequences) go to the model forward.
+    ``labels[:, t]`` is the token predicted at position t (``tokenize_prompt_and_output``'s layout);
+    ``temperature`` divides the logits, as the sampler did. Only positions inside ``logprob_mask`` (B, T) with a
+    label in [0, V) are scored; the others get 0 without running the output layer. ``share_prompts``: rows
+    with the same prompt (the tokens before their ``logprob_mask`` run) run it through the decoder once.
+    ``model_kwargs`` (e.g. ``position_ids`` of packed sequences) go to the model forward.
     """
     found = _decoder_and_head(model)
     if found is not None:

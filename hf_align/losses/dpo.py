@@ -36,13 +36,23 @@ def split_concatenated(x_2B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Pairs(NamedTuple):
-    """A batch of B preference pairs (each field (B,)): what every variant may read."""
+    """B preference pairs, each field (B,): summed log-probs under the policy and the frozen reference, and the
+    response token counts (read by ``ipo`` and ``sft``). The field names are ``dpo_loss``'s arguments."""
 
-    chosen_logratios_B: torch.Tensor  # log pi(y_c) - log ref(y_c)
-    rejected_logratios_B: torch.Tensor
     policy_chosen_logps_B: torch.Tensor
-    chosen_lengths_B: torch.Tensor | None  # response tokens per answer
-    rejected_lengths_B: torch.Tensor | None
+    policy_rejected_logps_B: torch.Tensor
+    ref_chosen_logps_B: torch.Tensor
+    ref_rejected_logps_B: torch.Tensor
+    chosen_lengths_B: torch.Tensor | None = None
+    rejected_lengths_B: torch.Tensor | None = None
+
+    @property
+    def chosen_logratios_B(self) -> torch.Tensor:  # lr_c = log pi(y_c) - log ref(y_c); no gradient to ref
+        return self.policy_chosen_logps_B - self.ref_chosen_logps_B.detach()
+
+    @property
+    def rejected_logratios_B(self) -> torch.Tensor:
+        return self.policy_rejected_logps_B - self.ref_rejected_logps_B.detach()
 
     @property
     def margins_B(self) -> torch.Tensor:  # h = lr_c - lr_r
@@ -74,10 +84,7 @@ def ipo_loss(p: Pairs, beta: float, eps: float) -> torch.Tensor:
     """IPO (Azar et al. 2023, eq. 17, beta = tau): ``(h' - 1 / (2 beta))^2`` with the per-token averaged
     ``h' = lr_c / max(|y_c|, 1) - lr_r / max(|y_r|, 1)``."""
     if p.chosen_lengths_B is None or p.rejected_lengths_B is None:
-        raise ValueError(
-            "loss_type='ipo' averages log-ratios per token: pass chosen_lengths_B and rejected_lengths_B "
-            "(the number of response tokens of each answer, e.g. mask_BT.sum(-1))"
-        )
+        raise ValueError("loss_type='ipo' averages per token: pass chosen_lengths_B and rejected_lengths_B")
     dtype = p.chosen_logratios_B.dtype
     chosen_avg_B = p.chosen_logratios_B / p.chosen_lengths_B.to(dtype).clamp(min=1.0)
     rejected_avg_B = p.rejected_logratios_B / p.rejected_lengths_B.to(dtype).clamp(min=1.0)
@@ -114,9 +121,7 @@ LABEL_SMOOTHED = ("sigmoid", "robust")
 LOSS_TYPES = {**DPO_LOSSES, "sft": chosen_nll_loss}
 
 
-def _check(
-    loss_type: str, beta: float, label_smoothing: float, shapes: dict[str, torch.Tensor | None]
-) -> None:
+def _check(p: Pairs, beta: float, loss_type: str, label_smoothing: float) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(LOSS_TYPES)}")
     if not beta > 0:
@@ -128,8 +133,8 @@ def _check(
             f"label_smoothing={label_smoothing} has no meaning for loss_type={loss_type!r}; "
             "set it to 0 or use loss_type='sigmoid' (cDPO) or 'robust'"
         )
-    shape = shapes["policy_chosen_logps_B"].shape
-    for name, t in shapes.items():
+    shape = p.policy_chosen_logps_B.shape
+    for name, t in p._asdict().items():
         if t is not None and t.shape != shape:
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like policy_chosen_logps_B"
@@ -150,35 +155,24 @@ def dpo_loss(
     """Mean over the B pairs of ``LOSS_TYPES[loss_type]`` (formulas there), from summed log-probs (B,).
 
     ``label_smoothing`` (eps in [0, 0.5)) applies to ``sigmoid`` (cDPO) and ``robust``; ``ipo`` and ``sft``
-    need the response token counts ``chosen_lengths_B`` / ``rejected_lengths_B``. The reference carries no
-    gradient. Metrics, detached 0-dim: ``rewards/chosen`` / ``rewards/rejected`` (means of ``beta * lr``),
-    ``rewards/accuracies`` (fraction of pairs whose chosen reward is strictly higher), ``rewards/margins``,
-    ``logps/chosen`` / ``logps/rejected`` (means of the policy's summed log-probs).
+    need the response token counts ``chosen_lengths_B`` / ``rejected_lengths_B``. Metrics, detached 0-dim:
+    ``rewards/chosen`` / ``rewards/rejected`` (means of ``beta * lr``), ``rewards/accuracies`` (fraction of
+    pairs whose chosen reward is strictly higher), ``rewards/margins``, ``logps/chosen`` / ``logps/rejected``
+    (means of the policy's summed log-probs).
     """
-    _check(
-        loss_type,
-        beta,
-        label_smoothing,
-        dict(
-            policy_chosen_logps_B=policy_chosen_logps_B,
-            policy_rejected_logps_B=policy_rejected_logps_B,
-            ref_chosen_logps_B=ref_chosen_logps_B,
-            ref_rejected_logps_B=ref_rejected_logps_B,
-            chosen_lengths_B=chosen_lengths_B,
-            rejected_lengths_B=rejected_lengths_B,
-        ),
-    )
     pairs = Pairs(
-        policy_chosen_logps_B - ref_chosen_logps_B.detach(),
-        policy_rejected_logps_B - ref_rejected_logps_B.detach(),
         policy_chosen_logps_B,
+        policy_rejected_logps_B,
+        ref_chosen_logps_B,
+        ref_rejected_logps_B,
         chosen_lengths_B,
         rejected_lengths_B,
     )
+    _check(pairs, beta, loss_type, label_smoothing)
     loss = LOSS_TYPES[loss_type](pairs, beta, label_smoothing).mean()
     with torch.no_grad():
-        chosen_rewards_B = beta * pairs.chosen_logratios_B.detach()
-        rejected_rewards_B = beta * pairs.rejected_logratios_B.detach()
+        chosen_rewards_B = beta * pairs.chosen_logratios_B
+        rejected_rewards_B = beta * pairs.rejected_logratios_B
         metrics = {
             "rewards/chosen": chosen_rewards_B.mean(),
             "rewards/rejected": rejected_rewards_B.mean(),

@@ -1,17 +1,16 @@
 """GRPO and policy-gradient losses as pure functions: group advantages, per-token losses, reductions.
 
-An advantage is a reward minus its group's mean, over a scale from ``ADVANTAGE_SCALES``; a group of equal
-rewards gets exactly 0 and a non-finite reward raises. Per-token losses come from ``POLICY_GRADIENT_LOSSES``,
-with a token or GSPO sequence ratio from ``RATIO_LEVELS`` and an optional k3 KL penalty. ``LOSS_REDUCTIONS``
-divide a masked *sum* over the micro-batch by a normalizer the caller may pass as a GLOBAL count over the
-optimizer step (all micro-batches and processes): the summed ``backward()`` of the micro-batches is then the
-full-batch gradient however the batch is split (DDP / FSDP average over processes: multiply by world size).
+Advantages: rewards minus their group's mean, over a scale from ``ADVANTAGE_SCALES`` (a group of equal rewards
+gets exactly 0). Per-token losses: ``POLICY_GRADIENT_LOSSES``, with a token or GSPO sequence ratio from
+``RATIO_LEVELS`` and an optional k3 KL penalty. ``LOSS_REDUCTIONS`` divide a masked *sum* over the micro-batch
+by a normalizer the caller may pass as a GLOBAL count of the optimizer step (all micro-batches and processes),
+so the summed ``backward()`` of the micro-batches is the full-batch gradient however the batch is split.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 
@@ -26,13 +25,11 @@ LossAndMetrics = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 def _groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) -> (N, G), N groups of ``group_size`` consecutive rollouts (one prompt each), checked."""
+    """(B,) -> (N, G): N groups of ``group_size`` consecutive rollouts (one prompt each)."""
     if rewards_B.dim() != 1:
         raise ValueError(f"rewards must be 1-D (rollout_batch_size,), got shape {tuple(rewards_B.shape)}")
     if group_size < 1 or rewards_B.numel() % group_size != 0:
-        raise ValueError(
-            f"rollout batch of {rewards_B.numel()} rewards is not a whole number of groups of {group_size}"
-        )
+        raise ValueError(f"{rewards_B.numel()} rewards are not a whole number of groups of {group_size}")
     bad_B = ~torch.isfinite(rewards_B)
     if bad_B.any():
         i = int(bad_B.nonzero()[0, 0])
@@ -63,10 +60,8 @@ def _scale_mean(rewards_NG: torch.Tensor, advantage_eps: float) -> torch.Tensor:
     mean_N1 = rewards_NG.mean(dim=-1, keepdim=True)
     if (mean_N1 < 0).any():
         i = int((mean_N1 < 0).nonzero()[0, 0])
-        raise ValueError(
-            f"normalize_by='mean' (MaxRL) divides by the group's mean reward, a success rate, so it needs "
-            f"rewards with a non-negative group mean; group {i} has mean {mean_N1[i, 0].item()}"
-        )
+        m = mean_N1[i, 0].item()
+        raise ValueError(f"normalize_by='mean' (MaxRL) needs group mean rewards >= 0; group {i} has mean {m}")
     return mean_N1 + advantage_eps
 
 
@@ -114,9 +109,7 @@ def compute_group_normalized_rewards(
     Returns float32 ``(advantages_B, raw_rewards_B)`` and float metadata: reward mean / unbiased std / min / max,
     ``zero_std_group_fraction``, and the mean ``format_reward`` / ``answer_reward`` where the grader gives them."""
     if len(rollout_responses) != len(repeated_ground_truths):
-        raise ValueError(
-            f"{len(rollout_responses)} rollout_responses but {len(repeated_ground_truths)} repeated_ground_truths"
-        )
+        raise ValueError(f"{len(rollout_responses)} responses, {len(repeated_ground_truths)} ground truths")
     graded = [reward_fn(resp, gt) for resp, gt in zip(rollout_responses, repeated_ground_truths)]
     for i, info in enumerate(graded):
         if info.get("reward") is None:
@@ -169,7 +162,6 @@ def kl_k3(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.
 
 # Per-token losses: (log-probs (B, T), weights A (B, 1), ratio (B, T) or None, eps_low, eps_high)
 #   -> (loss (B, T), per-token metadata)
-PGLoss = Callable[..., LossAndMetrics]
 
 
 def reinforce_loss(logps_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
@@ -199,7 +191,7 @@ def ratio_surrogate_loss(logps_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
 
 
 # loss_type -> (per-token loss, the arguments it needs; the first one is its weight A)
-POLICY_GRADIENT_LOSSES: dict[str, tuple[PGLoss, tuple[str, ...]]] = {
+POLICY_GRADIENT_LOSSES: dict[str, tuple[Callable[..., LossAndMetrics], tuple[str, ...]]] = {
     "no_baseline": (reinforce_loss, ("raw_rewards",)),
     "reinforce_with_baseline": (reinforce_loss, ("advantages",)),
     "grpo_clip": (clipped_surrogate_loss, ("advantages", "old_log_probs", "cliprange")),
@@ -239,9 +231,7 @@ def compute_policy_gradient_loss(
     if "old_log_probs" in required:
         ratio_BT = RATIO_LEVELS[ratio_level](policy_log_probs, old_log_probs, response_mask)
     elif ratio_level != "token":
-        raise ValueError(
-            f"ratio_level={ratio_level!r} needs a loss_type with an importance ratio, not {loss_type!r}"
-        )
+        raise ValueError(f"ratio_level={ratio_level!r} needs an importance-ratio loss, not {loss_type!r}")
     B = policy_log_probs.shape[0]
     weights = given[required[0]]
     if weights.shape not in ((B,), (B, 1)):
@@ -270,33 +260,27 @@ def compute_grpo_clip_loss(
     )
 
 
-class StepCounts(NamedTuple):
-    """A reduction's normalizers, over the optimizer step (all micro-batches and processes)."""
-
-    num_sequences: Count
-    num_tokens: Count
-    max_completion_length: int | None
-
-
-def reduce_sequence_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor, n: StepCounts) -> torch.Tensor:
+# Reductions (B, T) -> scalar. N_seq, N_tok: sequences and unmasked tokens of the optimizer step (all
+# micro-batches and processes); L_max: the generation length limit.
+def reduce_sequence_mean(loss_BT, mask_BT, n_seq, n_tok, l_max) -> torch.Tensor:
     """GRPO (Shao et al. 2024, eq. 3): ``L = (1/N_seq) sum_i (1/|o_i|) sum_t m_it l_it``; an empty row adds 0."""
-    return masked_mean_or_zero(loss_BT, mask_BT, dim=-1).sum() / n.num_sequences
+    return masked_mean_or_zero(loss_BT, mask_BT, dim=-1).sum() / n_seq
 
 
-def reduce_token_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor, n: StepCounts) -> torch.Tensor:
+def reduce_token_mean(loss_BT, mask_BT, n_seq, n_tok, l_max) -> torch.Tensor:
     """DAPO's token-level mean (Yu et al. 2025, sec. 3.3): ``L = (1/N_tok) sum_i sum_t m_it l_it``."""
-    return masked_normalize(loss_BT, mask_BT, n.num_tokens)
+    return masked_normalize(loss_BT, mask_BT, n_tok)
 
 
-def reduce_constant(loss_BT: torch.Tensor, mask_BT: torch.Tensor, n: StepCounts) -> torch.Tensor:
-    """Dr. GRPO (Liu et al. 2025, sec. 3.2): ``L = (1/(N_seq L_max)) sum_i sum_t m_it l_it``, with ``L_max`` the
-    generation limit ``max_completion_length`` (a micro-batch's padded width would depend on the split)."""
-    if n.max_completion_length is None:
+def reduce_constant(loss_BT, mask_BT, n_seq, n_tok, l_max) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, sec. 3.2): ``L = (1/(N_seq L_max)) sum_i sum_t m_it l_it``; ``L_max`` is a
+    constant (a micro-batch's padded width would make the loss depend on the split)."""
+    if l_max is None:
         raise ValueError("reduction='constant' needs max_completion_length (the generation limit L_max)")
-    return masked_normalize(loss_BT, mask_BT, n.num_sequences * n.max_completion_length)
+    return masked_normalize(loss_BT, mask_BT, n_seq * l_max)
 
 
-LOSS_REDUCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, StepCounts], torch.Tensor]] = {
+LOSS_REDUCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "sequence_mean": reduce_sequence_mean,
     "token_mean": reduce_token_mean,
     "constant": reduce_constant,
@@ -311,16 +295,14 @@ def reduce_token_losses(
     num_tokens: Count | None = None,
     max_completion_length: int | None = None,
 ) -> torch.Tensor:
-    """(B, T) -> scalar with ``LOSS_REDUCTIONS[reduction]``; ``N_seq`` = ``num_sequences`` (default: this
-    micro-batch's B), ``N_tok`` = ``num_tokens`` (default: its unmasked tokens, at least 1)."""
+    """(B, T) -> scalar with ``LOSS_REDUCTIONS[reduction]``: ``N_seq`` = ``num_sequences`` (default: this
+    micro-batch's B), ``N_tok`` = ``num_tokens`` (default: its unmasked tokens, at least 1), ``L_max`` =
+    ``max_completion_length``."""
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid: {sorted(LOSS_REDUCTIONS)}")
-    counts = StepCounts(
-        loss_BT.shape[0] if num_sequences is None else num_sequences,
-        mask_BT.to(loss_BT.dtype).sum().clamp(min=1.0) if num_tokens is None else num_tokens,
-        max_completion_length,
-    )
-    return LOSS_REDUCTIONS[reduction](loss_BT, mask_BT, counts)
+    n_seq = loss_BT.shape[0] if num_sequences is None else num_sequences
+    n_tok = mask_BT.to(loss_BT.dtype).sum().clamp(min=1.0) if num_tokens is None else num_tokens
+    return LOSS_REDUCTIONS[reduction](loss_BT, mask_BT, n_seq, n_tok, max_completion_length)
 
 
 def _ratio_metrics(meta: dict[str, torch.Tensor], mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -359,9 +341,8 @@ def policy_loss(
     max_completion_length: int | None = None,
 ) -> LossAndMetrics:
     """One micro-batch's GRPO-family loss ``reduce(l^pg_it + beta * k3_it)`` (Shao et al. 2024, eq. 3), unscaled
-    (no accumulation or world-size factor): ``compute_policy_gradient_loss``, plus ``kl_k3`` when ``beta > 0``,
-    through ``reduce_token_losses`` with the given counts. Metrics (detached, over this micro-batch): ``loss``,
-    ``policy_loss`` (the pg part), ``kl_mean`` (when ref log-probs are given); for ratio losses ``ratio_mean``,
+    (DDP / FSDP average gradients: the caller multiplies by the world size). Metrics, detached: ``loss``,
+    ``policy_loss`` (the pg part), ``kl_mean`` (given ref log-probs); for ratio losses ``ratio_mean``,
     ``ratio_max``, and for ``grpo_clip`` ``clip_fraction_low`` / ``_high`` / ``clip_fraction``."""
     if beta > 0 and ref_log_probs_BT is None:
         raise ValueError(f"beta={beta} > 0 needs ref_log_probs_BT for the KL penalty (or set beta=0)")
