@@ -281,8 +281,6 @@ def _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_BT) -
     prompt's decoder work saved. None (the caller runs one pass) for another layout or a cache that is not a
     plain full-attention cache.
     """
-    from transformers.cache_utils import DynamicLayer
-
     layout = _distinct_prompts(input_ids, attention_mask, valid_BT)
     if layout is None:
         return None
@@ -295,8 +293,10 @@ def _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_BT) -
         return None
     out, hidden_UPH = ran
     cache = getattr(out, "past_key_values", None)
-    if cache is None or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
-        return None  # sliding-window, linear-attention, ... caches: not known to continue exactly
+    # plain full-attention DynamicLayers only, by exact name: their sliding-window, ... subclasses are not exact
+    layers = getattr(cache, "layers", [None])
+    if cache is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
     pieces = [hidden_UPH[index_B, first_B].unsqueeze(1)]  # (B, 1, H): each row's last prompt token
     C = int(n_B.max())
     if C > 1:
