@@ -87,9 +87,7 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
         decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    if decoder is None or head is None or decoder is inner:
-        return None
-    return decoder, head
+    return None if decoder is None or head is None or decoder is inner else (decoder, head)
 
 
 def _head_chunk(head, hidden_NH, labels_N, temperature: float, entropy_out: list | None = None):
@@ -185,20 +183,21 @@ def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, wit
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
     fused = use_ckpt and _plain_linear(head)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
-        chunk = (hidden_NH[start : start + chunk_tokens], labels_N[start : start + chunk_tokens], temperature)
-        ent: list[torch.Tensor] = []
+        hidden_CH, labels_C = hidden_NH[start : start + chunk_tokens], labels_N[start : start + chunk_tokens]
+        ent: list[torch.Tensor] | None = [] if with_entropy else None
         if fused:
-            # The last chunk's backward runs first, at the memory peak, where recomputing would allocate the
-            # same buffer anyway: keep its softmax instead and save that matmul. Earlier chunks recompute.
+            # the last chunk's backward runs first, at the memory peak: it keeps its softmax, saving a matmul
             last = start + chunk_tokens >= hidden_NH.shape[0]
-            lp, entropy = _LinearHeadLogprob.apply(chunk[0], head.weight, *chunk[1:], with_entropy, last)
-            ent.append(entropy)
+            lp, ent_C = _LinearHeadLogprob.apply(
+                hidden_CH, head.weight, labels_C, temperature, with_entropy, last
+            )
+            ent = [ent_C]
         elif use_ckpt:  # recompute this chunk's logits in backward instead of storing them: O(chunk x V)
-            lp = checkpoint(_head_chunk, head, *chunk, ent if with_entropy else None, use_reentrant=False)
+            lp = checkpoint(_head_chunk, head, hidden_CH, labels_C, temperature, ent, use_reentrant=False)
         else:
-            lp = _head_chunk(head, *chunk, ent if with_entropy else None)
+            lp = _head_chunk(head, hidden_CH, labels_C, temperature, ent)
         logps.append(lp)
-        entropies += ent
+        entropies += ent or []
     logps_N = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
     if not with_entropy:
         return logps_N, None
