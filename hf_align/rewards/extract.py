@@ -1,9 +1,6 @@
 """Answer extraction from model responses: the last `\\boxed{}`, an "answer is ..." phrase, the last number,
-a multiple-choice letter.
-
-Model output is untrusted text: everything here is regular expressions and brace matching, and only the
-last `MAX_RESPONSE_CHARS` characters of a response are searched, so a megabyte of output cannot stall a
-regex. Comparing an extracted answer with the ground truth is `hf_align.rewards.grader`'s job.
+a multiple-choice letter. Model output is untrusted: regular expressions and brace matching only, over the
+last `MAX_RESPONSE_CHARS` characters of a response, so a megabyte of output cannot stall a regex.
 """
 
 from __future__ import annotations
@@ -19,10 +16,8 @@ BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 
 def match_brace(text: str, open_pos: int) -> int | None:
     """Index of the `}` closing the `{` at `open_pos`, skipping escaped `\\{` and `\\}`; None if unclosed."""
-    depth = 0
-    i = open_pos
-    n = len(text)
-    while i < n:
+    depth, i = 0, open_pos
+    while i < len(text):
         c = text[i]
         if c == "\\":
             i += 2
@@ -50,8 +45,7 @@ def extract_boxed(text: str) -> str | None:
     if not matches:
         return None
     start = matches[-1].end()
-    rest = text[start:]
-    stripped = rest.lstrip()
+    rest, stripped = text[start:], text[start:].lstrip()
     if stripped.startswith("{"):
         open_pos = start + (len(rest) - len(stripped))
         close = match_brace(text, open_pos)
@@ -111,12 +105,8 @@ def parse_gsm8k_response(text: str) -> str | None:
 
     `"1,234"` -> `"1234"`, `"-3.5."` -> `"-3.5"`, `"$12"` -> `"12"`. Only the tail of the text is searched.
     """
-    if not isinstance(text, str):
-        return None
-    numbers = _NUMBER_RE.findall(text[-MAX_RESPONSE_CHARS:])
-    if not numbers:
-        return None
-    return numbers[-1].replace(",", "")
+    numbers = _NUMBER_RE.findall(text[-MAX_RESPONSE_CHARS:]) if isinstance(text, str) else None
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 _MMLU_LETTERS = ("A", "B", "C", "D")

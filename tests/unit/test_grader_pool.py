@@ -1,8 +1,8 @@
-"""Tests for the time-bounded worker pool (`Grader`, `grade_batch`).
+"""Tests for the time-bounded worker pool (`Grader`).
 
 Pool start-up costs a second or two per worker on a busy machine, so the tests share one module-scoped
 `Grader` running `probe_reward_fn` below: it grades with the real `r1_zero_reward_fn` unless the response
-asks it to misbehave. Reward functions by name are covered by `grade_batch`.
+asks it to misbehave. Reward functions by name are covered by `test_reward_fn_by_name`.
 """
 
 import logging
@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from hf_align.rewards import ZERO_REWARDS, Grader, grade_batch, r1_zero_reward_fn
+from hf_align.rewards import ZERO_REWARDS, Grader, r1_zero_reward_fn
 from hf_align.rewards.pool import ERROR_FLAG
 
 TIMEOUT_S = 2.0
@@ -215,7 +215,8 @@ def test_in_process_mode_and_close():
 
 
 @pytest.mark.slow
-def test_grade_batch_by_name():
-    out = grade_batch("question_only", [r"\boxed{2}", "the answer is 3"], ["2", "4"], num_workers=1)
+def test_reward_fn_by_name():
+    with Grader("question_only", num_workers=1) as grader:
+        out = grader.grade([r"\boxed{2}", "the answer is 3"], ["2", "4"])
     assert [o["reward"] for o in out] == [1.0, 0.0]
     assert [o["format_reward"] for o in out] == [1.0, 0.0]
