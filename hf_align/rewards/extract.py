@@ -109,7 +109,6 @@ def parse_gsm8k_response(text: str) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
-_MMLU_LETTERS = ("A", "B", "C", "D")
 _MMLU_ANSWER_RE = re.compile(
     r"(?i:answer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*[:=]?\s*(?i:option|choice)?\s*[\(\[*]*([ABCD])(?![A-Za-z])"
 )
@@ -142,17 +141,14 @@ def parse_mmlu_response(example: dict[str, Any], text: str) -> str | None:
             return m.group(1)
     options = example.get("options") if isinstance(example, dict) else None
     if options:
-        simple_options = [_simple_text(str(o)) for o in options][: len(_MMLU_LETTERS)]
-        candidates = [_simple_text(text)]
-        phrase = list(_ANSWER_PHRASE_RE.finditer(text))
-        if phrase:
-            candidates.insert(0, _simple_text(phrase[-1].group("ans")))
+        simple = {k: v for k, v in zip("ABCD", (_simple_text(str(o)) for o in options)) if v}
+        phrase = list(_ANSWER_PHRASE_RE.finditer(text))[-1:]
+        candidates = [_simple_text(m.group("ans")) for m in phrase] + [_simple_text(text)]
         for cand in candidates:
-            for letter, opt in zip(_MMLU_LETTERS, simple_options):
-                if opt and cand == opt:
+            for letter, opt in simple.items():
+                if cand == opt:
                     return letter
-        padded = f" {_simple_text(text)} "
-        hits = [letter for letter, opt in zip(_MMLU_LETTERS, simple_options) if opt and f" {opt} " in padded]
+        hits = [letter for letter, opt in simple.items() if f" {opt} " in f" {candidates[-1]} "]
         if len(hits) == 1:
             return hits[0]
     parens = _MMLU_PAREN_RE.findall(text)

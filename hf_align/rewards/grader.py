@@ -1,25 +1,21 @@
 """Equivalence of math answers: `normalize_answer`, then `math_answers_equal(prediction, ground_truth)`.
 
-Model output is untrusted text and nothing here evaluates it: normalization is regular expressions and bracket
-matching, numbers are exact `Fraction`s from a strict grammar, and the rest goes to latex2sympy (an ANTLR LaTeX
-grammar that builds sympy objects) and `math_verify.verify`. Never `math_verify.parse` with
-`ExprExtractionConfig`, `sympify` or `parse_expr` on model text: those run Python's `eval`.
+Model output is untrusted and nothing here evaluates it: regular expressions, bracket matching, exact `Fraction`s
+from a strict grammar, then latex2sympy (an ANTLR grammar building sympy objects) and `math_verify.verify`; never
+`math_verify.parse` with `ExprExtractionConfig`, `sympify` or `parse_expr`, which run Python's `eval`.
+Normalization is math-verify's basic-LaTeX and malformed-operator passes (`$`, `\\left`, `\\dfrac`, `\\!`, `\\frac12`)
+inside our rules for MATH's answers: `10,\\!080` and a bare `1,000` are one number; units and count nouns after a
+number go (`60 \\text{ handshakes}`; math-verify's unit pass would also strip `5m` and `x \\text{ handshakes}`);
+degree and percent signs (`50\\%` == `50` != `0.5`), `\\text{}` wrappers, `x =` and spaces go.
 
-Normalization is math-verify's basic-LaTeX and malformed-operator pass (`$`, `\\left`, `\\dfrac`, `\\!`, `{,}`,
-`\\frac12`, `\\sqrt2`, `2^(10)`), wrapped in our rules for what MATH's answers need: `10,\\!080` and a bare `1,000`
-are one number; units and count nouns after a number go (`5 \\text{ cm}`, `60 \\text{ handshakes}`; math-verify's
-unit list would also strip a glued letter, `5m`, and any trailing `\\text{}`, `x \\text{ handshakes}`); degree and
-percent signs, `\\text{}` wrappers, `x =` and spaces go (`50\\%` == `50` != `0.5`).
-
-`math_answers_equal` decides in this order, first decision wins. Answers over `MAX_ANSWER_CHARS` compare as
-stripped strings only. Equal normalized strings are equal (words case-insensitively). A bare `a,bbb` reads as a
-number or a list (MATH golds hold both: `15,600`, and the two answers `70,110`): either may match, the list only
-in the gold's order, and two such answers compare as numbers only. A top-level `\\cup` is an unordered union;
-`(a, b)`, `[a, b)` are ordered and their brackets must match; `\\{a, b\\}` and a bare `a, b` are unordered; a
-structure never equals a non-structure (math-verify equates `(1,2)` with `\\{1,2\\}`). Two plain numbers compare
-as exact fractions (`0.5 == 1/2`, `0.3333333 != 1/3`, which math-verify's 6-digit rounding equates). The rest is
-latex2sympy + `math_verify.verify`, whose `signal.alarm` bound works only in the main thread: elsewhere the
-worker pool (`hf_align.rewards.pool`) bounds time.
+`math_answers_equal`, first decision wins: answers over `MAX_ANSWER_CHARS` compare as strings; equal normalized
+strings (words case-insensitively) are equal. A bare `a,bbb` is a number or a list (MATH golds hold both: `15,600`
+and the two answers `70,110`): either may match, the list only in the gold's order, and two such answers compare as
+numbers. A top-level `\\cup` is an unordered union; `(a, b)`, `[a, b)` are ordered and their brackets must match;
+`\\{a, b\\}` and `a, b` are unordered; a structure never equals a non-structure (math-verify equates `(1,2)` and
+`\\{1,2\\}`). Plain numbers compare as exact fractions (`0.3333333 != 1/3`, equal under math-verify's rounding).
+The rest is `math_verify.verify`, whose `signal.alarm` bound works in the main thread only: elsewhere the worker
+pool (`hf_align.rewards.pool`) bounds time.
 """
 
 from __future__ import annotations

@@ -1,19 +1,18 @@
 """Time-bounded, batched grading in worker processes: `Grader`.
 
 A reward function runs on untrusted model output, and sympy can spend minutes (or all memory) on `9^{9^{9^{9}}}`.
-`Grader` runs it in a few long-lived worker processes and gives each item a wall-clock budget: an item that
-overruns has its worker killed (SIGKILL) and replaced, grades as all zeros and counts in `stats["timeouts"]`. The
-parent only waits on pipes with a timeout, so this works from any thread (no `signal.alarm`). A reward function
-that raises or returns something that is not a dict of numbers, or a worker that dies mid-item, grades as zeros
-flagged `grader_error` and counts in `stats["errors"]`.
+`Grader` runs it in a few long-lived workers with a wall-clock budget per item: an item that overruns has its
+worker killed (SIGKILL) and replaced, and grades as zeros (`stats["timeouts"]`). The parent only waits on pipes
+with a timeout, so this works from any thread. A reward function that raises or returns no dict of numbers, or
+a worker that dies mid-item, grades as zeros flagged `grader_error` (`stats["errors"]`).
 
-A worker is this file run as a script by a fresh interpreter (`_serve`, fork + exec: safe in a threaded,
-torch-loaded parent), talking over a `multiprocessing.Pipe`. It imports only `hf_align.rewards` and sympy, once,
-then says it is ready; an item's clock starts when it is sent to a ready worker. Not `multiprocessing`'s spawn or
-forkserver, and so not `concurrent.futures` either: their workers re-import the parent's `__main__` (a training
-script: torch, transformers) and `hf_align/__init__` (torch), at start and at every replacement, and a pool
-cannot kill one worker. A reward function given as a callable must be picklable by reference (a top-level
-function of an importable module); the worker imports it with the parent's `sys.path`. POSIX only.
+A worker is this file run as a script (`_serve`) by a fresh interpreter (fork + exec: safe in a threaded,
+torch-loaded parent), over a `multiprocessing.Pipe`. It imports only `hf_align.rewards` and sympy, then says it
+is ready; an item's clock starts when it is sent to a ready worker. Not multiprocessing's spawn or forkserver (nor
+`concurrent.futures` on them): their workers re-import the parent's `__main__` (a training script: torch,
+transformers) and `hf_align/__init__` (torch) at start and at every replacement, and a pool cannot kill one
+worker. A reward function given as a callable must be picklable by reference (a top-level function of an
+importable module), imported with the parent's `sys.path`. POSIX only.
 """
 
 from __future__ import annotations

@@ -122,6 +122,14 @@ def test_errors_in_reward_fn_grade_zero(grader, caplog):
     assert any("item 2 failed" in m and "TypeError" in m for m in messages)
 
 
+def test_items_that_cannot_be_sent_grade_as_errors(grader):
+    # More unpicklable items than workers: each is an error, the rest of the batch still grades.
+    errors = grader.stats["errors"]
+    out = grader.grade([answer("1")] * 4, [lambda: 0] * 3 + ["1"])
+    assert out == [{**ZERO_REWARDS, ERROR_FLAG: 1.0}] * 3 + [r1_zero_reward_fn(answer("1"), "1")]
+    assert grader.stats["errors"] == errors + 3
+
+
 @pytest.mark.slow
 def test_worker_that_dies_is_replaced(grader):
     errors = grader.stats["errors"]
