@@ -45,8 +45,15 @@ ERROR_FLAG = "grader_error"
 _STARTUP_TIMEOUT_S = 120.0
 
 
+def _call(fn: Callable, response: str, ground_truth: Any) -> dict[str, float]:
+    out = fn(response, ground_truth)
+    if not isinstance(out, dict):
+        raise TypeError(f"reward function returned {type(out).__name__}, expected dict")
+    return {str(k): float(v) for k, v in out.items()}
+
+
 def _serve(fd: int) -> None:
-    """A worker: the init message, then `(index, response, ground_truth)` items until `None` or EOF."""
+    """A worker: the init message, then `(response, ground_truth)` items until `None` or EOF."""
     conn = Connection(fd)
     try:
         sys_path, max_memory_mb, fn_spec = conn.recv()
@@ -76,14 +83,10 @@ def _serve(fd: int) -> None:
             return
         if task is None:
             return
-        index, response, ground_truth = task
         try:
-            out = fn(response, ground_truth)
-            if not isinstance(out, dict):
-                raise TypeError(f"reward function returned {type(out).__name__}, expected dict")
-            conn.send(("ok", index, {str(k): float(v) for k, v in out.items()}))
+            conn.send(("ok", _call(fn, *task)))
         except Exception as exc:
-            conn.send(("error", index, f"{type(exc).__name__}: {exc}"))
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 @dataclass
@@ -187,7 +190,7 @@ class Grader:
 
     def _grade_here(self, index: int, response: str, ground_truth: Any) -> dict[str, float]:
         try:
-            out = {str(k): float(v) for k, v in self._fn(response, ground_truth).items()}
+            out = _call(self._fn, response, ground_truth)
         except Exception as exc:
             return self._record_error(index, f"{type(exc).__name__}: {exc}")
         self.stats["graded"] += 1
@@ -243,7 +246,7 @@ class Grader:
         while pending:
             index = pending.popleft()
             try:
-                worker.conn.send((index, items[0][index], items[1][index]))
+                worker.conn.send((items[0][index], items[1][index]))
             except (pickle.PicklingError, TypeError, AttributeError) as exc:  # nothing was written
                 results[index] = self._record_error(index, f"cannot send item: {exc}")
                 continue
@@ -270,12 +273,12 @@ class Grader:
                 error = f"worker exited with code {worker.proc.wait()}"
                 results[worker.index] = self._record_error(worker.index, error)
             self._replace(worker)
-        else:  # ("ok" | "error", index, rewards | message) for the item this worker is grading
+        else:  # ("ok", rewards) or ("error", message) for the item this worker is grading
             if message[0] == "ok":
-                results[worker.index] = message[2]
+                results[worker.index] = message[1]
                 self.stats["graded"] += 1
             else:
-                results[worker.index] = self._record_error(worker.index, message[2])
+                results[worker.index] = self._record_error(worker.index, message[1])
             worker.index, worker.deadline = None, float("inf")
 
     def _enforce_deadlines(self, results: list[dict[str, float] | None]) -> None:
