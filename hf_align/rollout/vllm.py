@@ -21,17 +21,15 @@ Choices:
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from hf_align.rollout.base import EngineBase, Rollout, SamplingConfig, prompt_seed, unwrap
 from hf_align.rollout.weights import LOAD_METHOD, WORKER_EXTENSION, checkpoint_weights, write_safetensors
-
-logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 512 << 20
 INSTALL_HINT = (
@@ -73,8 +71,9 @@ def sampling_fields(sampling: SamplingConfig, eos_token_ids: list[int]) -> dict[
 class VLLMEngine(EngineBase):
     """A `RolloutEngine` over an in-process `vllm.LLM`.
 
-    `model_name_or_path` is a local folder (or a cached Hub id), or a transformers model whose `name_or_path` is one: its
-    current weights are then synced right away. `llm_kwargs` go to `vllm.LLM`, over `engine_defaults()`.
+    `model_name_or_path` is a local folder (or a cached Hub id), or a transformers model whose `name_or_path`
+    is one: its current weights are then synced right away. `llm_kwargs` go to `vllm.LLM`, over
+    `engine_defaults()`.
     """
 
     def __init__(
@@ -108,11 +107,8 @@ class VLLMEngine(EngineBase):
             worker_extension_cls=WORKER_EXTENSION,
             **(engine_defaults() | llm_kwargs),
         )
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        super().__init__(tokenizer, live_model or path)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        super().__init__(tokenizer, path if live_model is None else live_model)
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self.in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
         self.last_sync_seconds: float | None = None
