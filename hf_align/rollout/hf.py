@@ -191,13 +191,9 @@ class HFEngine(EngineBase):
         return StoppingCriteriaList([_CompletionStopStrings(self._stop_criteria[key], prompt_width)])
 
     def _generate_batch(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        batch: list[list[int]],
-        offset: int,
-        sampling: SamplingConfig,
+        self, model, device, batch: list[list[int]], offset: int, sampling
     ) -> list[list[Rollout]]:
+        """Rollouts of prompts `offset`, `offset + 1`, ... (their ids: `batch`) from one `generate` call."""
         width = max(len(ids) for ids in batch)
         input_ids_BP = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention_mask_BP = torch.zeros((len(batch), width), dtype=torch.long)

@@ -66,9 +66,8 @@ def _merged_peft_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Te
     base = model.get_base_model()
     deltas = _lora_deltas(base)
     for key, tensor in base.state_dict().items():
-        if (
-            "lora_" in key or ".original_module." in key
-        ):  # the adapters; a module replaced by its trained copy
+        # the adapters themselves; a module that `modules_to_save` replaces by its trained copy
+        if "lora_" in key or ".original_module." in key:
             continue
         if "trainable_tokens_" in key or "token_adapter" in key:
             raise NotImplementedError(f"sync_weights does not merge peft trainable tokens ({key})")
