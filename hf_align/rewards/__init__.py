@@ -1,7 +1,7 @@
-"""Graders for math answers: extraction (`extract`), normalization, equivalence, reward functions, time-bounded pool.
+"""Graders for math answers: extraction, equivalence (`grader`), reward functions (`math`), time-bounded pool.
 
-Importing this package is cheap and has no side effects: sympy and math_verify load on the first symbolic
-comparison, and worker processes start only when a `Grader` is built. Nothing here imports torch.
+Importing this package is cheap and has no side effects: sympy and math_verify load on the first comparison,
+and worker processes start only when a `Grader` is built. Nothing here imports torch.
 """
 
 from hf_align.rewards.extract import (
@@ -19,7 +19,7 @@ from hf_align.rewards.math import (
     r1_zero_format_reward_fn,
     r1_zero_reward_fn,
 )
-from hf_align.rewards.pool import ZERO_REWARDS, Grader, grade_batch
+from hf_align.rewards.pool import ZERO_REWARDS, Grader
 
 __all__ = [
     "REWARD_FUNCTIONS",
@@ -28,7 +28,6 @@ __all__ = [
     "extract_boxed",
     "extract_final_answer",
     "get_reward_fn",
-    "grade_batch",
     "gsm8k_reward_fn",
     "math_answers_equal",
     "normalize_answer",

@@ -1,9 +1,6 @@
 """Answer extraction from model responses: the last `\\boxed{}`, an "answer is ..." phrase, the last number,
-a multiple-choice letter.
-
-Model output is untrusted text: everything here is regular expressions and brace matching, and only the
-last `MAX_RESPONSE_CHARS` characters of a response are searched, so a megabyte of output cannot stall a
-regex. Comparing an extracted answer with the ground truth is `hf_align.rewards.grader`'s job.
+a multiple-choice letter. Model output is untrusted: regular expressions and brace matching only, over the
+last `MAX_RESPONSE_CHARS` characters of a response, so a megabyte of output cannot stall a regex.
 """
 
 from __future__ import annotations
@@ -19,10 +16,8 @@ BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 
 def match_brace(text: str, open_pos: int) -> int | None:
     """Index of the `}` closing the `{` at `open_pos`, skipping escaped `\\{` and `\\}`; None if unclosed."""
-    depth = 0
-    i = open_pos
-    n = len(text)
-    while i < n:
+    depth, i = 0, open_pos
+    while i < len(text):
         c = text[i]
         if c == "\\":
             i += 2
@@ -50,8 +45,7 @@ def extract_boxed(text: str) -> str | None:
     if not matches:
         return None
     start = matches[-1].end()
-    rest = text[start:]
-    stripped = rest.lstrip()
+    rest, stripped = text[start:], text[start:].lstrip()
     if stripped.startswith("{"):
         open_pos = start + (len(rest) - len(stripped))
         close = match_brace(text, open_pos)
@@ -111,15 +105,10 @@ def parse_gsm8k_response(text: str) -> str | None:
 
     `"1,234"` -> `"1234"`, `"-3.5."` -> `"-3.5"`, `"$12"` -> `"12"`. Only the tail of the text is searched.
     """
-    if not isinstance(text, str):
-        return None
-    numbers = _NUMBER_RE.findall(text[-MAX_RESPONSE_CHARS:])
-    if not numbers:
-        return None
-    return numbers[-1].replace(",", "")
+    numbers = _NUMBER_RE.findall(text[-MAX_RESPONSE_CHARS:]) if isinstance(text, str) else None
+    return numbers[-1].replace(",", "") if numbers else None
 
 
-_MMLU_LETTERS = ("A", "B", "C", "D")
 _MMLU_ANSWER_RE = re.compile(
     r"(?i:answer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*[:=]?\s*(?i:option|choice)?\s*[\(\[*]*([ABCD])(?![A-Za-z])"
 )
@@ -152,17 +141,14 @@ def parse_mmlu_response(example: dict[str, Any], text: str) -> str | None:
             return m.group(1)
     options = example.get("options") if isinstance(example, dict) else None
     if options:
-        simple_options = [_simple_text(str(o)) for o in options][: len(_MMLU_LETTERS)]
-        candidates = [_simple_text(text)]
-        phrase = list(_ANSWER_PHRASE_RE.finditer(text))
-        if phrase:
-            candidates.insert(0, _simple_text(phrase[-1].group("ans")))
+        simple = {k: v for k, v in zip("ABCD", (_simple_text(str(o)) for o in options)) if v}
+        phrase = list(_ANSWER_PHRASE_RE.finditer(text))[-1:]
+        candidates = [_simple_text(m.group("ans")) for m in phrase] + [_simple_text(text)]
         for cand in candidates:
-            for letter, opt in zip(_MMLU_LETTERS, simple_options):
-                if opt and cand == opt:
+            for letter, opt in simple.items():
+                if cand == opt:
                     return letter
-        padded = f" {_simple_text(text)} "
-        hits = [letter for letter, opt in zip(_MMLU_LETTERS, simple_options) if opt and f" {opt} " in padded]
+        hits = [letter for letter, opt in simple.items() if f" {opt} " in f" {candidates[-1]} "]
         if len(hits) == 1:
             return hits[0]
     parens = _MMLU_PAREN_RE.findall(text)

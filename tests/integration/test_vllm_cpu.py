@@ -24,7 +24,7 @@ import torch
 
 from hf_align.logprobs import get_response_log_probs
 from hf_align.rollout import HFEngine, SamplingConfig
-from hf_align.rollout.vllm import checkpoint_weights
+from hf_align.rollout.weights import checkpoint_weights
 from tests.conftest import build_model
 
 try:

@@ -1,8 +1,8 @@
-"""Tests for the time-bounded worker pool (`Grader`, `grade_batch`).
+"""Tests for the time-bounded worker pool (`Grader`).
 
 Pool start-up costs a second or two per worker on a busy machine, so the tests share one module-scoped
 `Grader` running `probe_reward_fn` below: it grades with the real `r1_zero_reward_fn` unless the response
-asks it to misbehave. Reward functions by name are covered by `grade_batch`.
+asks it to misbehave. Reward functions by name are covered by `test_reward_fn_by_name`.
 """
 
 import logging
@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from hf_align.rewards import ZERO_REWARDS, Grader, grade_batch, r1_zero_reward_fn
+from hf_align.rewards import ZERO_REWARDS, Grader, r1_zero_reward_fn
 from hf_align.rewards.pool import ERROR_FLAG
 
 TIMEOUT_S = 2.0
@@ -122,6 +122,14 @@ def test_errors_in_reward_fn_grade_zero(grader, caplog):
     assert any("item 2 failed" in m and "TypeError" in m for m in messages)
 
 
+def test_items_that_cannot_be_sent_grade_as_errors(grader):
+    # More unpicklable items than workers: each is an error, the rest of the batch still grades.
+    errors = grader.stats["errors"]
+    out = grader.grade([answer("1")] * 4, [lambda: 0] * 3 + ["1"])
+    assert out == [{**ZERO_REWARDS, ERROR_FLAG: 1.0}] * 3 + [r1_zero_reward_fn(answer("1"), "1")]
+    assert grader.stats["errors"] == errors + 3
+
+
 @pytest.mark.slow
 def test_worker_that_dies_is_replaced(grader):
     errors = grader.stats["errors"]
@@ -215,7 +223,8 @@ def test_in_process_mode_and_close():
 
 
 @pytest.mark.slow
-def test_grade_batch_by_name():
-    out = grade_batch("question_only", [r"\boxed{2}", "the answer is 3"], ["2", "4"], num_workers=1)
+def test_reward_fn_by_name():
+    with Grader("question_only", num_workers=1) as grader:
+        out = grader.grade([r"\boxed{2}", "the answer is 3"], ["2", "4"])
     assert [o["reward"] for o in out] == [1.0, 0.0]
     assert [o["format_reward"] for o in out] == [1.0, 0.0]

@@ -16,7 +16,7 @@ from transformers import Qwen2ForCausalLM
 
 from hf_align.logprobs import get_response_log_probs
 from hf_align.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig, make_engine
-from hf_align.rollout.hf import find_stop
+from hf_align.rollout.base import find_stop
 
 PROMPTS = ["What is 12 + 7?", "cat dog red", "A conversation between User and Assistant.", "Hello"]
 

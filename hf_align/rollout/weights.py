@@ -1,0 +1,153 @@
+"""Both ends of a weight sync to vLLM: the policy's weights in Hugging Face checkpoint format (trainer side) and
+`WeightSyncExtension`, the methods vLLM adds to each of its workers to load them in place (worker side).
+
+Choices:
+- A PEFT LoRA model goes out merged, W + the active adapters' `get_delta_weight` (peft's own delta, the one its
+  `merge` adds), as new tensors: peft's in-place `merge_adapter` / `unmerge_adapter` would leave the trained
+  base weights off by float rounding. Plain LoRA only; trained `modules_to_save` copies replace the originals.
+- A tied `lm_head.weight` is not sent: vLLM ties it itself. But on vLLM's CPU backend the tied head keeps a
+  GEMM handle packed from the old embedding, so the worker points it back at the new one and re-packs it.
+- The worker loads through `model_runner.reload_weights(..., is_checkpoint_format=True)`: the model's own
+  `load_weights` maps checkpoint names onto vLLM's fused layers (qkv, gate_up), then each layer's post-load
+  processing runs again. On CPU that is the only route that works: the processing repacks every linear layer
+  and drops its parameter, so a plain `model.load_weights` fails ("'Parameter' object has no attribute
+  'weight_loader'"). The "Failed to load weights" vLLM logs for RotaryEmbedding / ParallelLMHead is expected.
+- Weights travel as `(name, tensor)` pairs in process (no copy, no pickling), or as the path of one
+  safetensors file (all that a multiprocess engine or the server's string-only RPC endpoint can carry).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from hf_align.rollout.base import unwrap
+
+logger = logging.getLogger(__name__)
+
+# vLLM's `worker_extension_cls` takes a dotted path, which it imports inside each worker: the class below.
+WORKER_EXTENSION = "hf_align.rollout.weights.WeightSyncExtension"
+LOAD_METHOD = "hf_align_load_weights"  # called by name through `collective_rpc`
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+
+
+def _lora_deltas(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module name -> summed `get_delta_weight` of its active, not yet merged LoRA adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or module.disable_adapters:
+            continue
+        for adapter in module.active_adapters:
+            if adapter in module.merged_adapters or adapter not in module.scaling:
+                continue
+            if module.use_dora.get(adapter) or module.lora_bias.get(adapter):
+                raise NotImplementedError(
+                    f"sync_weights merges plain LoRA only; {name} uses DoRA or lora_bias: give the engine a merged "
+                    "copy (peft's merge_and_unload on a deepcopy) instead"
+                )
+            delta = module.get_delta_weight(adapter).detach()
+            deltas[name] = delta if name not in deltas else deltas[name] + delta
+    return deltas
+
+
+def _merged_peft_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged model's tensors under the plain transformers names, one at a time (no copy of the model)."""
+    base = model.get_base_model()
+    deltas = _lora_deltas(base)
+    for key, tensor in base.state_dict().items():
+        # the adapters themselves; a module that `modules_to_save` replaces by its trained copy
+        if "lora_" in key or ".original_module." in key:
+            continue
+        if "trainable_tokens_" in key or "token_adapter" in key:
+            raise NotImplementedError(f"sync_weights does not merge peft trainable tokens ({key})")
+        if ".modules_to_save." in key:
+            prefix, rest = key.split(".modules_to_save.", 1)
+            adapter, param = rest.split(".", 1)
+            if adapter not in model.active_adapters:
+                continue
+            key = f"{prefix}.{param}"
+        key = key.replace(".base_layer.", ".")
+        module_name, _, param_name = key.rpartition(".")
+        if param_name == "weight" and module_name in deltas:
+            tensor = tensor + deltas[module_name].to(tensor.dtype)  # a new tensor: the policy is not modified
+        yield key, tensor
+
+
+def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` pairs of `model` in Hugging Face checkpoint format, as vLLM's `load_weights` wants:
+    detached views of the live parameters (no copy) except merged LoRA weights; a tied `lm_head` left out."""
+    model = unwrap(model)
+    peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    tied = _tied(model.get_base_model() if peft else model)
+    for name, tensor in _merged_peft_weights(model) if peft else model.state_dict().items():
+        if not (tied and name == "lm_head.weight"):
+            yield name, tensor.detach()
+
+
+def write_safetensors(model: torch.nn.Module, directory: str | None = None) -> str:
+    """Write `checkpoint_weights(model)` to one safetensors file in `directory` (default /dev/shm when writable:
+    RAM that every process on the machine sees); return its path."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in checkpoint_weights(model):
+        tensor = tensor.contiguous().cpu()
+        if tensor.data_ptr() in seen:  # safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor
+    directory = directory or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
+    path = os.path.join(directory, f"hf_align_weights_{os.getpid()}_{uuid.uuid4().hex}.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+def _read(weights: str | Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    if not isinstance(weights, str):
+        yield from weights
+        return
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt", device="cpu") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def _repack_tied_lm_head(model: torch.nn.Module) -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or not _tied(model):
+        return
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or not hasattr(embed, "weight"):
+        logger.warning(
+            "tied embeddings but no model.lm_head / model.model.embed_tokens: lm_head not re-packed"
+        )
+        return
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    lm_head.weight = embed.weight
+    dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`self` is the worker); method names are prefixed so they cannot clash
+    with the worker's own."""
+
+    def hf_align_load_weights(self, weights: str | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load checkpoint-format weights in place: a safetensors file path, or `(name, tensor)` pairs."""
+        self.model_runner.reload_weights(weights_iterator=_read(weights), is_checkpoint_format=True)
+        _repack_tied_lm_head(self.model_runner.get_model())
