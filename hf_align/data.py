@@ -1,22 +1,17 @@
 """Data: prompt templates, question/answer dataset loaders, tokenization with response masks.
 
 Choices:
-- Prompt and response are tokenized separately (no special tokens added) and concatenated, so the
-  boundary between what is conditioned on and what is trained is exact in token space. The price is that
-  the tokens at the seam can differ from tokenizing the joined string; generation sees the same prompt ids.
-- ``tokenize_prompt_and_output`` returns SHIFTED tensors: ``input_ids = full[:, :-1]``, ``labels = full[:, 1:]``,
-  so ``labels[:, t]`` is the token predicted at position t, and a bool ``response_mask`` marks labels that are
-  output tokens. This is what ``logprobs.get_response_log_probs`` takes for RL / DPO style losses. The trainers'
-  TRL-format data (SFT, preference pairs) is prepared in ``hf_align/formats.py``.
-- Dataset loaders return plain ``list[dict]`` rows with ``question`` and ``answer`` (str), plus ``subject``,
-  ``level``, ``unique_id`` and ``solution`` when the source has them. MATH's answer is the content of the
-  last ``\\boxed{...}`` / ``\\fbox{...}`` of the solution (``rewards.extract.extract_boxed``; it reproduces all
-  500 MATH-500 answers from their MATH solutions); GSM8K's is the text after ``####`` with thousands separators
-  removed. Two MATH train solutions (lines 5530 and 5532) box an empty answer: they raise by default and are
-  the two rows ``on_error="skip"`` drops from MATH train.
-- Bad data is never dropped silently: a malformed line, a non-object row, a missing, mistyped or empty
-  field raises ``DataError`` naming ``file:line`` (or Hub id, split and row index) and the field. With
-  ``on_error="skip"`` such rows are skipped, counted and logged once with the first few locations.
+- Prompt and response are tokenized separately (no special tokens added) and concatenated, so the boundary
+  between what is conditioned on and what is trained is exact in token space (the seam's tokens can differ
+  from tokenizing the joined string; generation sees the same prompt ids). The tensors come SHIFTED by one,
+  as ``logprobs.get_response_log_probs`` takes them; TRL-format data is prepared in ``hf_align/formats.py``.
+- Loaders return ``list[dict]`` rows with ``question`` and ``answer`` (str), plus ``subject``, ``level``,
+  ``unique_id`` and ``solution`` when the source has them. MATH's answer is the last ``\\boxed{...}`` of the
+  solution (``rewards.extract.extract_boxed``: it reproduces all 500 MATH-500 answers); GSM8K's is the text
+  after ``####`` without thousands separators. Two MATH train solutions (lines 5530, 5532) box nothing.
+- Bad data is never dropped silently: a malformed line, a non-object row, a missing, mistyped or empty field
+  raises ``DataError`` naming ``file:line`` (or Hub id, split and row) and the field; ``on_error="skip"``
+  skips such rows, counted and logged once with the first few locations.
 - Templates are filled with ``str.replace`` (never ``str.format``): MATH questions are full of LaTeX braces.
 """
 
@@ -44,9 +39,8 @@ logger = logging.getLogger(__name__)
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 IGNORE_INDEX = -100
 OnError = Literal["raise", "skip"]
-last_boxed_answer = (
-    extract_boxed  # the MATH answer of a solution (tests/unit/test_grader_math_golds.py uses it)
-)
+# The MATH answer of a solution, under the name tests/unit/test_grader_math_golds.py imports.
+last_boxed_answer = extract_boxed
 
 
 class DataError(ValueError):
@@ -106,9 +100,7 @@ def tokenize_prompt_and_output(
     if not prompt_strs:
         raise ValueError("tokenize_prompt_and_output needs at least one (prompt, output) pair")
     if tokenizer.pad_token_id is None:
-        raise ValueError(
-            "the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token) first"
-        )
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to eos) first")
     prompt_ids = tokenizer(list(prompt_strs), add_special_tokens=False)["input_ids"]
     output_ids = tokenizer(list(output_strs), add_special_tokens=False)["input_ids"]
     out = build_shifted_sequences(prompt_ids, output_ids, tokenizer.pad_token_id)
@@ -347,22 +339,15 @@ def load_dataset_rows(
 
 
 def convert_dataset(
-    input_source: str | Path,
-    output_path: str | Path,
-    kind: DatasetKind = "auto",
-    split: str = "train",
-    on_error: OnError = "raise",
-    max_rows: int | None = None,
+    input_source: str | Path, output_path: str | Path, kind: DatasetKind = "auto", **options
 ) -> int:
-    """Load ``input_source`` as ``kind`` and write ``{"question", "answer"}`` jsonl; returns the row count."""
-    rows = load_dataset_rows(input_source, kind=kind, split=split, on_error=on_error, max_rows=max_rows)
+    """``load_dataset_rows(input_source, kind, **options)`` written as question/answer jsonl; returns the count."""
+    rows = load_dataset_rows(input_source, kind=kind, **options)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(
-                json.dumps({"question": row["question"], "answer": row["answer"]}, ensure_ascii=False) + "\n"
-            )
+            f.write(json.dumps({k: row[k] for k in ("question", "answer")}, ensure_ascii=False) + "\n")
     logger.info("wrote %d rows to %s", len(rows), output_path)
     return len(rows)
 
@@ -370,19 +355,16 @@ def convert_dataset(
 def convert_main(argv: list[str] | None = None) -> int:
     """Convert a MATH / MATH-500 / GSM8K / QA source (jsonl or Hub id) to question/answer jsonl."""
     parser = argparse.ArgumentParser(description=convert_main.__doc__)
-    parser.add_argument(
-        "--input", required=True, help="jsonl file, folder with <split>.jsonl, or Hub dataset id"
-    )
+    parser.add_argument("--input", required=True, help="jsonl file, folder with <split>.jsonl, or Hub id")
     parser.add_argument("--output", required=True, help="where to write the question/answer jsonl")
     parser.add_argument("--kind", default="auto", choices=["auto", *_LOADERS], help="input format")
     parser.add_argument("--split", default="train", help="split (Hub ids and folders)")
-    parser.add_argument(
-        "--on-error", default="raise", choices=["raise", "skip"], help="what to do with bad rows"
-    )
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="for bad rows")
     parser.add_argument("--max-rows", type=int, default=None, help="keep at most this many rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    count = convert_dataset(args.input, args.output, args.kind, args.split, args.on_error, args.max_rows)
+    options = {"split": args.split, "on_error": args.on_error, "max_rows": args.max_rows}
+    count = convert_dataset(args.input, args.output, args.kind, **options)
     print(f"wrote {count} rows to {args.output}")
     return 0
 

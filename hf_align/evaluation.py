@@ -1,19 +1,15 @@
 """Evaluate a policy on question/answer rows: accuracy, format rate and mean reward, plus per-example output.
 
 Choices:
-- Every row is formatted with the prompt template, sampled `sampling.n` times by a `RolloutEngine` and each
-  sample is graded by a `hf_align.rewards.Grader` against the row's `answer`. Rows go to the engine in chunks
-  (its `batch_size`, or 64) so a progress bar can move; with a `seed`, chunk k samples with `seed + k`, so
-  chunks do not replay the same random stream.
-- Metrics are means over all samples: accuracy = mean answer_reward, format_rate = mean format_reward,
-  mean_reward = mean reward. `pass_at_n` is the mean over examples of the best answer_reward among the n
-  samples (pass@n for 0/1 rewards; equal to accuracy when n = 1). `truncated_fraction` counts samples that
-  ran out of `max_new_tokens` (finish_reason "length"); response length is counted in completion tokens.
-- No rows gives n = 0 and metrics 0.0 rather than an error: a rank's shard of a small eval set may be
-  empty, and callers weight each summary by its `n`.
-- `by_subject` / `by_level` repeat the metrics per group when rows carry those fields (`n` counts examples).
-- With `output_dir`, `examples.jsonl` holds one line per sample (so n lines per example when n > 1, told
-  apart by `sample`), and `summary.json` the returned summary. The summary can be recomputed from the jsonl.
+- Each row is formatted with the prompt template, sampled ``sampling.n`` times by a ``RolloutEngine`` and each
+  sample graded by a ``hf_align.rewards.Grader`` against the row's ``answer``. Rows go to the engine in chunks
+  (its ``batch_size``, or 64) so a progress bar moves; with a ``seed``, chunk k samples with ``seed + k``.
+- Metrics are means over samples (accuracy: answer_reward, format_rate: format_reward, mean_reward: reward);
+  ``pass_at_n`` is the mean over examples of the best answer_reward of its n samples; ``truncated_fraction``
+  counts samples that ran out of ``max_new_tokens``. ``by_subject`` / ``by_level`` repeat them per group.
+- No rows gives n = 0 and metrics 0.0, not an error: a rank's shard of a small eval set may be empty.
+- With ``output_dir``: ``examples.jsonl`` (one line per sample; the summary can be recomputed from it) and
+  ``summary.json``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,22 @@
 """TRL's dataset formats, prepared for training in one place: used by the SFT, DPO and reward trainers.
 
-Rows come as a ``datasets.Dataset``, an ``IterableDataset`` or a plain list of dicts, in any format of TRL's
-dataset-formats page, standard (strings) or conversational (lists of ``{role, content}`` messages): language
-modeling (``text`` / ``messages``), prompt-completion, and preference (``chosen`` / ``rejected`` with an explicit
-``prompt`` or an implicit one shared by both answers). Preparation is one ``datasets.map`` that reproduces
-TRL 1.16 token for token, so the first-step losses agree:
+Rows come as a ``datasets.Dataset``, an ``IterableDataset`` or a list of dicts, in any format of TRL's
+dataset-formats page, standard (strings) or conversational (``{role, content}`` messages): language modeling,
+prompt-completion, and preference (``chosen`` / ``rejected``, with an explicit or implicit ``prompt``).
+Preparation is one ``datasets.map`` that reproduces TRL 1.16 token for token, so first-step losses agree:
 
-- Standard text gets the EOS token appended (text, completion, chosen, rejected) unless it already ends with it;
-  conversational rows get the chat template, the prompt alone with the generation prompt.
+- Standard text gets EOS appended unless it ends with it; conversational rows get the chat template.
 - Prompt and prompt + answer are tokenized whole, and the answer starts where the two token lists stop agreeing
   (``common_prefix_length``): a token merging across the seam stays one token, as at inference.
-- SFT labels are the input ids with -100 outside the trained part: the completion (``completion_only_loss``)
-  and / or the assistant turns (``assistant_only_loss``, the chat template's ``{% generation %}`` markers). Rows
-  longer than ``max_length`` are cut (``keep_start`` / ``keep_end``) and rows left with no trained token are
-  dropped (counted, logged). DPO rows are cut in the collator (``truncate_pair``); reward-model rows longer
-  than ``max_length`` are dropped, as in TRL.
-- Packing is best-fit decreasing (TRL's ``bfd``, same bins in the same order, per ``map`` batch of 1000 rows).
-  ``SFTCollator`` flattens every sample of a batch into ONE row with ``transformers.DataCollatorWithFlattening``
-  (positions restart per sample), from which transformers builds a block-diagonal mask (sdpa / eager) or varlen
-  boundaries (flash): no token attends to another sample, whatever the batch size.
+- SFT labels are the input ids with -100 outside the completion (``completion_only_loss``) and / or the
+  assistant turns (``assistant_only_loss``). Longer rows are cut to ``max_length`` and rows left with no
+  trained token dropped (logged); DPO pairs are cut in the collator (``truncate_pair``), too long reward-model
+  rows dropped, as in TRL.
+- Packing is best-fit decreasing (TRL's ``bfd``: same bins, same order, per ``map`` batch of 1000 rows).
+  ``SFTCollator`` flattens a batch's samples into one row with ``transformers.DataCollatorWithFlattening``
+  (positions restart per sample), so no token attends to another sample, whatever the batch size.
 - A row that cannot be used raises ``DataError`` naming the dataset, the row index and the field;
-  ``drop_bad_rows`` instead skips such rows, counted and logged (recipes' ``on_bad_rows: skip``).
+  ``drop_bad_rows`` skips such rows instead, counted and logged (recipes' ``on_bad_rows: skip``).
 """
 
 from __future__ import annotations
@@ -124,10 +120,7 @@ def drop_bad_rows(dataset, kind: str, name: str = "train", text_field: str = "te
             bad.append(str(e))
             return False
 
-    if isinstance(dataset, list | tuple):
-        kept = [row for i, row in enumerate(dataset) if usable(row, i)]
-    else:
-        kept = dataset.filter(usable, with_indices=True)
+    kept = dataset.filter(usable, with_indices=True)
     if bad:
         logger.warning("%s: skipped %d bad row(s); first: %s", name, len(bad), " | ".join(bad[:5]))
     return kept

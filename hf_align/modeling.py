@@ -44,9 +44,8 @@ def load_tokenizer(
 ):
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(
-        name_or_path, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+        name_or_path, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -67,12 +66,10 @@ def load_model_and_tokenizer(
     """Return ``(model, tokenizer)``; the model is in train mode only if the caller sets it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": resolve_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file, revision=revision,
+        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+    )  # fmt: skip
     if device is not None:
         model.to(device)
     tokenizer = load_tokenizer(
