@@ -215,28 +215,32 @@ def _require_str(row: dict, field: str, loc: str) -> str:
 
 def _answer_str(value: Any, field: str, loc: str) -> str:
     """An answer as a stripped string. Numbers (AMC's 142.0) and lists of strings (OlympiadBench) are accepted."""
-    text = None
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        text = str(value)
-    elif isinstance(value, float):
-        text = str(int(value)) if value.is_integer() else repr(value)
-    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        text = ", ".join(v.strip() for v in value)
-    if text is None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ", ".join(v.strip() for v in value)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         what = "missing" if value is None else f"a {type(value).__name__}"
         raise DataError(f"{loc}: field {field!r} must be a string, a number or a list of strings, got {what}")
-    if not text.strip():
+    if not str(value).strip():
         raise DataError(f"{loc}: field {field!r} is empty")
-    return text.strip()
+    return str(value).strip()
+
+
+# Optional fields of MATH-like rows: (source field, our field, accepted types). MATH calls the subject "type";
+# its level reads "Level 3", MATH-500's is 3.
+_METADATA = [
+    ("solution", "solution", (str,)),
+    ("subject", "subject", (str,)),
+    ("type", "subject", (str,)),
+    ("level", "level", (str, int)),
+    ("unique_id", "unique_id", (str,)),
+]
 
 
 def _with_metadata(row: dict, out: dict, loc: str) -> dict:
-    """``out`` plus the optional fields MATH-like rows carry, type-checked (MATH calls the subject "type")."""
-    fields = [("solution", "solution", (str,)), ("subject", "subject", (str,)), ("type", "subject", (str,))]
-    fields += [("level", "level", (str, int)), ("unique_id", "unique_id", (str,))]  # level: "Level 3" or 3
-    for src, dst, types in fields:
+    """``out`` plus the ``_METADATA`` fields ``row`` has, type-checked."""
+    for src, dst, types in _METADATA:
         if row.get(src) is None or dst in out:
             continue
         if not isinstance(row[src], types) or isinstance(row[src], bool):
@@ -288,7 +292,7 @@ load_qa_jsonl = partial(_load_rows, partial(_convert_answered, "question"))  # {
 
 def load_math500(
     source: str | Path, split: str = "test", on_error: OnError = "raise", max_rows: int | None = None
-):
+) -> list[dict]:
     """Rows with ``problem`` and ``answer`` (MATH-500; also the answer-only AIME / AMC / OlympiadBench files)."""
     return _load_rows(partial(_convert_answered, "problem"), source, split, on_error, max_rows)
 

@@ -229,8 +229,10 @@ def prepare_sft_dataset(dataset, tokenizer, args, *, packing: bool, completion_o
         "name": name,
         "text_field": args.dataset_text_field,
         "assistant_only_loss": args.assistant_only_loss,
+        "completion_only_loss": completion_only_loss,
+        "eos": tokenizer.eos_token,
+        "slice": cut,
     }
-    cfg.update(completion_only_loss=completion_only_loss, eos=tokenizer.eos_token, slice=cut)
     with args.main_process_first(desc=f"preparing {name} dataset"):
         dataset = _map(
             dataset, _sft_example, args, name, "Tokenizing", with_indices=True,
