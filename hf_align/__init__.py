@@ -24,17 +24,15 @@ from hf_align.rewards import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SFTConfig": "hf_align.config",
-    "ModelArguments": "hf_align.config",
-    "ScriptArguments": "hf_align.config",
+    **dict.fromkeys(
+        ("SFTConfig", "DPOConfig", "GRPOConfig", "RewardConfig", "ModelArguments", "ScriptArguments"),
+        "hf_align.config",
+    ),
     "SFTTrainer": "hf_align.trainers.sft",
-    "GRPOConfig": "hf_align.config",
     "GRPOTrainer": "hf_align.trainers.grpo",
-    "GraderReward": "hf_align.rewards.functions",
-    "DPOConfig": "hf_align.config",
     "DPOTrainer": "hf_align.trainers.dpo",
-    "RewardConfig": "hf_align.config",
     "RewardTrainer": "hf_align.trainers.reward_model",
+    "GraderReward": "hf_align.rewards.functions",
     "per_instance_dpo_loss": "hf_align.dpo_instance",
     "load_model_and_tokenizer": "hf_align.modeling",
 }

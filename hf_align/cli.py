@@ -1,4 +1,4 @@
-"""Parse a YAML ``--config`` plus command-line overrides into config dataclasses.
+"""Parse a YAML ``--config`` plus command-line overrides into config dataclasses; the recipes' shared steps.
 
 Precedence: dataclass defaults < YAML < command line. A YAML key that no dataclass knows is an error that
 names the key and the file (a typo must not be silently ignored). ``--help`` lists every field with its help.
@@ -7,53 +7,32 @@ names the key and the file (a typo must not be silently ignored). ``--help`` lis
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
 
-def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a mapping of field: value at the top level, got {type(data).__name__}"
-        )
-    return data
-
-
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:
     """Return one instance per dataclass type, filled from ``--config file.yaml`` and the command line."""
-    args = list(sys.argv[1:] if args is None else args)
-    config_path = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise ValueError("--config needs a path to a YAML file")
-        config_path = args[i + 1]
-        del args[i : i + 2]
-    else:
-        for i, a in enumerate(args):
-            if a.startswith("--config="):
-                config_path = a.split("=", 1)[1]
-                del args[i]
-                break
-
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known_args, args = pre.parse_known_args(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser(dataclass_types)
-    if config_path is not None:
-        values = load_yaml_config(config_path)
-        known = {action.dest for action in parser._actions}
+    if known_args.config is not None:
+        path = Path(known_args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of field: value at the top level")
+        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"{config_path}: unknown config key(s) {unknown}; see --help for the valid fields"
-            )
+            raise ValueError(f"{path}: unknown config key(s) {unknown}; see --help for the valid fields")
         parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
@@ -95,14 +74,15 @@ def load_rows(script_args, kind: str, evaluation: bool = False, text_field: str 
     from hf_align.formats import drop_bad_rows
 
     s = script_args
-    source = s.eval_dataset_name if evaluation else s.dataset_name
-    split = s.eval_dataset_split if evaluation else s.dataset_split
+    source = str(s.eval_dataset_name if evaluation else s.dataset_name)
     max_rows = s.max_eval_samples if evaluation else s.max_train_samples
-    if str(source).endswith((".json", ".jsonl")):
-        ds = datasets.load_dataset("json", data_files=str(source), split="train")
+    if source.endswith((".json", ".jsonl")):
+        ds = datasets.load_dataset("json", data_files=source, split="train")
     else:
-        repo, _, config = str(source).partition(":")
-        ds = datasets.load_dataset(repo, config or None, split=split)
+        repo, _, config = source.partition(":")
+        ds = datasets.load_dataset(
+            repo, config or None, split=s.eval_dataset_split if evaluation else s.dataset_split
+        )
     if "response" in ds.column_names and "completion" not in ds.column_names:
         ds = ds.rename_column("response", "completion")
     if s.on_bad_rows == "skip":

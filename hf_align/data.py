@@ -1,22 +1,17 @@
 """Data: prompt templates, question/answer dataset loaders, tokenization with response masks.
 
 Choices:
-- Prompt and response are tokenized separately (no special tokens added) and concatenated, so the
-  boundary between what is conditioned on and what is trained is exact in token space. The price is that
-  the tokens at the seam can differ from tokenizing the joined string; generation sees the same prompt ids.
-- ``tokenize_prompt_and_output`` returns SHIFTED tensors: ``input_ids = full[:, :-1]``, ``labels = full[:, 1:]``,
-  so ``labels[:, t]`` is the token predicted at position t, and a bool ``response_mask`` marks labels that are
-  output tokens. This is what ``logprobs.get_response_log_probs`` takes for RL / DPO style losses. The trainers'
-  TRL-format data (SFT, preference pairs) is prepared in ``hf_align.formats``.
-- Dataset loaders return plain ``list[dict]`` rows with ``question`` and ``answer`` (str), plus ``subject``,
-  ``level``, ``unique_id`` and ``solution`` when the source has them. MATH's answer is the content of the
-  last ``\\boxed{...}`` / ``\\fbox{...}`` of the solution (balanced braces, escaped braces skipped; this
-  reproduces all 500 MATH-500 answers from their MATH solutions); GSM8K's is the text after ``####``
-  with thousands separators removed. Two MATH train solutions (lines 5530 and 5532) box an empty answer:
-  they raise by default and are the two rows ``on_error="skip"`` drops from MATH train.
-- Bad data is never dropped silently: a malformed line, a non-object row, a missing, mistyped or empty
-  field raises ``DataError`` naming ``file:line`` (or Hub id, split and row index) and the field. With
-  ``on_error="skip"`` such rows are skipped, counted and logged once with the first few locations.
+- Prompt and response are tokenized separately (no special tokens added) and concatenated, so the boundary
+  between what is conditioned on and what is trained is exact in token space (the seam's tokens can differ
+  from tokenizing the joined string; generation sees the same prompt ids). The tensors come SHIFTED by one,
+  as ``logprobs.get_response_log_probs`` takes them; TRL-format data is prepared in ``hf_align/formats.py``.
+- Loaders return ``list[dict]`` rows with ``question`` and ``answer`` (str), plus ``subject``, ``level``,
+  ``unique_id`` and ``solution`` when the source has them. MATH's answer is the last ``\\boxed{...}`` of the
+  solution (``rewards.extract.extract_boxed``: it reproduces all 500 MATH-500 answers); GSM8K's is the text
+  after ``####`` without thousands separators. Two MATH train solutions (lines 5530, 5532) box nothing.
+- Bad data is never dropped silently: a malformed line, a non-object row, a missing, mistyped or empty field
+  raises ``DataError`` naming ``file:line`` (or Hub id, split and row) and the field; ``on_error="skip"``
+  skips such rows, counted and logged once with the first few locations.
 - Templates are filled with ``str.replace`` (never ``str.format``): MATH questions are full of LaTeX braces.
 """
 
@@ -26,11 +21,15 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from hf_align.rewards.extract import extract_boxed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,16 +39,12 @@ logger = logging.getLogger(__name__)
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 IGNORE_INDEX = -100
 OnError = Literal["raise", "skip"]
-_MAX_LOGGED_LOCATIONS = 5
+# The MATH answer of a solution, under the name tests/unit/test_grader_math_golds.py imports.
+last_boxed_answer = extract_boxed
 
 
 class DataError(ValueError):
     """A data row that cannot be used; the message names where it is (file:line or Hub row) and the field."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prompt templates
-# ---------------------------------------------------------------------------------------------------------
 
 
 def available_prompt_templates() -> list[str]:
@@ -81,25 +76,14 @@ def resolve_prompt_template(template_or_name: str) -> str:
     return load_prompt_template(template_or_name)
 
 
-def _split_template(template: str) -> tuple[str, str]:
-    """(text before ``{response}``, text after it); the whole template and "" when there is no ``{response}``."""
-    prefix, _, suffix = template.partition("{response}")
-    return prefix, suffix
-
-
 def format_prompt(template: str, question: str) -> str:
     """Fill ``{question}`` (and ``{instruction}``) with ``question``, by plain replacement.
 
     For a training template holding ``{response}`` (e.g. ``alpaca_sft``), only the text before ``{response}``
     is returned: that is the prompt a model is asked to continue.
     """
-    prefix, _ = _split_template(template)
+    prefix = template.partition("{response}")[0]
     return prefix.replace("{question}", question).replace("{instruction}", question)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenization for RL / DPO: shifted tensors with a response mask
-# ---------------------------------------------------------------------------------------------------------
 
 
 def tokenize_prompt_and_output(
@@ -116,9 +100,7 @@ def tokenize_prompt_and_output(
     if not prompt_strs:
         raise ValueError("tokenize_prompt_and_output needs at least one (prompt, output) pair")
     if tokenizer.pad_token_id is None:
-        raise ValueError(
-            "the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token) first"
-        )
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to eos) first")
     prompt_ids = tokenizer(list(prompt_strs), add_special_tokens=False)["input_ids"]
     output_ids = tokenizer(list(output_strs), add_special_tokens=False)["input_ids"]
     out = build_shifted_sequences(prompt_ids, output_ids, tokenizer.pad_token_id)
@@ -134,32 +116,17 @@ def build_shifted_sequences(
     with the conventions of ``tokenize_prompt_and_output``. GRPO uses it on the exact ids a rollout engine
     sampled (re-tokenizing the text could give other ids).
     """
-    L = max(len(p) + len(o) for p, o in zip(prompt_ids, output_ids))
-    full_BL = torch.full((len(prompt_ids), L), pad_token_id, dtype=torch.long)
-    is_output_BL = torch.zeros((len(prompt_ids), L), dtype=torch.bool)
-    is_real_BL = torch.zeros((len(prompt_ids), L), dtype=torch.long)
-    for b, (p, o) in enumerate(zip(prompt_ids, output_ids)):
-        full_BL[b, : len(p) + len(o)] = torch.tensor(list(p) + list(o), dtype=torch.long)
-        is_output_BL[b, len(p) : len(p) + len(o)] = True
-        is_real_BL[b, : len(p) + len(o)] = 1
+    rows = [torch.tensor([*p, *o], dtype=torch.long) for p, o in zip(prompt_ids, output_ids)]
+    full_BL = pad_sequence(rows, batch_first=True, padding_value=pad_token_id)
+    position_L = torch.arange(full_BL.shape[1])
+    is_real_BL = position_L < torch.tensor([len(r) for r in rows])[:, None]
+    is_output_BL = is_real_BL & (position_L >= torch.tensor([len(p) for p in prompt_ids])[:, None])
     return {
         "input_ids": full_BL[:, :-1],  # (B, L-1)
         "labels": full_BL[:, 1:],  # (B, L-1): token predicted at each position
         "response_mask": is_output_BL[:, 1:],  # (B, L-1)
-        "attention_mask": is_real_BL[:, :-1],  # (B, L-1)
+        "attention_mask": is_real_BL[:, :-1].long(),  # (B, L-1)
     }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading rows from a jsonl file or the Hub, with locations for error messages
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _is_local(source: str | Path) -> bool:
-    if isinstance(source, Path):
-        return True
-    looks_like_path = source.startswith(("/", "./", "../", "~")) or source.endswith((".jsonl", ".json"))
-    return looks_like_path or Path(source).exists()
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -175,25 +142,21 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_hub(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a core dependency
-        raise ImportError("reading a Hub dataset needs the `datasets` package: pip install datasets") from e
+    import datasets
+
     # "openai/gsm8k:main" selects a config: ':' cannot appear in a Hub repo id.
     repo_id, _, config = dataset_id.partition(":")
-    ds = datasets.load_dataset(repo_id, config or None, split=split)
-    for index, row in enumerate(ds):
+    for index, row in enumerate(datasets.load_dataset(repo_id, config or None, split=split)):
         yield f"{dataset_id} (split {split}) row {index}", row
 
 
 def iter_source_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
     """Yield ``(location, row)`` from a local jsonl file, a folder holding ``<split>.jsonl``, a local copy of a
-    Hub dataset repo (read by ``datasets``), or a Hub id.
-
-    A line that is not valid JSON is yielded as a ``DataError`` instance in place of the row, so the caller
-    decides whether to raise or skip it.
+    Hub dataset repo (read by ``datasets``), or a Hub id. A line that is not valid JSON is yielded as a
+    ``DataError`` in place of the row, so the caller decides whether to raise or skip it.
     """
-    if not _is_local(source):
+    local = isinstance(source, Path) or source.startswith(("/", "./", "../", "~"))
+    if not (local or source.endswith((".jsonl", ".json")) or Path(source).exists()):
         yield from _iter_hub(str(source), split)
         return
     path = Path(source).expanduser()
@@ -209,11 +172,11 @@ def iter_source_rows(source: str | Path, split: str = "train") -> Iterator[tuple
 
 
 def _load_rows(
-    source: str | Path,
-    split: str,
     convert: Callable[[dict, str], dict],
-    on_error: OnError,
-    max_rows: int | None,
+    source: str | Path,
+    split: str = "train",
+    on_error: OnError = "raise",
+    max_rows: int | None = None,
 ) -> list[dict]:
     """Run ``convert`` on each row; raise or skip-and-count the rows it rejects."""
     if on_error not in ("raise", "skip"):
@@ -234,133 +197,82 @@ def _load_rows(
                 raise
             bad.append(str(e))
     if bad:
-        logger.warning(
-            "%s: skipped %d bad row(s) (on_error='skip'); first: %s",
-            source,
-            len(bad),
-            " | ".join(bad[:_MAX_LOGGED_LOCATIONS]),
-        )
+        first = " | ".join(bad[:5])
+        logger.warning("%s: skipped %d bad row(s) (on_error='skip'); first: %s", source, len(bad), first)
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Field validation and answer extraction
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _require_str(row: dict, field: str, loc: str, allow_empty: bool = False) -> str:
-    if field not in row or row[field] is None:
+def _require_str(row: dict, field: str, loc: str) -> str:
+    if row.get(field) is None:
         raise DataError(f"{loc}: field {field!r} is missing")
     value = row[field]
     if not isinstance(value, str):
         raise DataError(f"{loc}: field {field!r} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
+    if not value.strip():
         raise DataError(f"{loc}: field {field!r} is empty")
     return value
 
 
 def _answer_str(value: Any, field: str, loc: str) -> str:
     """An answer as a stripped string. Numbers (AMC's 142.0) and lists of strings (OlympiadBench) are accepted."""
-    if isinstance(value, bool) or value is None:
-        text = None
-    elif isinstance(value, str):
-        text = value
-    elif isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, float):
-        text = str(int(value)) if value.is_integer() else repr(value)
-    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        text = ", ".join(v.strip() for v in value)
-    else:
-        text = None
-    if text is None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ", ".join(v.strip() for v in value)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         what = "missing" if value is None else f"a {type(value).__name__}"
         raise DataError(f"{loc}: field {field!r} must be a string, a number or a list of strings, got {what}")
-    if not text.strip():
+    if not str(value).strip():
         raise DataError(f"{loc}: field {field!r} is empty")
-    return text.strip()
+    return str(value).strip()
 
 
-def _optional(row: dict, out: dict, src: str, dst: str, loc: str, types: tuple[type, ...]) -> None:
-    if row.get(src) is None:
-        return
-    if not isinstance(row[src], types) or isinstance(row[src], bool):
-        names = " or ".join(t.__name__ for t in types)
-        raise DataError(f"{loc}: field {src!r} must be {names}, got {type(row[src]).__name__}")
-    out[dst] = row[src]
+# Optional fields of MATH-like rows: (source field, our field, accepted types). MATH calls the subject "type";
+# its level reads "Level 3", MATH-500's is 3.
+_METADATA = [
+    ("solution", "solution", (str,)),
+    ("subject", "subject", (str,)),
+    ("type", "subject", (str,)),
+    ("level", "level", (str, int)),
+    ("unique_id", "unique_id", (str,)),
+]
 
 
-def last_boxed_answer(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text`` (balanced braces), else None.
-
-    Escaped braces (``\\{``, ``\\}``) do not count towards the balance. The brace-less form
-    ``\\boxed 5$`` (two MATH solutions use it) gives the text up to the next ``$``.
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if text.startswith(" ", i):
-        content = text[i + 1 :].split("$", 1)[0].strip()
-        return content or None
-    if not text.startswith("{", i):
-        return None
-    depth, j = 0, i
-    while j < len(text):
-        char = text[j]
-        if char == "\\":
-            j += 2  # skip the escaped character
+def _with_metadata(row: dict, out: dict, loc: str) -> dict:
+    """``out`` plus the ``_METADATA`` fields ``row`` has, type-checked."""
+    for src, dst, types in _METADATA:
+        if row.get(src) is None or dst in out:
             continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-        j += 1
-    return None
+        if not isinstance(row[src], types) or isinstance(row[src], bool):
+            names = " or ".join(t.__name__ for t in types)
+            raise DataError(f"{loc}: field {src!r} must be {names}, got {type(row[src]).__name__}")
+        out[dst] = row[src]
+    return out
+
+
+def _convert_answered(question_field: str, row: dict, loc: str) -> dict:
+    """A row that states its answer: MATH-500 (and AIME / AMC / OlympiadBench files), or our qa jsonl."""
+    question = _require_str(row, question_field, loc)
+    return _with_metadata(
+        row, {"question": question, "answer": _answer_str(row.get("answer"), "answer", loc)}, loc
+    )
+
+
+def _convert_math(row: dict, loc: str) -> dict:
+    if row.get("answer") not in (None, ""):
+        return _convert_answered("problem", row, loc)
+    question = _require_str(row, "problem", loc)
+    answer = last_boxed_answer(_require_str(row, "solution", loc))
+    if not answer:
+        raise DataError(f"{loc}: field 'solution' has no non-empty \\boxed{{...}} answer")
+    return _with_metadata(row, {"question": question, "answer": answer}, loc)
 
 
 def gsm8k_final_answer(solution: str) -> str | None:
     """The text after the last ``####`` of a GSM8K solution, thousands separators removed; None if absent."""
     if "####" not in solution:
         return None
-    answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
-    return answer or None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Row converters (one per dataset format) and loaders
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _math_metadata(row: dict, out: dict, loc: str) -> dict:
-    _optional(row, out, "solution", "solution", loc, (str,))
-    _optional(row, out, "subject", "subject", loc, (str,))
-    if "subject" not in out:
-        _optional(row, out, "type", "subject", loc, (str,))  # MATH calls the subject "type"
-    _optional(row, out, "level", "level", loc, (str, int))  # MATH: "Level 3"; MATH-500: 3
-    _optional(row, out, "unique_id", "unique_id", loc, (str,))
-    return out
-
-
-def _convert_math(row: dict, loc: str) -> dict:
-    question = _require_str(row, "problem", loc)
-    if row.get("answer") not in (None, ""):
-        answer = _answer_str(row["answer"], "answer", loc)
-    else:
-        solution = _require_str(row, "solution", loc)
-        answer = last_boxed_answer(solution)
-        if not answer or not answer.strip():
-            raise DataError(f"{loc}: field 'solution' has no non-empty \\boxed{{...}} answer")
-        answer = answer.strip()
-    return _math_metadata(row, {"question": question, "answer": answer}, loc)
-
-
-def _convert_math500(row: dict, loc: str) -> dict:
-    question = _require_str(row, "problem", loc)
-    answer = _answer_str(row.get("answer"), "answer", loc)
-    return _math_metadata(row, {"question": question, "answer": answer}, loc)
+    return solution.rsplit("####", 1)[1].strip().replace(",", "") or None
 
 
 def _convert_gsm8k(row: dict, loc: str) -> dict:
@@ -372,38 +284,17 @@ def _convert_gsm8k(row: dict, loc: str) -> dict:
     return {"question": question, "answer": answer, "solution": solution}
 
 
-def _convert_qa(row: dict, loc: str) -> dict:
-    question = _require_str(row, "question", loc)
-    out = {"question": question, "answer": _answer_str(row.get("answer"), "answer", loc)}
-    return _math_metadata(row, out, loc)
-
-
-def load_math(
-    source: str | Path, split: str = "train", on_error: OnError = "raise", max_rows: int | None = None
-) -> list[dict]:
-    """MATH rows (problem, solution, level, type, unique_id); answer = last \\boxed{} of the solution."""
-    return _load_rows(source, split, _convert_math, on_error, max_rows)
+# Each loader: (source, split, on_error, max_rows) -> rows; `source` as in iter_source_rows.
+load_math = partial(_load_rows, _convert_math)  # MATH: answer = last \boxed{} of the solution
+load_gsm8k = partial(_load_rows, _convert_gsm8k)  # answer = text after ####, solution = the worked answer
+load_qa_jsonl = partial(_load_rows, partial(_convert_answered, "question"))  # {"question", "answer"} rows
 
 
 def load_math500(
     source: str | Path, split: str = "test", on_error: OnError = "raise", max_rows: int | None = None
 ) -> list[dict]:
     """Rows with ``problem`` and ``answer`` (MATH-500; also the answer-only AIME / AMC / OlympiadBench files)."""
-    return _load_rows(source, split, _convert_math500, on_error, max_rows)
-
-
-def load_gsm8k(
-    source: str | Path, split: str = "train", on_error: OnError = "raise", max_rows: int | None = None
-) -> list[dict]:
-    """GSM8K rows; answer = text after ``####`` without commas, ``solution`` = the full worked answer."""
-    return _load_rows(source, split, _convert_gsm8k, on_error, max_rows)
-
-
-def load_qa_jsonl(
-    path: str | Path, split: str = "train", on_error: OnError = "raise", max_rows: int | None = None
-) -> list[dict]:
-    """Already converted ``{"question", "answer"}`` rows (as written by ``write_qa_jsonl``)."""
-    return _load_rows(path, split, _convert_qa, on_error, max_rows)
+    return _load_rows(partial(_convert_answered, "problem"), source, split, on_error, max_rows)
 
 
 DatasetKind = Literal["auto", "math", "math500", "gsm8k", "qa"]
@@ -451,67 +342,44 @@ def load_dataset_rows(
     return _LOADERS[kind](source, split=split, on_error=on_error, max_rows=max_rows)
 
 
-def write_qa_jsonl(rows: Iterable[dict], path: str | Path) -> int:
-    """Write ``{"question", "answer"}`` lines (UTF-8, one object per line); returns the number written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(
-                json.dumps({"question": row["question"], "answer": row["answer"]}, ensure_ascii=False) + "\n"
-            )
-            count += 1
-    return count
-
-
 def convert_dataset(
-    input_source: str | Path,
-    output_path: str | Path,
-    kind: DatasetKind = "auto",
-    split: str = "train",
-    on_error: OnError = "raise",
-    max_rows: int | None = None,
+    input_source: str | Path, output_path: str | Path, kind: DatasetKind = "auto", **options
 ) -> int:
-    """Load ``input_source`` as ``kind`` and write it as question/answer jsonl; returns the row count."""
-    rows = load_dataset_rows(input_source, kind=kind, split=split, on_error=on_error, max_rows=max_rows)
-    count = write_qa_jsonl(rows, output_path)
-    logger.info("wrote %d rows to %s", count, output_path)
-    return count
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line: python -m hf_align.data convert --input X --kind math --output Y.jsonl
-# ---------------------------------------------------------------------------------------------------------
+    """``load_dataset_rows(input_source, kind, **options)`` written as question/answer jsonl; returns the count."""
+    rows = load_dataset_rows(input_source, kind=kind, **options)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in ("question", "answer")}, ensure_ascii=False) + "\n")
+    logger.info("wrote %d rows to %s", len(rows), output_path)
+    return len(rows)
 
 
 def convert_main(argv: list[str] | None = None) -> int:
     """Convert a MATH / MATH-500 / GSM8K / QA source (jsonl or Hub id) to question/answer jsonl."""
     parser = argparse.ArgumentParser(description=convert_main.__doc__)
-    parser.add_argument(
-        "--input", required=True, help="jsonl file, folder with <split>.jsonl, or Hub dataset id"
-    )
+    parser.add_argument("--input", required=True, help="jsonl file, folder with <split>.jsonl, or Hub id")
     parser.add_argument("--output", required=True, help="where to write the question/answer jsonl")
     parser.add_argument("--kind", default="auto", choices=["auto", *_LOADERS], help="input format")
     parser.add_argument("--split", default="train", help="split (Hub ids and folders)")
-    parser.add_argument(
-        "--on-error", default="raise", choices=["raise", "skip"], help="what to do with bad rows"
-    )
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="for bad rows")
     parser.add_argument("--max-rows", type=int, default=None, help="keep at most this many rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    count = convert_dataset(args.input, args.output, args.kind, args.split, args.on_error, args.max_rows)
+    options = {"split": args.split, "on_error": args.on_error, "max_rows": args.max_rows}
+    count = convert_dataset(args.input, args.output, args.kind, **options)
     print(f"wrote {count} rows to {args.output}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m hf_align.data convert --input X --kind math --output Y.jsonl``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"convert": convert_main}
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m hf_align.data {{{','.join(commands)}}} [options]  (try: convert --help)")
+    if argv[:1] != ["convert"]:
+        print("usage: python -m hf_align.data convert [options]  (try: convert --help)")
         return 2
-    return commands[argv[0]](argv[1:])
+    return convert_main(argv[1:])
 
 
 if __name__ == "__main__":

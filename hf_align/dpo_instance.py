@@ -1,7 +1,7 @@
 """DPO loss of a single preference pair, for checking and teaching (the trainer batches the same math).
 
 Choices: the prompt is the Alpaca template (``hf_align/prompts/alpaca_sft.prompt``) filled with the instruction, the
-response is the answer plus EOS; prompt and response are tokenized separately (as everywhere in ``hf_align.data``),
+response is the answer plus EOS; prompt and response are tokenized separately (as everywhere in ``hf_align/data.py``),
 so both answers share exactly the same prompt ids. Only response tokens enter the summed log-probs: the prompt's
 log-prob is the same under chosen and rejected and cancels in the DPO margin. Each model runs ONE forward over
 the two rows ``[chosen; rejected]``; the loss is ``hf_align.losses.dpo.dpo_loss`` with ``loss_type="sigmoid"``.
@@ -14,8 +14,6 @@ import torch
 from hf_align.data import build_shifted_sequences, format_prompt, load_prompt_template
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.dpo import dpo_loss, sequence_logps, split_concatenated
-
-ALPACA_TEMPLATE = "alpaca_sft"
 
 
 def _pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,25 +37,22 @@ def per_instance_dpo_loss(
 ) -> torch.Tensor:
     """``-log sigma(beta * [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))])``, 0-dim,
     on ``lm``'s device, differentiable with respect to ``lm`` (the reference runs under ``no_grad``)."""
-    if tokenizer.eos_token_id is None:
+    eos = tokenizer.eos_token_id
+    if eos is None:
         raise ValueError(
             "per_instance_dpo_loss appends EOS to each response: the tokenizer needs an eos token"
         )
-    template = load_prompt_template(ALPACA_TEMPLATE)
+    template = load_prompt_template("alpaca_sft")
     suffix = template.partition("{response}")[2]
     prompt_ids = tokenizer(format_prompt(template, prompt), add_special_tokens=False)["input_ids"]
-    responses = [response_chosen + suffix, response_rejected + suffix]
-    response_ids = [
-        tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses
-    ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = (response_chosen, response_rejected)
+    response_ids = [tokenizer(a + suffix, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     batch = build_shifted_sequences([prompt_ids, prompt_ids], response_ids, pad)  # each (2, T)
-
     policy_chosen, policy_rejected = _pair_logps(lm, batch)
     with torch.no_grad():
         ref_chosen, ref_rejected = _pair_logps(lm_ref, batch)
     device = policy_chosen.device
-    loss, _ = dpo_loss(
+    return dpo_loss(
         policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device), beta=beta
-    )
-    return loss
+    )[0]

@@ -1,19 +1,15 @@
 """Evaluate a policy on question/answer rows: accuracy, format rate and mean reward, plus per-example output.
 
 Choices:
-- Every row is formatted with the prompt template, sampled `sampling.n` times by a `RolloutEngine` and each
-  sample is graded by a `hf_align.rewards.Grader` against the row's `answer`. Rows go to the engine in chunks
-  (its `batch_size`, or 64) so a progress bar can move; with a `seed`, chunk k samples with `seed + k`, so
-  chunks do not replay the same random stream.
-- Metrics are means over all samples: accuracy = mean answer_reward, format_rate = mean format_reward,
-  mean_reward = mean reward. `pass_at_n` is the mean over examples of the best answer_reward among the n
-  samples (pass@n for 0/1 rewards; equal to accuracy when n = 1). `truncated_fraction` counts samples that
-  ran out of `max_new_tokens` (finish_reason "length"); response length is counted in completion tokens.
-- No rows gives n = 0 and metrics 0.0 rather than an error: a rank's shard of a small eval set may be
-  empty, and callers weight each summary by its `n`.
-- `by_subject` / `by_level` repeat the metrics per group when rows carry those fields (`n` counts examples).
-- With `output_dir`, `examples.jsonl` holds one line per sample (so n lines per example when n > 1, told
-  apart by `sample`), and `summary.json` the returned summary. The summary can be recomputed from the jsonl.
+- Each row is formatted with the prompt template, sampled ``sampling.n`` times by a ``RolloutEngine`` and each
+  sample graded by a ``hf_align.rewards.Grader`` against the row's ``answer``. Rows go to the engine in chunks
+  (its ``batch_size``, or 64) so a progress bar moves; with a ``seed``, chunk k samples with ``seed + k``.
+- Metrics are means over samples (accuracy: answer_reward, format_rate: format_reward, mean_reward: reward);
+  ``pass_at_n`` is the mean over examples of the best answer_reward of its n samples; ``truncated_fraction``
+  counts samples that ran out of ``max_new_tokens``. ``by_subject`` / ``by_level`` repeat them per group.
+- No rows gives n = 0 and metrics 0.0, not an error: a rank's shard of a small eval set may be empty.
+- With ``output_dir``: ``examples.jsonl`` (one line per sample; the summary can be recomputed from it) and
+  ``summary.json``.
 """
 
 from __future__ import annotations
@@ -30,30 +26,14 @@ from tqdm.auto import tqdm
 from hf_align.data import format_prompt, resolve_prompt_template
 from hf_align.rollout.base import RolloutEngine, SamplingConfig
 
-_DEFAULT_CHUNK = 64
-
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
 def _metrics(records: list[dict]) -> dict[str, float]:
-    return {
-        "accuracy": _mean([r["rewards"]["answer_reward"] for r in records]),
-        "format_rate": _mean([r["rewards"]["format_reward"] for r in records]),
-        "mean_reward": _mean([r["rewards"]["reward"] for r in records]),
-    }
-
-
-def _breakdown(records: list[dict], key: str) -> dict[str, dict[str, Any]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        if r.get(key) is not None:
-            groups[str(r[key])].append(r)
-    return {
-        name: {"n": len({r["index"] for r in group}), **_metrics(group)}
-        for name, group in sorted(groups.items())
-    }
+    names = {"accuracy": "answer_reward", "format_rate": "format_reward", "mean_reward": "reward"}
+    return {name: _mean([r["rewards"][key] for r in records]) for name, key in names.items()}
 
 
 def summarize(records: list[dict]) -> dict[str, Any]:
@@ -70,14 +50,20 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "truncated_fraction": _mean([float(r["finish_reason"] == "length") for r in records]),
     }
     for key in ("subject", "level"):
-        groups = _breakdown(records, key)
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            if r.get(key) is not None:
+                groups[str(r[key])].append(r)
         if groups:
-            summary[f"by_{key}"] = groups
+            summary[f"by_{key}"] = {
+                name: {"n": len({r["index"] for r in group}), **_metrics(group)}
+                for name, group in sorted(groups.items())
+            }
     return summary
 
 
 def _record(index: int, sample: int, row: dict, prompt: str, rollout, rewards: dict) -> dict[str, Any]:
-    record = {
+    return {
         "index": index,
         "sample": sample,
         "unique_id": row.get("unique_id"),
@@ -88,16 +74,8 @@ def _record(index: int, sample: int, row: dict, prompt: str, rollout, rewards: d
         "rewards": {k: float(rewards[k]) for k in ("format_reward", "answer_reward", "reward")},
         "finish_reason": rollout.finish_reason,
         "n_tokens": len(rollout.completion_ids),
+        **{key: row[key] for key in ("subject", "level") if row.get(key) is not None},
     }
-    for key in ("subject", "level"):
-        if row.get(key) is not None:
-            record[key] = row[key]
-    return record
-
-
-def _chunk_size(engine: RolloutEngine, n: int) -> int:
-    batch = getattr(engine, "batch_size", None)
-    return max(1, batch // n) if isinstance(batch, int) else _DEFAULT_CHUNK
 
 
 def evaluate(
@@ -108,7 +86,6 @@ def evaluate(
     sampling: SamplingConfig,
     output_dir: str | Path | None = None,
     progress: bool = True,
-    chunk_size: int | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate, grade and summarise; see the module docstring for the metrics and files.
@@ -119,42 +96,33 @@ def evaluate(
     """
     template = resolve_prompt_template(prompt_template)
     prompts = [format_prompt(template, row["question"]) for row in rows]
-    chunk = chunk_size or _chunk_size(engine, sampling.n)
+    batch = getattr(engine, "batch_size", None)
+    chunk = max(1, batch // sampling.n) if isinstance(batch, int) else 64
     stats_before = dict(getattr(grader, "stats", {}) or {})
     records: list[dict] = []
     start = time.perf_counter()
     with tqdm(total=len(rows), desc="evaluate", unit="example", disable=not progress) as bar:
         for k, lo in enumerate(range(0, len(rows), chunk)):
-            chunk_sampling = sampling
-            if sampling.seed is not None:
-                chunk_sampling = dataclasses.replace(sampling, seed=sampling.seed + k)
-            groups = engine.generate(prompts[lo : lo + chunk], chunk_sampling)
+            seed = None if sampling.seed is None else sampling.seed + k
+            groups = engine.generate(prompts[lo : lo + chunk], dataclasses.replace(sampling, seed=seed))
             flat = [(lo + i, s, rollout) for i, group in enumerate(groups) for s, rollout in enumerate(group)]
             graded = grader.grade([r.text for _, _, r in flat], [rows[i]["answer"] for i, _, _ in flat])
             for (i, s, rollout), rewards in zip(flat, graded):
                 records.append(_record(i, s, rows[i], prompts[i], rollout, rewards))
             bar.update(len(groups))
-    elapsed = time.perf_counter() - start
     stats_after = dict(getattr(grader, "stats", {}) or {})
     summary = {**(metadata or {}), **summarize(records)}
     summary.update(
         samples_per_example=sampling.n,
         grader_timeouts=int(stats_after.get("timeouts", 0) - stats_before.get("timeouts", 0)),
         grader_errors=int(stats_after.get("errors", 0) - stats_before.get("errors", 0)),
-        wall_time_s=round(elapsed, 3),
+        wall_time_s=round(time.perf_counter() - start, 3),
         sampling=dataclasses.asdict(sampling),
     )
     if output_dir is not None:
-        write_outputs(records, summary, output_dir)
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        (output_dir / "examples.jsonl").write_text(lines, encoding="utf-8")
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
-
-
-def write_outputs(records: list[dict], summary: dict, output_dir: str | Path) -> Path:
-    """Write `examples.jsonl` (one line per sample) and `summary.json` into `output_dir`."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / "examples.jsonl").open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    return output_dir

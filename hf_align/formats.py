@@ -1,27 +1,22 @@
 """TRL's dataset formats, prepared for training in one place: used by the SFT, DPO and reward trainers.
 
-Rows come as a ``datasets.Dataset``, an ``IterableDataset`` or a plain list of dicts, in any format of TRL's
-dataset-formats page, standard (strings) or conversational (lists of ``{role, content}`` messages):
-language modeling (``text`` / ``messages``), prompt-completion, and preference (``chosen`` / ``rejected`` with an
-explicit ``prompt`` or an implicit one shared by both answers). Preparation is one ``datasets.map`` that
-reproduces TRL 1.16 token for token, so the first-step losses agree:
+Rows come as a ``datasets.Dataset``, an ``IterableDataset`` or a list of dicts, in any format of TRL's
+dataset-formats page, standard (strings) or conversational (``{role, content}`` messages): language modeling,
+prompt-completion, and preference (``chosen`` / ``rejected``, with an explicit or implicit ``prompt``).
+Preparation is one ``datasets.map`` that reproduces TRL 1.16 token for token, so first-step losses agree:
 
-- Standard text gets the EOS token appended (text, completion, chosen, rejected) unless it already ends with it;
-  conversational rows get the chat template, the prompt alone with the generation prompt.
+- Standard text gets EOS appended unless it ends with it; conversational rows get the chat template.
 - Prompt and prompt + answer are tokenized whole, and the answer starts where the two token lists stop agreeing
   (``common_prefix_length``): a token merging across the seam stays one token, as at inference.
-- SFT labels are the input ids with -100 outside the trained part: the completion (``completion_only_loss``,
-  on by default for prompt-completion rows) and / or the assistant turns (``assistant_only_loss``, from the chat
-  template's ``{% generation %}`` markers). Rows longer than ``max_length`` are cut (``keep_start`` / ``keep_end``)
-  and rows left with no trained token are dropped (counted, logged). DPO rows are cut in the collator
-  (``truncate_pair``); reward-model rows longer than ``max_length`` are dropped, as in TRL.
-- Packing is best-fit decreasing (TRL's ``bfd``, same bins in the same order, per ``map`` batch of 1000 rows).
-  A packed row keeps its samples' lengths; ``SFTCollator`` flattens every sample of a batch into ONE row with
-  ``transformers.DataCollatorWithFlattening`` (positions restart per sample, the first label of each sample is
-  -100), from which transformers builds a block-diagonal mask (sdpa / eager) or varlen boundaries (flash): no
-  token attends to another sample, whatever the batch size.
+- SFT labels are the input ids with -100 outside the completion (``completion_only_loss``) and / or the
+  assistant turns (``assistant_only_loss``). Longer rows are cut to ``max_length`` and rows left with no
+  trained token dropped (logged); DPO pairs are cut in the collator (``truncate_pair``), too long reward-model
+  rows dropped, as in TRL.
+- Packing is best-fit decreasing (TRL's ``bfd``: same bins, same order, per ``map`` batch of 1000 rows).
+  ``SFTCollator`` flattens a batch's samples into one row with ``transformers.DataCollatorWithFlattening``
+  (positions restart per sample), so no token attends to another sample, whatever the batch size.
 - A row that cannot be used raises ``DataError`` naming the dataset, the row index and the field;
-  ``drop_bad_rows`` instead skips such rows, counted and logged (recipes' ``on_bad_rows: skip``).
+  ``drop_bad_rows`` skips such rows instead, counted and logged (recipes' ``on_bad_rows: skip``).
 """
 
 from __future__ import annotations
@@ -35,17 +30,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from hf_align.data import IGNORE_INDEX, DataError
 
 logger = logging.getLogger(__name__)
 
-_TEXT_KEYS = ("prompt", "completion", "chosen", "rejected", "messages")
-
 
 def is_conversational(row: dict) -> bool:
     """Whether a row's prompt / completion / chosen / rejected / messages is a list of ``{role, ...}`` messages."""
-    for key in _TEXT_KEYS:
+    for key in ("prompt", "completion", "chosen", "rejected", "messages"):
         value = row.get(key)
         if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
             return True
@@ -54,11 +49,9 @@ def is_conversational(row: dict) -> bool:
 
 def _check_text(row: dict, field: str, where: str, optional: bool = False) -> None:
     value = row.get(field)
-    if value is None:
-        if optional:
-            return
+    if value is None and not optional:
         raise DataError(f"{where}: field {field!r} is missing")
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field {field!r} must be a string or a non-empty list of {{role, content}}")
@@ -74,23 +67,22 @@ def check_row(row: Any, kind: str, where: str, text_field: str = "text") -> None
     if "input_ids" in row or "chosen_ids" in row:
         return  # already tokenized
     if kind == "preference":
-        for field in ("chosen", "rejected"):
-            _check_text(row, field, where)
-        _check_text(row, "prompt", where, optional=True)
+        fields = {"chosen": False, "rejected": False, "prompt": True}  # field -> optional
     elif row.get("prompt") is not None or row.get("completion") is not None:
-        _check_text(row, "prompt", where)
-        _check_text(row, "completion", where)
+        fields = {"prompt": False, "completion": False}
     elif row.get("messages") is not None:
-        _check_text(row, "messages", where)
+        fields = {"messages": False}
     elif not isinstance(row.get(text_field), str):
         got = "missing" if row.get(text_field) is None else f"a {type(row[text_field]).__name__}"
         raise DataError(
             f"{where}: field {text_field!r} is {got} (an SFT row needs {text_field!r}, 'messages' or "
             "'prompt' + 'completion')"
         )
-    strings = [
-        isinstance(row.get(k), str) for k in ("prompt", "completion", "chosen", "rejected") if row.get(k)
-    ]
+    else:
+        fields = {}
+    for field, optional in fields.items():
+        _check_text(row, field, where, optional)
+    strings = [isinstance(row[k], str) for k in ("prompt", "completion", "chosen", "rejected") if row.get(k)]
     if any(strings) and not all(strings):
         raise DataError(
             f"{where}: mixes strings and message lists across prompt / completion / chosen / rejected"
@@ -128,10 +120,7 @@ def drop_bad_rows(dataset, kind: str, name: str = "train", text_field: str = "te
             bad.append(str(e))
             return False
 
-    if isinstance(dataset, list | tuple):
-        kept = [row for i, row in enumerate(dataset) if usable(row, i)]
-    else:
-        kept = dataset.filter(usable, with_indices=True)
+    kept = dataset.filter(usable, with_indices=True)
     if bad:
         logger.warning("%s: skipped %d bad row(s); first: %s", name, len(bad), " | ".join(bad[:5]))
     return kept
@@ -153,7 +142,7 @@ def common_prefix_length(ids: list[int], other: list[int]) -> int:
 
 
 def _tokenize(tokenizer, value, row: dict, **template_kwargs) -> dict:
-    """Token ids of a string (``tokenizer(text=...)``) or of messages (the chat template)."""
+    """Token ids of a string (``tokenizer(text=...)``) or of messages (the chat template), as a dict."""
     if isinstance(value, str):
         return tokenizer(text=value)
     tools = row.get("tools")
@@ -186,11 +175,6 @@ def _filter(dataset, predicate, args, name: str, what: str):
     return dataset
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SFT
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool, eos: str) -> dict:
     """``input_ids`` plus ``completion_mask`` (prompt-completion rows) and ``assistant_masks`` (when asked)."""
     out, chat = {}, {"return_assistant_tokens_mask": assistant_only_loss}
@@ -215,11 +199,10 @@ def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool, e
 def _sft_example(row, idx, tokenizer, cfg: dict) -> dict:
     where = f"{cfg['name']} dataset row {idx}"
     check_row(row, "sft", where, cfg["text_field"])
-    out = (
-        dict(row)
-        if "input_ids" in row
-        else _sft_ids(row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"], cfg["eos"])
-    )
+    if "input_ids" in row:
+        out = dict(row)
+    else:
+        out = _sft_ids(row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"], cfg["eos"])
     if cfg["assistant_only_loss"] and 1 not in (out.get("assistant_masks") or []):
         raise DataError(
             f"{where}: assistant_only_loss=True but no token is marked as assistant: the chat template needs "
@@ -227,12 +210,12 @@ def _sft_example(row, idx, tokenizer, cfg: dict) -> dict:
         )
     labels = out.get("labels")
     if labels is None:
-        masks = [out[k] for k in ("assistant_masks",) if out.get(k) is not None]
+        masks = [out["assistant_masks"]] if out.get("assistant_masks") is not None else []
         if cfg["completion_only_loss"] and out.get("completion_mask") is not None:
             masks.append(out["completion_mask"])
         labels = [t if all(bits) else IGNORE_INDEX for t, *bits in zip(out["input_ids"], *masks)]
-    ids, cut = list(out["input_ids"]), cfg["slice"]
-    return {"input_ids": ids[cut] if cut else ids, "labels": list(labels)[cut] if cut else list(labels)}
+    cut = cfg["slice"] or slice(None)
+    return {"input_ids": list(out["input_ids"])[cut], "labels": list(labels)[cut]}
 
 
 def prepare_sft_dataset(dataset, tokenizer, args, *, packing: bool, completion_only_loss: bool, name: str):
@@ -256,15 +239,12 @@ def prepare_sft_dataset(dataset, tokenizer, args, *, packing: bool, completion_o
             fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=column_names(dataset),
         )  # fmt: skip
         if cut is not None:
-            no_target = "no trained token within max_length"
-            dataset = _filter(
-                dataset, lambda row: any(t != IGNORE_INDEX for t in row["labels"]), args, name, no_target
-            )
+            trained = lambda row: any(t != IGNORE_INDEX for t in row["labels"])  # noqa: E731
+            dataset = _filter(dataset, trained, args, name, "no trained token within max_length")
         if packing:
             if args.shuffle_dataset:
                 dataset = dataset.shuffle(seed=args.seed)
-            split = args.packing_strategy == "bfd_split"
-            fn_kwargs = {"seq_length": args.max_length, "split": split}
+            fn_kwargs = {"seq_length": args.max_length, "split": args.packing_strategy == "bfd_split"}
             dataset = _map(dataset, pack_bfd, args, name, "Packing", batched=True, fn_kwargs=fn_kwargs)
     return dataset.shuffle(seed=args.seed) if args.shuffle_dataset else dataset
 
@@ -309,13 +289,12 @@ def pack_bfd(batch: dict[str, list], seq_length: int, split: bool = False) -> di
     }
 
 
-def _pad_right(seqs: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
-    length = max(len(s) for s in seqs)
-    length = -(-length // multiple) * multiple if multiple else length
-    out_BT = torch.full((len(seqs), length), value, dtype=torch.long)
-    for b, seq in enumerate(seqs):
-        out_BT[b, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    return out_BT
+def pad_right(seqs: list[list[int]], value: int, multiple: int | None = None) -> torch.Tensor:
+    """Token lists right-padded with ``value`` into a (B, T) long tensor, T rounded up to a ``multiple``."""
+    out_BT = pad_sequence(
+        [torch.as_tensor(s, dtype=torch.long) for s in seqs], batch_first=True, padding_value=value
+    )
+    return F.pad(out_BT, (0, -out_BT.shape[1] % multiple), value=value) if multiple else out_BT
 
 
 @dataclass
@@ -340,17 +319,12 @@ class SFTCollator:
                     )
                     lo += n
             return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(samples)
-        ids = [f["input_ids"] for f in features]
+        ids, multiple = [f["input_ids"] for f in features], self.pad_to_multiple_of
         return {
-            "input_ids": _pad_right(ids, self.pad_token_id, self.pad_to_multiple_of),
-            "attention_mask": _pad_right([[1] * len(s) for s in ids], 0, self.pad_to_multiple_of),
-            "labels": _pad_right([f["labels"] for f in features], IGNORE_INDEX, self.pad_to_multiple_of),
+            "input_ids": pad_right(ids, self.pad_token_id, multiple),
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0, multiple),
+            "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX, multiple),
         }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Preference pairs (DPO, reward model)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _preference_example(row, idx, tokenizer, name: str, eos: str, full_sequences: bool) -> dict:
@@ -361,11 +335,10 @@ def _preference_example(row, idx, tokenizer, name: str, eos: str, full_sequences
     if isinstance(chosen, str):
         chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
     if full_sequences:  # the reward model scores prompt + answer as one sequence
-        whole = [a if prompt is None else prompt + a for a in (chosen, rejected)]
-        out = {
-            f"{k}_ids": list(_tokenize(tokenizer, x, row)["input_ids"])
-            for k, x in zip(("chosen", "rejected"), whole)
+        whole = {
+            k: a if prompt is None else prompt + a for k, a in (("chosen", chosen), ("rejected", rejected))
         }
+        out = {f"{k}_ids": list(_tokenize(tokenizer, x, row)["input_ids"]) for k, x in whole.items()}
         return {**out, **({"margin": row["margin"]} if row.get("margin") is not None else {})}
     gen = {} if isinstance(prompt, str) else {"add_generation_prompt": True}
     prompt_ids = list(_tokenize(tokenizer, prompt, row, **gen)["input_ids"])
@@ -387,19 +360,18 @@ def prepare_preference_dataset(dataset, tokenizer, args, *, name: str, full_sequ
         "eos": tokenizer.eos_token,
         "full_sequences": full_sequences,
     }
+    limit = args.max_length
     with args.main_process_first(desc=f"preparing {name} dataset"):
         dataset = _map(
             dataset, _preference_example, args, name, "Tokenizing", with_indices=True, fn_kwargs=kwargs,
             remove_columns=column_names(dataset),
         )  # fmt: skip
-        if args.max_length is None:
-            return dataset
-        if full_sequences:
-            fits = lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= args.max_length  # noqa: E731
-            return _filter(dataset, fits, args, name, f"an answer longer than max_length={args.max_length}")
-        if args.truncation_mode == "keep_start":
-            fits = lambda row: len(row["prompt_ids"]) < args.max_length  # noqa: E731
-            return _filter(dataset, fits, args, name, f"prompt alone fills max_length={args.max_length}")
+        if limit is not None and full_sequences:
+            fits = lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= limit  # noqa: E731
+            return _filter(dataset, fits, args, name, f"an answer longer than max_length={limit}")
+        if limit is not None and args.truncation_mode == "keep_start":
+            fits = lambda row: len(row["prompt_ids"]) < limit  # noqa: E731
+            return _filter(dataset, fits, args, name, f"prompt alone fills max_length={limit}")
     return dataset
 
 

