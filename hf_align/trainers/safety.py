@@ -44,6 +44,12 @@ def last_checkpoint_hint(output_dir: str) -> str:
     return f"Last checkpoint: {last} (resume with --resume_from_checkpoint {last}). "
 
 
+def resume_hint(trainer) -> str:
+    """Where a failure happened and what to resume from, for error messages."""
+    step, last = trainer.state.global_step + 1, last_checkpoint_hint(trainer.args.output_dir)
+    return f"(before optimizer step {step}) {last}"
+
+
 @contextmanager
 def engine_faults(trainer, engine_kind: str, action: str):
     """Turn any failure of a rollout-engine call into a `RolloutEngineError` that says what to do next."""
@@ -161,6 +167,17 @@ class SafeTrainingMixin:
 
     def _save_extra_state(self, folder: str) -> None:
         """Hook: write trainer-specific state into the checkpoint folder (every process calls it)."""
+
+    def _load_extra_state(self, folder: str) -> None:
+        """Hook: read back what ``_save_extra_state`` wrote, before training resumes from ``folder``."""
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        out = self.args.output_dir
+        if resume_from_checkpoint is True and os.path.isdir(out):  # Trainer's reading, needed here first
+            resume_from_checkpoint = get_last_checkpoint(out) or True  # none: Trainer raises its own error
+        if resume_from_checkpoint and resume_from_checkpoint is not True:
+            self._load_extra_state(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
