@@ -147,6 +147,7 @@ class _TRLConfig(_CPUSafeMixin, TrainingArguments):
     logging_steps: float = field(
         default=10, metadata={"help": "Log every X optimizer steps (TRL's default)."}
     )
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Off: a NaN loss stops training."})
     model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
@@ -299,6 +300,7 @@ class GRPOConfig(_CPUSafeMixin, TrainingArguments):
     )
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Off: a NaN loss stops training."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep every dataset column: they reach the reward functions."}
     )
