@@ -22,7 +22,7 @@ import logging
 from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
 from hf_align.modeling import wrap_lora
 from hf_align.trainers.safety import SafeTrainingMixin
@@ -30,15 +30,16 @@ from hf_align.trainers.safety import SafeTrainingMixin
 logger = logging.getLogger(__name__)
 
 
-def _model_name(model) -> str:
-    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-    return str(name).rstrip("/").split("/")[-1] or "model"
+def model_name(model, fallback: str = "model") -> str:
+    """The last part of a model's id or path (a string, or ``config._name_or_path`` of a loaded model)."""
+    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or fallback
+    return str(name).rstrip("/").split("/")[-1] or fallback
 
 
 def resolve_args(args, config_cls, model, suffix: str):
     """``args`` as an instance of ``config_cls`` (TRL: ``None`` -> ``config_cls("<model>-<suffix>")``)."""
     if args is None:
-        return config_cls(output_dir=f"{_model_name(model)}-{suffix}")
+        return config_cls(output_dir=f"{model_name(model)}-{suffix}")
     if isinstance(args, config_cls):
         return args
     if isinstance(args, TrainingArguments):
@@ -49,7 +50,7 @@ def resolve_args(args, config_cls, model, suffix: str):
     raise TypeError(f"args must be a {config_cls.__name__} or TrainingArguments, got {type(args).__name__}")
 
 
-def load_model(model, args, auto_class=None, quantization_config=None, **overrides):
+def load_model(model, args, auto_class=AutoModelForCausalLM, quantization_config=None, **overrides):
     """A loaded model as is; a string as ``auto_class.from_pretrained(model, **model_init_kwargs, **overrides)``."""
     init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
     if quantization_config is not None:
@@ -58,16 +59,10 @@ def load_model(model, args, auto_class=None, quantization_config=None, **overrid
         if init_kwargs:
             logger.warning("%s ignored: the model is already loaded", " and ".join(sorted(init_kwargs)))
         return model
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
-    dtype = init_kwargs.get("dtype", "float32")
-    if isinstance(dtype, str) and dtype != "auto":
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"model_init_kwargs dtype must be auto, float32, bfloat16 or float16; got {dtype!r}"
-            )
-        dtype = getattr(torch, dtype)
-    init_kwargs["dtype"] = dtype
+    dtype = init_kwargs.get("dtype", "float32")  # TRL's default
+    if isinstance(dtype, str) and dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"model_init_kwargs dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+    init_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
     return auto_class.from_pretrained(model, **init_kwargs, **overrides)
 

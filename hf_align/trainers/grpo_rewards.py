@@ -28,6 +28,7 @@ import torch
 
 from hf_align.rewards import REWARD_FUNCTIONS, get_reward_fn
 from hf_align.rewards.functions import GraderReward
+from hf_align.trainers.base import load_processing_class, model_name
 from hf_align.trainers.grpo_rollouts import reward_inputs, total_rewards
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class RewardFunctionError(RuntimeError):
 
 def reward_name(fn) -> str:
     if isinstance(fn, torch.nn.Module):
-        return str(getattr(fn.config, "_name_or_path", "") or type(fn).__name__).rstrip("/").split("/")[-1]
+        return model_name(fn, fallback=type(fn).__name__)
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
@@ -129,8 +130,6 @@ class RewardRunner:
             kwargs = dict(args.model_init_kwargs or {})
             fn = AutoModelForSequenceClassification.from_pretrained(fn, num_labels=1, **kwargs)
         if isinstance(fn, torch.nn.Module):
-            from hf_align.trainers.base import load_processing_class
-
             proc = load_processing_class(fn, proc)
             fn.config.pad_token_id = getattr(proc, "tokenizer", proc).pad_token_id
             return fn.to(device).eval(), proc

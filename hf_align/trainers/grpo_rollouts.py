@@ -1,9 +1,10 @@
-"""One GRPO generation batch, from sampled groups and their rewards to training micro-batches: pure functions.
+"""One GRPO generation batch, from prompts and sampled groups with their rewards to training micro-batches.
 
-hf_align/trainers/grpo.py calls them in this order: ``PromptStream.take`` and ``sampling_for`` (which prompts, how
-to sample), ``reward_inputs`` and ``total_rewards`` (TRL's reward-function arguments, the weighted sum),
-``scored_groups`` and ``select_groups`` (dynamic sampling), ``advantages_for``, ``build_micro_batches`` and
-``attach_global_counts``. Choices:
+No model, engine or reward function in here (they stay in hf_align/trainers/grpo.py and grpo_rewards.py); in
+the order a step uses them: ``PromptStream.take`` and ``sampling_for`` (which prompts, how to sample);
+``reward_inputs`` and ``total_rewards`` (TRL's reward-function arguments, the weighted sum: called by
+``RewardRunner.score_groups``); ``scored_groups``, ``rollout_metrics`` and ``select_groups`` (dynamic sampling);
+``advantages_for``; ``build_micro_batches`` and ``attach_global_counts``. Choices:
 - Prompts come from the dataset's ``prompt`` column: a string goes to the engine as is, a conversation (list of
   messages) is rendered with the tokenizer's chat template and its completions are message lists.
 - Rewards of several reward functions are summed with weights, skipping a function that gave no reward (None /
@@ -113,6 +114,24 @@ class PromptStream:
         self.cursor, self.dropped = state["prompt_cursor"], state["dropped"]
 
 
+def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
+    """Sampling settings of a GRPOConfig; with ``positions`` (global prompt positions) each prompt gets its own
+    seed, so the rollouts are the same whatever the number of processes or the generation batch size."""
+    seeds = None if positions is None else [args.seed * 1_000_003 + p for p in positions]
+    return SamplingConfig(
+        n=args.num_generations,
+        max_new_tokens=args.max_completion_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        min_new_tokens=args.min_completion_length,
+        stop=list(args.stop_strings),
+        seed=args.seed,
+        prompt_seeds=seeds,
+    )
+
+
 @dataclass
 class ScoredGroups:
     """Completions of whole groups, flattened group-major (prompt 0's G samples, then prompt 1's, ...)."""
@@ -162,6 +181,31 @@ def scored_groups(groups: list[list[Rollout]], rewards: list[float]) -> ScoredGr
         finish_reasons=[r.finish_reason for r in flat],
         rewards=list(rewards),
     )
+
+
+def rollout_metrics(
+    rewards_NF: torch.Tensor, names: list[str], scored: ScoredGroups, group_size: int
+) -> dict[str, float]:
+    """TRL's metric names for one generation round, plus ``rewards/<name>/invalid`` (completions it gave no reward)."""
+    out = {}
+    for k, name in enumerate(names):
+        column = rewards_NF[:, k]
+        out[f"rewards/{name}/mean"] = column.nanmean().item()  # NaN when no completion got one
+        out[f"rewards/{name}/std"] = rewards_std(column)
+        out[f"rewards/{name}/invalid"] = column.isnan().sum().item()
+    rewards = torch.tensor(scored.rewards, dtype=torch.float64)
+    groups = rewards.nan_to_num(0.0).view(-1, group_size)  # (num_groups, G)
+    lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
+    out.update({
+        "reward": rewards.nanmean().item(),
+        "reward_std": rewards_std(rewards),
+        "frac_reward_zero_std": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
+    })  # fmt: skip
+    return out
 
 
 def select_groups(
@@ -230,49 +274,6 @@ def build_micro_batches(
         seqs["step_index"] = torch.tensor(i // micro_batches_per_step)
         batches.append(seqs)
     return batches
-
-
-def rollout_metrics(
-    rewards_NF: torch.Tensor, names: list[str], scored: ScoredGroups, group_size: int
-) -> dict[str, float]:
-    """TRL's metric names for one generation round, plus ``rewards/<name>/invalid`` (completions it gave no reward)."""
-    out = {}
-    for k, name in enumerate(names):
-        column = rewards_NF[:, k]
-        out[f"rewards/{name}/mean"] = column.nanmean().item()  # NaN when no completion got one
-        out[f"rewards/{name}/std"] = rewards_std(column)
-        out[f"rewards/{name}/invalid"] = column.isnan().sum().item()
-    rewards = torch.tensor(scored.rewards, dtype=torch.float64)
-    groups = rewards.nan_to_num(0.0).view(-1, group_size)  # (num_groups, G)
-    lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
-    out.update({
-        "reward": rewards.nanmean().item(),
-        "reward_std": rewards_std(rewards),
-        "frac_reward_zero_std": (groups.max(1).values == groups.min(1).values).float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
-    })  # fmt: skip
-    return out
-
-
-def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
-    """Sampling settings of a GRPOConfig; with ``positions`` (global prompt positions) each prompt gets its own
-    seed, so the rollouts are the same whatever the number of processes or the generation batch size."""
-    seeds = None if positions is None else [args.seed * 1_000_003 + p for p in positions]
-    return SamplingConfig(
-        n=args.num_generations,
-        max_new_tokens=args.max_completion_length,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        min_new_tokens=args.min_completion_length,
-        stop=list(args.stop_strings),
-        seed=args.seed,
-        prompt_seeds=seeds,
-    )
 
 
 def attach_global_counts(micro: list[dict], accelerator, optimizer_batch_size: int) -> None:

@@ -163,7 +163,7 @@ class SafeTrainingMixin:
         """Hook: whether this optimizer step's loss should give a non-zero gradient (GRPO: some advantage != 0)."""
         return True
 
-    # ------------------------------------------------------------------ atomic checkpoints
+    # ------------------------------------------------------------------ checkpoints: atomic save, exact resume
 
     def _save_extra_state(self, folder: str) -> None:
         """Hook: write trainer-specific state into the checkpoint folder (every process calls it)."""
@@ -200,9 +200,7 @@ class SafeTrainingMixin:
             self._staging_dir, args.push_to_hub = None, push
         os.makedirs(staged, exist_ok=True)  # with save_only_model, this process may have written nothing
         self._save_extra_state(staged)
-        if (
-            self.state.best_model_checkpoint == staged
-        ):  # Trainer found this checkpoint the best: its real path
+        if self.state.best_model_checkpoint == staged:  # Trainer found it the best: record its final path
             self.state.best_model_checkpoint = final
             if args.should_save:
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
