@@ -44,15 +44,13 @@ def render_prompt(prompt, tokenizer, chat_template_kwargs: dict | None = None) -
 
 
 def prompt_rows(dataset, name: str):
-    """A prompt-only dataset with random access: an ``IterableDataset`` is read into memory (prompts are drawn by a
-    seeded permutation, for an exact resume; a stream that never ends cannot be used for GRPO)."""
-    import datasets
-
+    """A prompt-only dataset with random access: an iterable one (``IterableDataset``) is read into memory (prompts
+    are drawn by a seeded permutation, for an exact resume; a stream that never ends cannot be used for GRPO)."""
     if dataset is None:
         return None
-    if isinstance(dataset, datasets.IterableDataset):
+    if not hasattr(dataset, "__len__"):
         dataset = list(dataset)
-        logger.info("read an IterableDataset of %d prompts into memory", len(dataset))
+        logger.info("read an iterable dataset of %d prompts into memory", len(dataset))
     if not len(dataset):
         raise ValueError(f"{name} is empty: GRPO needs rows with a 'prompt' column")
     if "prompt" not in dataset[0]:
