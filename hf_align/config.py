@@ -83,6 +83,7 @@ class _Config(TrainingArguments):
 
     bf16: bool | None = arg(None, "bfloat16 mixed precision. None: on when a CUDA device supports it.")
     logging_steps: float = arg(10, "Log every X optimizer steps (TRL's default).")
+    logging_nan_inf_filter: bool = arg(False, "Off: a NaN loss stops training instead of being skipped.")
     remove_unused_columns: bool = arg(False, "Keep every dataset column (collators, reward functions pick).")
     model_init_kwargs: dict | str | None = arg(None, "from_pretrained kwargs for a model given by name.")
 

@@ -1,24 +1,19 @@
-"""What every hf_align trainer does before training, in one place: TRL's constructor conventions.
+"""What every hf_align trainer shares: TRL's constructor conventions, and metrics merged at logging time.
 
-A TRL user passes ``model`` as a loaded model or a Hub id / local path, may leave ``args`` and
-``processing_class`` out, and may pass ``peft_config``. ``prepare_trainer_inputs`` turns those into what
-``transformers.Trainer`` takes, the way TRL 1.16 does:
+``AlignTrainer._trl_inputs`` turns what a TRL user passes into what ``transformers.Trainer`` takes, as TRL 1.16
+does: ``args=None`` gives the trainer's config with ``output_dir = "<model name>-<SUFFIX>"`` (a plain
+``TrainingArguments`` is converted, its fields kept); a string ``model`` is loaded with
+``from_pretrained(model, **args.model_init_kwargs)`` (float32 unless ``dtype`` says otherwise) right after
+``set_seed(args.seed)``, so a fresh score head and LoRA adapters start the same way every run;
+``processing_class=None`` loads the model's own tokenizer, and a tokenizer without a pad token pads with EOS;
+``args.eos_token`` (SFT, reward) replaces the EOS token; ``peft_config`` wraps the model with LoRA;
+``disable_dropout`` zeroes every dropout, LoRA's too. ``DatasetTrainer`` is the constructor SFT, DPO and reward
+models share: each prepares the train set and every eval set with its ``prepare_dataset`` and batches them with
+its ``default_collator``.
 
-- ``args=None`` gives the trainer's config with ``output_dir = "<model name>-<SUFFIX>"``; a plain
-  ``TrainingArguments`` is converted into the trainer's config (its fields kept, ours at their defaults).
-- A string ``model`` is loaded with ``from_pretrained(model, **args.model_init_kwargs)``; as in TRL, the dtype
-  defaults to float32 and ``trust_remote_code`` comes from the config.
-- ``processing_class=None`` loads the tokenizer from the model's own folder / id; a tokenizer without a pad
-  token gets its EOS token as pad token (batching needs one).
-- ``peft_config`` wraps the model with LoRA (peft), after the seed is set so adapters start the same way.
-- ``args.eos_token`` (SFT, reward) replaces the tokenizer's EOS token; ``args.disable_dropout`` zeroes dropout.
-
-``prepare_datasets`` runs a trainer's dataset preparation (``hf_align.formats``) on the train set and every eval
-set.
-
-``MetricsMixin`` keeps per-step metric buffers for train and eval and merges them into ``log`` (averaged over
-micro-batches, then over processes), so every trainer logs ``<name>`` in training and ``eval_<name>`` in
-evaluation.
+Metrics are recorded per micro-batch as detached device tensors (no sync) and merged in ``log``: averaged over
+the calls (``time/*`` keys summed: seconds spent in the step), then over processes in one collective (every
+process records the same keys, which keeps it aligned); ``<name>`` in training, ``eval_<name>`` in evaluation.
 """
 
 from __future__ import annotations
@@ -27,22 +22,24 @@ import logging
 from collections import defaultdict
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
-from hf_align.trainers.metrics import merge_metrics
+from hf_align.modeling import wrap_lora
+from hf_align.trainers.safety import SafeTrainingMixin
 
 logger = logging.getLogger(__name__)
 
 
-def _model_name(model) -> str:
-    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-    return str(name).rstrip("/").split("/")[-1] or "model"
+def model_name(model, fallback: str = "model") -> str:
+    """The last part of a model's id or path (a string, or ``config._name_or_path`` of a loaded model)."""
+    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or fallback
+    return str(name).rstrip("/").split("/")[-1] or fallback
 
 
 def resolve_args(args, config_cls, model, suffix: str):
     """``args`` as an instance of ``config_cls`` (TRL: ``None`` -> ``config_cls("<model>-<suffix>")``)."""
     if args is None:
-        return config_cls(output_dir=f"{_model_name(model)}-{suffix}")
+        return config_cls(output_dir=f"{model_name(model)}-{suffix}")
     if isinstance(args, config_cls):
         return args
     if isinstance(args, TrainingArguments):
@@ -53,26 +50,21 @@ def resolve_args(args, config_cls, model, suffix: str):
     raise TypeError(f"args must be a {config_cls.__name__} or TrainingArguments, got {type(args).__name__}")
 
 
-def load_model(model, args, auto_class=None, **overrides):
-    """A loaded model as is; a string as ``auto_class.from_pretrained(model, **model_init_kwargs)``."""
+def load_model(model, args, auto_class=AutoModelForCausalLM, quantization_config=None, **overrides):
+    """A loaded model as is; a string as ``auto_class.from_pretrained(model, **model_init_kwargs, **overrides)``."""
     init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    if quantization_config is not None:
+        init_kwargs["quantization_config"] = quantization_config
     if not isinstance(model, str):
         if init_kwargs:
-            logger.warning("model_init_kwargs is ignored: the model is already loaded")
+            logger.warning("%s ignored: the model is already loaded", " and ".join(sorted(init_kwargs)))
         return model
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
-    dtype = init_kwargs.get("dtype", "float32")
-    if isinstance(dtype, str) and dtype != "auto":
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"model_init_kwargs dtype must be auto, float32, bfloat16 or float16; got {dtype!r}"
-            )
-        dtype = getattr(torch, dtype)
-    init_kwargs["dtype"] = dtype
+    dtype = init_kwargs.get("dtype", "float32")  # TRL's default
+    if isinstance(dtype, str) and dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"model_init_kwargs dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+    init_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
-    init_kwargs.update(overrides)
-    return auto_class.from_pretrained(model, **init_kwargs)
+    return auto_class.from_pretrained(model, **init_kwargs, **overrides)
 
 
 def load_processing_class(model, processing_class, args=None):
@@ -93,66 +85,63 @@ def load_processing_class(model, processing_class, args=None):
     return processing_class
 
 
-def prepare_trainer_inputs(
-    model, args, processing_class, peft_config, config_cls, suffix, auto_class=None, quantization_config=None
-):
-    """``(model, args, processing_class)`` ready for ``Trainer.__init__`` (see the module docstring)."""
-    args = resolve_args(args, config_cls, model, suffix)
-    set_seed(args.seed)  # LoRA adapters are initialised at random
-    quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    if quantized and not isinstance(model, str):
-        logger.warning("quantization_config is ignored: the model is already loaded")
-    model = load_model(model, args, auto_class, **quantized)
-    processing_class = load_processing_class(model, processing_class, args)
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if getattr(args, "eos_token", None) is not None:  # SFT / reward: the end-of-turn token to train on
-        if args.eos_token not in tokenizer.get_vocab():
-            raise ValueError(f"eos_token {args.eos_token!r} is not in the tokenizer's vocabulary")
-        tokenizer.eos_token = args.eos_token
-        model.config.eos_token_id = tokenizer.eos_token_id
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if peft_config is not None:
-        from hf_align.modeling import wrap_lora
-
-        model = wrap_lora(model, peft_config)
-    if getattr(args, "disable_dropout", False):  # after LoRA, as TRL: its dropout goes too
-        disable_dropout(model)
-    return model, args, processing_class
-
-
 def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
 
-def prepare_datasets(train_dataset, eval_dataset, args, prepare):
-    """``prepare(dataset, name)`` on the train set and every eval set (one, or a dict of named ones).
-
-    An ``IterableDataset`` cannot be dispatched from the main process (accelerate concatenates its batches), so
-    ``dispatch_batches`` is turned off for it, as TRL does.
-    """
-    import datasets
-
-    if train_dataset is None:
-        raise ValueError("train_dataset is required")
-    if isinstance(train_dataset, datasets.IterableDataset):
-        args.accelerator_config.dispatch_batches = False
-    train = prepare(train_dataset, "train")
-    if isinstance(eval_dataset, dict):
-        return train, {name: prepare(ds, name) for name, ds in eval_dataset.items()}
-    return train, None if eval_dataset is None else prepare(eval_dataset, "eval")
+def global_sum(accelerator, count, device) -> torch.Tensor:
+    """A count summed over processes (e.g. response tokens or pairs in an optimizer step)."""
+    count = torch.as_tensor(count, device=device)
+    if accelerator.num_processes > 1:
+        count = accelerator.gather(count.reshape(1)).sum()
+    return count
 
 
-class MetricsMixin:
-    """Per-step metric buffers (``record``) merged into every ``log`` call, ``eval_`` prefixed in evaluation."""
+def weighted_mean(accelerator, values: list[float], count: int) -> list[float]:
+    """Means computed on each process over ``count`` items, combined into the mean over all items."""
+    totals = torch.tensor(
+        [*(v * count for v in values), float(count)], dtype=torch.float64, device=accelerator.device
+    )
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+
+
+class AlignTrainer(SafeTrainingMixin, Trainer):
+    """What the four trainers share: TRL's constructor conventions and per-step metrics merged at logging time.
+    A subclass names its config (``config_class``, ``suffix``) and what a string ``model`` loads as
+    (``load_kwargs`` for `load_model`)."""
+
+    config_class: type[TrainingArguments] = TrainingArguments
+    suffix = ""
+    load_kwargs: dict = {}
+    # compute_loss already normalizes by the optimizer step's counts: Trainer must not divide again.
+    loss_is_scaled_for_ga = True
+
+    def _trl_inputs(self, model, args, processing_class, peft_config, quantization_config):
+        """``(model, args, processing_class)`` ready for ``Trainer.__init__`` (see the module docstring)."""
+        args = resolve_args(args, self.config_class, model, self.suffix)
+        set_seed(args.seed)  # a fresh head and LoRA adapters are initialised at random
+        model = load_model(model, args, quantization_config=quantization_config, **self.load_kwargs)
+        processing_class = load_processing_class(model, processing_class, args)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if getattr(args, "eos_token", None) is not None:  # SFT / reward: the end-of-turn token to train on
+            if args.eos_token not in tokenizer.get_vocab():
+                raise ValueError(f"eos_token {args.eos_token!r} is not in the tokenizer's vocabulary")
+            tokenizer.eos_token = args.eos_token
+            model.config.eos_token_id = tokenizer.eos_token_id
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if peft_config is not None:
+            model = wrap_lora(model, peft_config)
+        if getattr(args, "disable_dropout", False):  # after LoRA, as TRL: its dropout goes too
+            disable_dropout(model)
+        return model, args, processing_class
 
     def _init_metrics(self) -> None:
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def record(self, metrics: dict, training: bool) -> None:
         """Append detached scalar metrics of one micro-batch (tensors or floats)."""
@@ -161,6 +150,80 @@ class MetricsMixin:
             buffer[key].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        logs.update(merge_metrics(self.accelerator, self._metrics[mode], "eval_" if mode == "eval" else ""))
+        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+        buffer, device = self._metrics["eval" if prefix else "train"], self.accelerator.device
+        keys = sorted(k for k, v in buffer.items() if v)
+        # one stack per key here, not a sync per micro-batch
+        local = [
+            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in buffer[k]])
+            for k in keys
+        ]
+        local = [x.sum() if k.startswith("time/") else x.mean() for k, x in zip(keys, local)]
+        values = torch.stack(local) if local else torch.zeros(0, dtype=torch.float64, device=device)
+        if self.accelerator.num_processes > 1 and keys:
+            values = self.accelerator.reduce(values, reduction="mean")
+        buffer.clear()
+        logs.update({prefix + k: v for k, v in zip(keys, values.tolist())})
         super().log(logs, start_time)
+
+
+class DatasetTrainer(AlignTrainer):
+    """TRL 1.16's constructor for the trainers fed by a dataset: a subclass implements ``prepare_dataset`` and
+    ``default_collator``; ``prepare_model`` sees the model before Trainer does."""
+
+    def __init__(
+        self,
+        model,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+    ):
+        import datasets
+
+        model, args, processing_class = self._trl_inputs(
+            model, args, processing_class, peft_config, quantization_config
+        )
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        model = self.prepare_model(model, args, tokenizer)
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if isinstance(train_dataset, datasets.IterableDataset):
+            # accelerate would concatenate an iterable's batches when dispatching them (TRL turns it off too)
+            args.accelerator_config.dispatch_batches = False
+        train_dataset = self.prepare_dataset(train_dataset, "train", args, tokenizer)
+        named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        evals = {k: self.prepare_dataset(ds, k, args, tokenizer) for k, ds in named.items() if ds is not None}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or self.default_collator(args, tokenizer),
+            train_dataset=train_dataset,
+            eval_dataset=evals if isinstance(eval_dataset, dict) else evals.get("eval"),
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self._init_metrics()
+
+    def prepare_model(self, model, args, tokenizer):
+        """Hook: the loaded (and LoRA-wrapped) model, before Trainer takes it."""
+        return model
+
+    def prepare_dataset(self, dataset, name: str, args, tokenizer):
+        """The rows of ``dataset`` (train, eval or a named eval set) as the collator takes them."""
+        raise NotImplementedError
+
+    def default_collator(self, args, tokenizer):
+        raise NotImplementedError

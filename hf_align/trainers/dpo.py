@@ -23,16 +23,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer
 
 from hf_align.config import DPOConfig
 from hf_align.data import build_shifted_sequences
 from hf_align.formats import prepare_preference_dataset, truncate_pair
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.dpo import dpo_loss, sequence_logps, split_concatenated
-from hf_align.trainers.base import MetricsMixin, disable_dropout, prepare_datasets, prepare_trainer_inputs
-from hf_align.trainers.metrics import global_sum
-from hf_align.trainers.safety import SafeTrainingMixin
+from hf_align.modeling import create_reference_model, wrap_lora
+from hf_align.trainers.base import DatasetTrainer, disable_dropout, global_sum, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +61,8 @@ class PreferenceCollator:
         return batch
 
 
-class DPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
-    # compute_loss already divides by the optimizer step's pair count: Trainer must not divide again.
-    loss_is_scaled_for_ga = True
+class DPOTrainer(DatasetTrainer):
+    config_class, suffix = DPOConfig, "DPO"
 
     def __init__(
         self,
@@ -82,45 +79,27 @@ class DPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         quantization_config=None,
         peft_config=None,
     ):
-        model, args, processing_class = prepare_trainer_inputs(
-            model, args, processing_class, None, DPOConfig, "DPO", quantization_config=quantization_config
-        )
-        model, ref_model = self._policy_and_reference(model, ref_model, args, peft_config)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        train_dataset, eval_dataset = prepare_datasets(
-            train_dataset,
-            eval_dataset,
-            args,
-            lambda ds, name: prepare_preference_dataset(ds, tokenizer, args, name=name),
-        )
-        if data_collator is None:
-            data_collator = PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
+        # LoRA is applied by prepare_model, after the reference copy is made (the copy needs no adapters)
+        self.ref_model, self._peft_config = ref_model, peft_config
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        self.ref_model = ref_model.to(self.args.device).eval() if ref_model is not None else None
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+            callbacks, optimizers, quantization_config=quantization_config,
+        )  # fmt: skip
+        if self.ref_model is not None:
+            self.ref_model = self.ref_model.to(self.args.device).eval()
         self._precomputing = False
-        if args.precompute_ref_log_probs:
+        if self.args.precompute_ref_log_probs:
             self.train_dataset = self._precompute_reference(self.train_dataset)
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._precompute_reference(v) for k, v in self.eval_dataset.items()}
             else:
                 self.eval_dataset = self._precompute_reference(self.eval_dataset)
             self.ref_model = None  # the cache replaces it
-        self._init_metrics()
 
-    @staticmethod
-    def _policy_and_reference(model, ref_model, args: DPOConfig, peft_config):
-        """LoRA-wrapped policy (when asked) and the reference model (None: the policy with adapters disabled)."""
-        lora = peft_config is not None or hasattr(model, "disable_adapter")
+    def prepare_model(self, model, args: DPOConfig, tokenizer):
+        """The LoRA-wrapped policy (when asked); ``self.ref_model`` becomes the reference model (None: the policy
+        with adapters disabled, or the precomputed cache)."""
+        ref_model, lora = self.ref_model, self._peft_config is not None or hasattr(model, "disable_adapter")
         if args.ref_mode is None:
             args.ref_mode = "adapter_disabled" if lora and ref_model is None else "copy"
         if args.ref_mode == "adapter_disabled" and not lora:
@@ -128,21 +107,22 @@ class DPOTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
         if args.ref_mode == "adapter_disabled" and ref_model is not None:
             raise ValueError("ref_mode='adapter_disabled' uses the policy itself: do not pass ref_model")
         if isinstance(ref_model, str):
-            from hf_align.trainers.base import load_model
-
             ref_model = load_model(ref_model, args)
         if args.ref_mode == "copy" and ref_model is None and not args.precompute_ref_log_probs:
-            from hf_align.modeling import create_reference_model
-
             ref_model = create_reference_model(model)  # before LoRA: the copy needs no adapters
-        if peft_config is not None:
-            from hf_align.modeling import wrap_lora
-
-            model = wrap_lora(model, peft_config)
+        if self._peft_config is not None:
+            model = wrap_lora(model, self._peft_config)
         for m in (model, ref_model):
             if args.disable_dropout and m is not None:
                 disable_dropout(m)
-        return model, ref_model
+        self.ref_model = ref_model
+        return model
+
+    def prepare_dataset(self, dataset, name, args, tokenizer):
+        return prepare_preference_dataset(dataset, tokenizer, args, name=name)
+
+    def default_collator(self, args, tokenizer):
+        return PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
 
     def _pair_logps(self, model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of the chosen and the rejected answers, (B,) each, from one 2B forward."""

@@ -1,24 +1,15 @@
 """How GRPOTrainer calls its reward functions: TRL's protocol, bounded in time, failures counted, never silent.
 
-A reward function is called once per generation round with this process's completions:
-``f(prompts=[...], completions=[...], completion_ids=[...], trainer_state=state, **columns)`` where every dataset
-column but ``prompt`` comes as a list (one entry per completion) and returns one ``float | None`` per completion.
-What ``reward_funcs`` may hold, and how each runs:
-
-- a name registered in ``hf_align.rewards.REWARD_FUNCTIONS`` (``"r1_zero"``, ``"gsm8k"``, ...): a ``GraderReward``
-  grading in worker processes, each completion within ``grader_timeout_s`` (killed past it, scored 0);
-  ``"package.module:function"``: that function, imported;
-- any other string, or a sequence-classification model: a reward model scoring prompt + completion (rendered with
-  the chat template for conversational prompts) with its own tokenizer, ``logits[:, 0]``;
-- any callable (module-level, closure, lambda, ``async def``): run in this process. A call that raises scores None
-  for all its completions (counted, the first exception kept and logged); a call still running after
-  ``reward_timeout_s`` is interrupted (SIGUSR2 to the main thread) and training stops with ``RewardFunctionError``
-  naming the function (finished checkpoints stay; resume from the last one). A call stuck in C code that ignores
-  the interrupt makes the process exit after as long again, with the same message.
-
-None, NaN and inf all mean "no reward from this function for this completion" (TRL). A completion with no reward
-from any function is unscorable: left out of its group's statistics, advantage 0. A generation round in which
-no completion got any reward stops training (``RewardFunctionError`` naming each function and its first failure).
+Once per generation round each function gets this process's completions, ``f(prompts=..., completions=...,
+completion_ids=..., trainer_state=..., **columns)`` (every dataset column but ``prompt``, one entry per
+completion), and returns one ``float | None`` per completion; None, NaN and inf mean "no reward from this
+function" (TRL). A registered name (``hf_align.rewards.REWARD_FUNCTIONS``) becomes a ``GraderReward``, which bounds
+each completion itself in worker processes (``grader_timeout_s``); ``"package.module:function"`` is imported;
+another string, or a sequence-classification model, is a reward model scoring prompt + completion with its own
+tokenizer (``logits[:, 0]``); any callable (``async def`` too) runs in this process within ``reward_timeout_s``: a
+SIGUSR2 interrupts the main thread, and a call stuck in C code that ignores it makes the process exit after as
+long again. A call that raises scores None for its completions (counted, the first exception kept); a round in
+which no completion got any reward stops training with ``RewardFunctionError`` naming each function's failure.
 """
 
 from __future__ import annotations
@@ -37,6 +28,8 @@ import torch
 
 from hf_align.rewards import REWARD_FUNCTIONS, get_reward_fn
 from hf_align.rewards.functions import GraderReward
+from hf_align.trainers.base import load_processing_class, model_name
+from hf_align.trainers.grpo_rollouts import reward_inputs, total_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +40,7 @@ class RewardFunctionError(RuntimeError):
 
 def reward_name(fn) -> str:
     if isinstance(fn, torch.nn.Module):
-        return str(getattr(fn.config, "_name_or_path", "") or type(fn).__name__).rstrip("/").split("/")[-1]
+        return model_name(fn, fallback=type(fn).__name__)
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
@@ -137,8 +130,6 @@ class RewardRunner:
             kwargs = dict(args.model_init_kwargs or {})
             fn = AutoModelForSequenceClassification.from_pretrained(fn, num_labels=1, **kwargs)
         if isinstance(fn, torch.nn.Module):
-            from hf_align.trainers.base import load_processing_class
-
             proc = load_processing_class(fn, proc)
             fn.config.pad_token_id = getattr(proc, "tokenizer", proc).pad_token_id
             return fn.to(device).eval(), proc
@@ -155,6 +146,18 @@ class RewardRunner:
 
     def graders(self) -> list[GraderReward]:
         return [f for f in self.funcs if isinstance(f, GraderReward)]
+
+    def grader_metrics(self) -> dict[str, float]:
+        """accuracy / format_rate of the first built-in grader's last call, and grader timeouts."""
+        graders = self.graders()
+        if not graders or not graders[0].last_details:
+            return {}
+        details = graders[0].last_details
+        return {
+            "accuracy": sum(d.get("answer_reward", 0.0) for d in details) / len(details),
+            "format_rate": sum(d.get("format_reward", 0.0) for d in details) / len(details),
+            "grader_timeouts": sum(g.stats.get("timeouts", 0) for g in graders),
+        }
 
     def __call__(self, prompts, completions, completion_ids, columns: dict, trainer_state):
         """``(rewards (N, F) float64 with NaN for "no reward", {name: first failure or None})``."""
@@ -194,6 +197,22 @@ class RewardRunner:
             if torch.isnan(out[:, k]).all():
                 failures[name] = failures[name] or "returned None / NaN for every completion"
         return out, failures
+
+    def score_groups(self, prompts: list[dict], groups, trainer_state, strict: bool = True):
+        """Per-function rewards (N, F; NaN: none), their weighted totals and TRL's reward inputs for the rollout
+        ``groups`` of ``prompts`` (``{"row": dataset row}`` each); with ``strict``, a round in which no completion
+        got any reward stops training."""
+        inputs = reward_inputs(prompts, groups)
+        rewards_NF, failures = self(
+            inputs["prompts"],
+            inputs["completions"],
+            inputs["completion_ids"],
+            inputs["columns"],
+            trainer_state,
+        )
+        if strict:
+            check_some_reward(rewards_NF, failures, self.hint)
+        return rewards_NF, total_rewards(rewards_NF, self.weights), inputs
 
     @torch.no_grad()
     def _score_model(self, model, tokenizer, prompts, completions) -> list[float]:

@@ -1,19 +1,20 @@
-"""From sampled groups to training micro-batches: grading, dynamic sampling, advantages, tensors, splitting.
+"""One GRPO generation batch, from prompts and sampled groups with their rewards to training micro-batches.
 
-Kept apart from the trainer so each step can be read (and tested) on its own. Nothing here touches the
-model except through the log-prob function handed in.
-
-Choices:
-- Prompts come from the dataset's ``prompt`` column: a string goes to the engine as is, a conversation
-  (list of messages) is rendered with the tokenizer's chat template and its completions are message lists.
-- Rewards of several reward functions are summed with weights, skipping a function that gave no reward
-  (None / NaN) for a completion, as TRL does; a completion with no reward from any function is unscorable:
-  it is left out of its group's mean and std and gets advantage 0 (see ``hf_align.trainers.grpo_rewards``).
-- Dynamic sampling (DAPO, Yu et al. 2025) drops groups whose rewards are all equal (zero advantage: no
-  learning signal) and samples more prompts; after ``max_rounds`` generation rounds the batch is completed
-  with zero-std groups so that every step has the same shape.
-- Every optimizer step's global sequence and token counts are computed once per generation batch (token counts
-  summed over processes), so each micro-batch's loss is normalised exactly as the full batch would be.
+No model, engine or reward function in here (they stay in hf_align/trainers/grpo.py and grpo_rewards.py); in
+the order a step uses them: ``PromptStream.take`` and ``sampling_for`` (which prompts, how to sample);
+``reward_inputs`` and ``total_rewards`` (TRL's reward-function arguments, the weighted sum: called by
+``RewardRunner.score_groups``); ``scored_groups``, ``rollout_metrics`` and ``select_groups`` (dynamic sampling);
+``advantages_for``; ``build_micro_batches`` and ``attach_global_counts``. Choices:
+- Prompts come from the dataset's ``prompt`` column: a string goes to the engine as is, a conversation (list of
+  messages) is rendered with the tokenizer's chat template and its completions are message lists.
+- Rewards of several reward functions are summed with weights, skipping a function that gave no reward (None /
+  NaN) for a completion, as TRL does; a completion with no reward from any function is unscorable: it is left out
+  of its group's mean and std and gets advantage 0.
+- Dynamic sampling (DAPO, Yu et al. 2025) drops groups whose rewards are all equal (zero advantage: no learning
+  signal) and samples more prompts; when the rounds run out the batch is completed with such groups, so that
+  every step has the same shape.
+- Every optimizer step's sequence and token counts (summed over processes) are attached to each of its
+  micro-batches, so each micro-batch's loss is normalised exactly as the full batch would be.
 """
 
 from __future__ import annotations
@@ -24,25 +25,40 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_align.data import build_shifted_sequences
+from hf_align.formats import is_conversational
 from hf_align.losses.grpo import group_normalize_rewards
 from hf_align.rollout.base import Rollout, SamplingConfig
 
 logger = logging.getLogger(__name__)
 
 
-def is_conversational(prompt) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
-
-
 def render_prompt(prompt, tokenizer, chat_template_kwargs: dict | None = None) -> str:
     """The text the engine continues: a string prompt as is, a conversation through the chat template."""
-    if is_conversational(prompt):
+    if is_conversational({"prompt": prompt}):
         return tokenizer.apply_chat_template(
             prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
         )
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
     return prompt
+
+
+def prompt_rows(dataset, name: str):
+    """A prompt-only dataset with random access: an iterable one (``IterableDataset``) is read into memory (prompts
+    are drawn by a seeded permutation, for an exact resume; a stream that never ends cannot be used for GRPO)."""
+    if dataset is None:
+        return None
+    if not hasattr(dataset, "__len__"):
+        dataset = list(dataset)
+        logger.info("read an iterable dataset of %d prompts into memory", len(dataset))
+    if not len(dataset):
+        raise ValueError(f"{name} is empty: GRPO needs rows with a 'prompt' column")
+    if "prompt" not in dataset[0]:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {sorted(dataset[0])}): GRPO takes TRL's prompt-only format. "
+            "For question/answer rows, build the prompt from the question (recipes/grpo.py does it with a template)"
+        )
+    return dataset
 
 
 class PromptStream:
@@ -96,6 +112,24 @@ class PromptStream:
         self.cursor, self.dropped = state["prompt_cursor"], state["dropped"]
 
 
+def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
+    """Sampling settings of a GRPOConfig; with ``positions`` (global prompt positions) each prompt gets its own
+    seed, so the rollouts are the same whatever the number of processes or the generation batch size."""
+    seeds = None if positions is None else [args.seed * 1_000_003 + p for p in positions]
+    return SamplingConfig(
+        n=args.num_generations,
+        max_new_tokens=args.max_completion_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        min_new_tokens=args.min_completion_length,
+        stop=list(args.stop_strings),
+        seed=args.seed,
+        prompt_seeds=seeds,
+    )
+
+
 @dataclass
 class ScoredGroups:
     """Completions of whole groups, flattened group-major (prompt 0's G samples, then prompt 1's, ...)."""
@@ -118,7 +152,7 @@ def reward_inputs(prompts: list[dict], groups: list[list[Rollout]]) -> dict:
     completion ids, and every other dataset column as a list, one entry per completion."""
     rows = [p["row"] for p, group in zip(prompts, groups) for _ in group]
     flat = [r for group in groups for r in group]
-    conversational = bool(rows) and is_conversational(rows[0]["prompt"])
+    conversational = bool(rows) and is_conversational({"prompt": rows[0]["prompt"]})
     return {
         "prompts": [row["prompt"] for row in rows],
         "completions": [
@@ -147,21 +181,42 @@ def scored_groups(groups: list[list[Rollout]], rewards: list[float]) -> ScoredGr
     )
 
 
-def group_has_signal(rewards: list[float], start: int, group_size: int) -> bool:
-    group = [r for r in rewards[start : start + group_size] if r == r]  # NaN: unscorable
-    return len(group) > 1 and max(group) > min(group)
+def rollout_metrics(
+    rewards_NF: torch.Tensor, names: list[str], scored: ScoredGroups, group_size: int
+) -> dict[str, float]:
+    """TRL's metric names for one generation round, plus ``rewards/<name>/invalid`` (completions it gave no reward)."""
+    out = {}
+    for k, name in enumerate(names):
+        column = rewards_NF[:, k]
+        out[f"rewards/{name}/mean"] = column.nanmean().item()  # NaN when no completion got one
+        out[f"rewards/{name}/std"] = rewards_std(column)
+        out[f"rewards/{name}/invalid"] = column.isnan().sum().item()
+    rewards = torch.tensor(scored.rewards, dtype=torch.float64)
+    groups = rewards.nan_to_num(0.0).view(-1, group_size)  # (num_groups, G)
+    lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
+    out.update({
+        "reward": rewards.nanmean().item(),
+        "reward_std": rewards_std(rewards),
+        "frac_reward_zero_std": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
+    })  # fmt: skip
+    return out
 
 
 def select_groups(
     scored: ScoredGroups, group_size: int, keep: ScoredGroups, want: int, filler: ScoredGroups, dynamic: bool
 ) -> None:
-    """Move whole groups into ``keep`` until it has ``want`` groups; zero-signal groups go to ``filler`` when
-    ``dynamic`` (to be used only if the rounds run out)."""
+    """Move whole groups into ``keep`` until it has ``want`` groups; with ``dynamic``, a group whose scorable
+    rewards are all equal goes to ``filler`` instead (to be used only if the rounds run out)."""
     for start in range(0, len(scored), group_size):
         if len(keep) >= want * group_size:
             return
-        target = keep if (not dynamic or group_has_signal(scored.rewards, start, group_size)) else filler
-        target.extend(scored, start, start + group_size)
+        group = [r for r in scored.rewards[start : start + group_size] if r == r]  # NaN: unscorable
+        signal = len(group) > 1 and max(group) > min(group)
+        (keep if signal or not dynamic else filler).extend(scored, start, start + group_size)
 
 
 def advantages_for(
@@ -219,59 +274,17 @@ def build_micro_batches(
     return batches
 
 
-def rollout_metrics(rewards_NF: torch.Tensor, names: list[str], totals: list[float], scored_lengths: list[int],
-                    finish_reasons: list[str], group_size: int) -> dict[str, float]:  # fmt: skip
-    """TRL's metric names for one generation round, plus ``rewards/<name>/invalid`` (completions it gave no reward)."""
-    out = {}
-    for k, name in enumerate(names):
-        column = rewards_NF[:, k]
-        valid = column[~torch.isnan(column)]
-        out[f"rewards/{name}/mean"] = valid.mean().item() if valid.numel() else float("nan")
-        out[f"rewards/{name}/std"] = rewards_std(column)
-        out[f"rewards/{name}/invalid"] = float(column.numel() - valid.numel())
-    rewards = torch.tensor(totals, dtype=torch.float64)
-    valid = rewards[~torch.isnan(rewards)]
-    groups = rewards.nan_to_num(0.0).view(-1, group_size)  # (num_groups, G)
-    lengths = torch.tensor(scored_lengths, dtype=torch.float32)
-    out.update({
-        "reward": valid.mean().item() if valid.numel() else float("nan"),
-        "reward_std": rewards_std(rewards),
-        "frac_reward_zero_std": (groups.max(1).values == groups.min(1).values).float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": sum(r == "length" for r in finish_reasons) / max(len(finish_reasons), 1),
-    })  # fmt: skip
-    return out
-
-
-def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
-    """Sampling settings of a GRPOConfig; with ``positions`` (global prompt positions) each prompt gets its own
-    seed, so the rollouts are the same whatever the number of processes or the generation batch size."""
-    seeds = None if positions is None else [args.seed * 1_000_003 + p for p in positions]
-    return SamplingConfig(
-        n=args.num_generations,
-        max_new_tokens=args.max_completion_length,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        min_new_tokens=args.min_completion_length,
-        stop=list(args.stop_strings),
-        seed=args.seed,
-        prompt_seeds=seeds,
-    )
-
-
 def attach_global_counts(micro: list[dict], accelerator, optimizer_batch_size: int) -> None:
-    """Give each micro-batch its optimizer step's sequence count and response-token count summed over
-    processes, so the loss of every reduction is normalised exactly as over the whole step."""
-    steps = max(b["step_index"].item() for b in micro) + 1
-    tokens = torch.zeros(steps, dtype=torch.float64, device=accelerator.device)
+    """Move each micro-batch to the device (the rollout buffer lives there) and give it its optimizer step's
+    sequence count and response-token count summed over processes, so the loss of every reduction is normalised
+    exactly as over the whole step."""
+    device = accelerator.device
+    tokens = torch.zeros(max(b["step_index"].item() for b in micro) + 1, dtype=torch.float64, device=device)
     for b in micro:
+        b.update({k: v.to(device) for k, v in b.items()})
         tokens[b["step_index"]] += b["response_mask"].sum()
     if accelerator.num_processes > 1:
         tokens = accelerator.reduce(tokens, reduction="sum")
     for b in micro:
-        b["num_tokens"] = tokens[b["step_index"]].float().cpu()
-        b["num_sequences"] = torch.tensor(float(optimizer_batch_size))
+        b["num_tokens"] = tokens[b["step_index"]].float()
+        b["num_sequences"] = torch.tensor(float(optimizer_batch_size), device=device)

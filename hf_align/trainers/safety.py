@@ -1,25 +1,21 @@
 """What every hf_align trainer adds to `transformers.Trainer` so that a crash never costs a finished checkpoint.
 
-Choices:
-- **Atomic checkpoints.** A checkpoint is written into ``<output_dir>/.partial-checkpoint-N`` and renamed to
-  ``checkpoint-N`` only when every process has finished writing. A process killed mid-save leaves a
-  ``.partial-*`` folder that ``get_last_checkpoint`` / ``--resume_from_checkpoint`` never pick (it is removed
-  by the next save), so the last complete checkpoint is always the one resumed. Pushing to the Hub and
-  pruning old checkpoints (``save_total_limit``) happen after the rename.
-- **Non-finite stops.** Trainer by default replaces a NaN / inf loss by the running average in its log
-  (``logging_nan_inf_filter``) and lets the optimizer apply NaN gradients. We check the gradient norm of
-  every optimizer step *before* the update (it is all-reduced, so every process sees the same value and
-  stops together) and raise `NonFiniteError` naming the step: the weights were never touched by the bad
-  step and the last checkpoint on disk stays as it was. A non-finite micro-batch loss is reported in the
-  same message.
-- **No silent non-learning.** A step whose gradient norm is exactly 0 although it had something to learn
-  (``_step_has_learning_signal``: always for SFT / DPO / reward models; GRPO: a non-zero advantage on a kept
-  token) before any step has had a non-zero gradient raises `NoLearningError`: a run whose weights are cut off
+- **Atomic checkpoints.** Trainer's own checkpoint save runs with its run folder redirected to
+  ``<output_dir>/.partial-checkpoint-N``; the finished ``checkpoint-N`` inside is renamed into ``output_dir`` once
+  every process has written its files. A process killed mid-save leaves a ``.partial-*`` folder that
+  ``get_last_checkpoint`` never picks (the next save removes it). Hub pushes and ``save_total_limit`` pruning
+  happen after the rename.
+- **Non-finite stops.** Trainer would log a NaN / inf loss as the running average and let the optimizer apply NaN
+  gradients. We read every optimizer step's gradient norm before the update (all-reduced: every process stops
+  together) and raise `NonFiniteError` naming the step, so the bad step never touches the weights. The norm comes
+  from Trainer's private ``_get_grad_norm``: no public hook sees it before the update, and recomputing it would
+  read partitioned gradients under DeepSpeed. pyproject.toml pins the tested transformers range
+  (tests/unit/test_dependency_pins.py).
+- **No silent non-learning.** A step that had something to learn (``_step_has_learning_signal``) but an exactly
+  zero gradient, before any step had a non-zero one, raises `NoLearningError`: a run whose weights are cut off
   from its loss never "succeeds".
-- **Rollout engine faults** (vLLM engine death, out of memory, an unreachable server) surface as
-  `RolloutEngineError` naming the engine, what it was doing, the step and the last checkpoint to resume from.
-  Nothing is saved after the failure, so that checkpoint is intact.
-- Subclasses add their own files to a checkpoint through ``_save_extra_state(folder)``.
+- **Rollout engine faults** surface as `RolloutEngineError` naming the engine, the action, the step and the
+  checkpoint to resume from; nothing is saved after the failure.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ import shutil
 from contextlib import contextmanager
 
 import torch
-from transformers.trainer_callback import ExportableState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from hf_align.rollout.base import RolloutEngineError
@@ -46,6 +42,12 @@ def last_checkpoint_hint(output_dir: str) -> str:
     if last is None:
         return "No checkpoint was written yet. "
     return f"Last checkpoint: {last} (resume with --resume_from_checkpoint {last}). "
+
+
+def resume_hint(trainer) -> str:
+    """Where a failure happened and what to resume from, for error messages."""
+    step, last = trainer.state.global_step + 1, last_checkpoint_hint(trainer.args.output_dir)
+    return f"(before optimizer step {step}) {last}"
 
 
 @contextmanager
@@ -117,6 +119,7 @@ class SafeTrainingMixin:
 
     _step_losses: list[torch.Tensor] | None = None  # this optimizer step's micro-batch losses, on the device
     _has_learned = False  # some optimizer step of this process had a non-zero gradient
+    _staging_dir: str | None = None  # Trainer's run folder while a checkpoint is being written
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -131,20 +134,16 @@ class SafeTrainingMixin:
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
-        # Trainer's hook between gradient clipping and the optimizer step (private: pyproject pins the tested
-        # transformers range, and the NaN test of tests/integration/test_resume_after_kill.py fails if the hook is not called).
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm)
         losses, self._step_losses = self._step_losses, None
         bad = [x for x in torch.stack(losses).tolist() if not math.isfinite(x)] if losses else []
-        bad_loss = bad[0] if bad else None
-        if not math.isfinite(value) or bad_loss is not None:
-            step = self.state.global_step + 1
+        step, hint = self.state.global_step + 1, last_checkpoint_hint(self.args.output_dir)
+        if not math.isfinite(value) or bad:
             raise NonFiniteError(
                 f"optimizer step {step}: non-finite "
-                + (f"loss ({bad_loss}) and " if bad_loss is not None else "")
-                + f"gradient norm ({value}); training stopped before this update. "
-                + last_checkpoint_hint(self.args.output_dir)
+                + (f"loss ({bad[0]}) and " if bad else "")
+                + f"gradient norm ({value}); training stopped before this update. {hint}"
                 + "Lower the learning rate, check the data / rewards of this step, or use bf16 instead of fp16."
             )
         signal = self._step_has_learning_signal()  # called every step: it also resets GRPO's per-step flag
@@ -153,11 +152,10 @@ class SafeTrainingMixin:
         self._has_learned = self._has_learned or value > 0.0
         if value == 0.0 and signal and not self._has_learned:
             raise NoLearningError(
-                f"optimizer step {self.state.global_step + 1}: the gradient norm is exactly 0 although this step "
-                "had something to learn (trainable tokens, or non-zero advantages), and no step of this run has "
-                "had a non-zero gradient yet; nothing would be learned. "
-                "Likely causes: weights sharded by the engine and read as empty, every parameter frozen, or a "
-                "loss detached from the model. " + last_checkpoint_hint(self.args.output_dir)
+                f"optimizer step {step}: the gradient norm is exactly 0 although this step had something to "
+                "learn (trainable tokens, or non-zero advantages), and no step of this run has had a non-zero "
+                "gradient yet; nothing would be learned. Likely causes: weights sharded by the engine and read "
+                f"as empty, every parameter frozen, or a loss detached from the model. {hint}"
             )
         return grad_norm
 
@@ -165,59 +163,58 @@ class SafeTrainingMixin:
         """Hook: whether this optimizer step's loss should give a non-zero gradient (GRPO: some advantage != 0)."""
         return True
 
-    # ------------------------------------------------------------------ atomic checkpoints
+    # ------------------------------------------------------------------ checkpoints: atomic save, exact resume
 
     def _save_extra_state(self, folder: str) -> None:
         """Hook: write trainer-specific state into the checkpoint folder (every process calls it)."""
 
+    def _load_extra_state(self, folder: str) -> None:
+        """Hook: read back what ``_save_extra_state`` wrote, before training resumes from ``folder``."""
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        out = self.args.output_dir
+        if resume_from_checkpoint is True and os.path.isdir(out):  # Trainer's reading, needed here first
+            resume_from_checkpoint = get_last_checkpoint(out) or True  # none: Trainer raises its own error
+        if resume_from_checkpoint and resume_from_checkpoint is not True:
+            self._load_extra_state(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint (model, optimizer, scheduler, scaler, RNG, trainer state), written to a staging
-        folder and renamed into place once complete."""
-        args, state = self.args, self.state
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, PARTIAL_PREFIX + name)
+        """Trainer's checkpoint, written into a staging folder and renamed into place once complete."""
+        args, run_dir = self.args, self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staged = os.path.join(run_dir, name), os.path.join(run_dir, PARTIAL_PREFIX + name, name)
         if args.should_save:
             for leftover in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
                 if leftover.startswith(PARTIAL_PREFIX):  # from a process killed mid-save
                     shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        self.save_model(staging, _internal_call=True)
-        if not args.save_only_model:
-            self._save_optimizer_and_scheduler(staging)
-            self._save_scaler(staging)
-            self._save_rng_state(staging)
-        # with save_only_model, a process other than the saving one may not have written anything yet
-        os.makedirs(staging, exist_ok=True)
-        self._save_extra_state(staging)
-        if args.should_save:
-            for cb in self.callback_handler.callbacks + [self.control]:
-                if isinstance(cb, ExportableState):
-                    name_cb = type(cb).__name__
-                    if isinstance(state.stateful_callbacks.get(name_cb), list):
-                        state.stateful_callbacks[name_cb].append(cb.state())
-                    else:
-                        state.stateful_callbacks[name_cb] = cb.state()
-            state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        push, args.push_to_hub = args.push_to_hub, False  # pushed below, from the renamed folder
+        self._staging_dir = os.path.dirname(staged)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir, args.push_to_hub = None, push
+        os.makedirs(staged, exist_ok=True)  # with save_only_model, this process may have written nothing
+        self._save_extra_state(staged)
+        if self.state.best_model_checkpoint == staged:  # Trainer found it the best: record its final path
+            self.state.best_model_checkpoint = final
+            if args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its files
         if args.should_save:
             if os.path.exists(final):  # the same step saved twice (e.g. a final save): replace it
                 shutil.rmtree(final)
-            os.replace(staging, final)
+            os.replace(staged, final)
+            os.rmdir(os.path.dirname(staged))
             logger.info("checkpoint written: %s", final)
         self.accelerator.wait_for_everyone()
-        if state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
-            if os.path.exists(best):
-                state.best_model_checkpoint = best
-        if args.push_to_hub:
+        if push:
             self._push_from_checkpoint(final)
         if args.should_save:
             rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=args.save_total_limit,
-                best_model_checkpoint=state.best_model_checkpoint,
-                use_mtime=True,
+                run_dir, args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )

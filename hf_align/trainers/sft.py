@@ -1,7 +1,7 @@
 """SFTTrainer: supervised fine-tuning on TRL's SFT dataset formats, on top of `transformers.Trainer`.
 
 Choices:
-- The constructor is TRL 1.16's (``model`` loaded or a name, ``args`` optional, tokenizer from the model); rows in
+- The constructor is TRL 1.16's (``hf_align.trainers.base.DatasetTrainer``); rows in
   any TRL SFT format are prepared by ``hf_align.formats.prepare_sft_dataset`` (tokenization, loss masks,
   truncation, best-fit-decreasing packing) and batched by ``formats.SFTCollator``.
 - The model runs on the whole row and position t predicts ``labels[t + 1]``; per-token log-probs come from
@@ -21,55 +21,17 @@ Choices:
 from __future__ import annotations
 
 import torch
-from transformers import Trainer
 
 from hf_align.config import SFTConfig
 from hf_align.data import IGNORE_INDEX
 from hf_align.formats import SFTCollator, column_names, is_conversational, prepare_sft_dataset
 from hf_align.logprobs import get_response_log_probs
 from hf_align.losses.sft import sft_loss
-from hf_align.trainers.base import MetricsMixin, prepare_datasets, prepare_trainer_inputs
-from hf_align.trainers.metrics import global_sum
-from hf_align.trainers.safety import SafeTrainingMixin
+from hf_align.trainers.base import DatasetTrainer, global_sum
 
 
-def _dataset_preparer(args: SFTConfig, tokenizer, train_dataset, formatting_func):
-    """``prepare(dataset, name)`` for train and eval sets: ``formatting_func`` (its text replaces the row, as TRL's
-    text column), then ``hf_align.formats.prepare_sft_dataset`` unless ``skip_prepare_dataset``."""
-    first = next(iter(train_dataset)) if train_dataset is not None else {}
-    if args.assistant_only_loss and not is_conversational(first) and "input_ids" not in first:
-        raise ValueError(
-            "assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)"
-        )
-    completion_only = args.completion_only_loss
-    if completion_only is None:  # TRL: on for prompt-completion data
-        completion_only = "prompt" in first and "completion" in first
-    if formatting_func is not None and completion_only:
-        raise ValueError(
-            "formatting_func makes text rows, so completion_only_loss cannot apply: set it to False"
-        )
-    skip = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
-
-    def prepare(dataset, name):
-        if formatting_func is not None:
-            to_text = lambda row: {args.dataset_text_field: formatting_func(row)}  # noqa: E731
-            if isinstance(dataset, list | tuple):
-                dataset = [to_text(row) for row in dataset]
-            else:
-                dataset = dataset.map(to_text, remove_columns=column_names(dataset))
-        if skip:
-            return dataset
-        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
-        return prepare_sft_dataset(
-            dataset, tokenizer, args, packing=packing, completion_only_loss=completion_only, name=name
-        )
-
-    return prepare
-
-
-class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
-    # compute_loss already normalizes by the optimizer step's token count: Trainer must not divide again.
-    loss_is_scaled_for_ga = True
+class SFTTrainer(DatasetTrainer):
+    config_class, suffix = SFTConfig, "SFT"
 
     def __init__(
         self,
@@ -93,36 +55,45 @@ class SFTTrainer(MetricsMixin, SafeTrainingMixin, Trainer):
             raise ValueError(
                 "compute_loss_func is not supported: subclass SFTTrainer and override compute_loss"
             )
-        model, args, processing_class = prepare_trainer_inputs(
-            model,
-            args,
-            processing_class,
-            peft_config,
-            SFTConfig,
-            "SFT",
-            quantization_config=quantization_config,
-        )
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        prepare = _dataset_preparer(args, tokenizer, train_dataset, formatting_func)
-        train_dataset, eval_dataset = prepare_datasets(train_dataset, eval_dataset, args, prepare)
-        if data_collator is None:
-            data_collator = SFTCollator(
-                tokenizer.pad_token_id, args.padding_free or args.packing, args.pad_to_multiple_of
-            )
+        self.formatting_func = formatting_func
+        # the train set's format decides completion_only_loss for every set (TRL: on for prompt-completion rows)
+        self._first_row = next(iter(train_dataset)) if train_dataset is not None else {}
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+            callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
+            peft_config,
+        )  # fmt: skip
+
+    def prepare_dataset(self, dataset, name, args, tokenizer):
+        """``formatting_func`` (its text replaces the row, as TRL's text column), then
+        ``hf_align.formats.prepare_sft_dataset`` unless ``dataset_kwargs["skip_prepare_dataset"]``."""
+        first, formatting_func = self._first_row, self.formatting_func
+        if args.assistant_only_loss and not is_conversational(first) and "input_ids" not in first:
+            raise ValueError(
+                "assistant_only_loss=True needs conversational rows (messages or prompt/completion lists)"
+            )
+        completion_only = args.completion_only_loss
+        if completion_only is None:
+            completion_only = "prompt" in first and "completion" in first
+        if formatting_func is not None and completion_only:
+            raise ValueError(
+                "formatting_func makes text rows, so completion_only_loss cannot apply: set it to False"
+            )
+        if formatting_func is not None:
+            to_text = lambda row: {args.dataset_text_field: formatting_func(row)}  # noqa: E731
+            if isinstance(dataset, list | tuple):
+                dataset = [to_text(row) for row in dataset]
+            else:
+                dataset = dataset.map(to_text, remove_columns=column_names(dataset))
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+            return dataset
+        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+        return prepare_sft_dataset(
+            dataset, tokenizer, args, packing=packing, completion_only_loss=completion_only, name=name
         )
-        self._init_metrics()
+
+    def default_collator(self, args, tokenizer):
+        return SFTCollator(tokenizer.pad_token_id, args.padding_free or args.packing, args.pad_to_multiple_of)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Trained tokens (shifted labels != -100) in this optimizer step, over all processes."""

@@ -129,7 +129,7 @@ def test_sigkill_during_save_leaves_last_complete_checkpoint(tmp_path, uninterru
     killed = _drive("sft", out, "--kill_during_save_at_step", "4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     _assert_steps_equal(_steps(out, "fresh"), _steps(reference, "fresh"), [1, 2, 3, 4])  # died in the save
-    partial = out / ".partial-checkpoint-4"
+    partial = out / ".partial-checkpoint-4" / "checkpoint-4"  # Trainer's own save, its run folder redirected
     assert (partial / "rng_state.pth").is_file() and not (partial / "trainer_state.json").exists()
     assert _checkpoints(out) == [".partial-checkpoint-4", "checkpoint-2"]
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
