@@ -1,14 +1,11 @@
 """Expert iteration: sample from the current policy, keep what the rewards call right, fine-tune on it, repeat.
 
-Iteration i takes the next ``questions_per_iteration`` rows of an endless sequence of seeded permutations of the
-train rows, samples ``num_generations`` completions per prompt from the CURRENT weights (the engine is synced
-first) and scores them with GRPO's reward functions (``RewardRunner``: built-in graders such as ``"r1_zero"``,
-``"module:function"``, TRL-protocol callables, reward models). Completions with reward ``>= keep_threshold`` (1.0:
-a right answer for the built-in graders) are kept, each its own prompt-completion row, and ``SFTTrainer`` fine-tunes
-the same model on them in ``{output_dir}/iter_{i}``. An iteration that keeps nothing is logged and not fine-tuned; a
-run in which none fine-tuned raises ``NoLearningError``. Accuracy is the fraction of completions the rule keeps.
-Not a ``transformers.Trainer``: each iteration is a whole SFTTrainer run (its own optimizer and schedule), so expert
-iteration has no training loop of its own; it keeps GRPOTrainer's constructor, ``train``, ``evaluate`` and ``close``.
+Iteration i takes the next ``questions_per_iteration`` rows of endless seeded permutations of the train rows,
+samples ``num_generations`` completions per prompt from the CURRENT weights and scores them with GRPO's reward
+functions (``RewardRunner``: built-in graders such as ``"r1_zero"``, ``"module:function"``, TRL-protocol callables).
+Completions with reward ``>= keep_threshold`` (1.0: a right answer for the graders) become prompt-completion rows
+on which ``SFTTrainer`` fine-tunes the same model (fresh optimizer and schedule). An iteration that keeps nothing
+is not fine-tuned; a run in which none was raises ``NoLearningError``.
 """
 
 from __future__ import annotations
@@ -86,13 +83,17 @@ def _kept_entropy(trainer: SFTTrainer) -> float:
         labels_BT = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
         mask_BT = labels_BT != IGNORE_INDEX
         ids = batch.pop("input_ids")
-        out = get_response_log_probs(model, ids, labels_BT, True, logprob_mask=mask_BT, **batch)
+        out = get_response_log_probs(
+            model, ids, labels_BT, return_token_entropy=True, logprob_mask=mask_BT, **batch
+        )
         total, count = total + float((out["token_entropy"] * mask_BT).sum()), count + int(mask_BT.sum())
     return total / max(count, 1)
 
 
 class ExpertIterationTrainer:
-    """Rows hold a string ``prompt`` (templated) and what the reward functions read (``answer`` for graders)."""
+    """GRPOTrainer's constructor, ``train``, ``evaluate`` and ``close``, but not a ``transformers.Trainer``: each
+    iteration is a whole SFTTrainer run, so expert iteration has no training loop of its own. Rows hold a string
+    ``prompt`` (templated) and the columns the reward functions read (``answer`` for the built-in graders)."""
 
     def __init__(self, model, reward_funcs, args, train_dataset, eval_dataset=None, processing_class=None):
         self.rows, self.eval_rows = list(train_dataset), list(eval_dataset or [])
@@ -101,55 +102,55 @@ class ExpertIterationTrainer:
         if not self.rows or not all(isinstance(r.get("prompt"), str) for r in self.rows + self.eval_rows):
             raise ValueError("expert iteration needs rows with a string 'prompt' (not conversational ones)")
         self.model, self.args = model.to(args.device), args
-        self.processing_class = load_processing_class(model, processing_class, args)
+        self.tokenizer = load_processing_class(model, processing_class, args)
         self.rewards = RewardRunner(reward_funcs, None, args.reward_weights, args, args.device)
-        kwargs = {"batch_size": args.hf_generate_batch_size}
-        if args.use_vllm:
-            kwargs = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization, "seed": args.seed}
-        self.engine = make_engine(
-            "vllm" if args.use_vllm else "hf", self.model, self.processing_class, **kwargs
-        )
+        hf = {"batch_size": args.hf_generate_batch_size}
+        vllm = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization, "seed": args.seed}
+        kind, kwargs = ("vllm", vllm) if args.use_vllm else ("hf", hf)
+        self.engine = make_engine(kind, self.model, self.tokenizer, **kwargs)
 
     def close(self) -> None:
-        """Stop the grader workers (they restart when needed) and a vLLM engine (for good)."""
+        """Stop the grader workers and the rollout engine (for good: a vLLM engine frees its GPU memory)."""
         self.rewards.close()
-        if self.args.use_vllm:
-            self.engine.close()
+        self.engine.close()
 
     def _sample_and_score(self, rows: list[dict], n: int, temperature: float, seed: int):
-        """``[(row index, rollout)]`` from the current weights, and their summed rewards (NaN: none scored it)."""
+        """``[(row index, rollout)]`` sampled from the current weights, which ones the keep rule keeps, and their
+        mean reward, accuracy and format rate as GRPO logs them (the first built-in grader's answer and format
+        rewards; without a grader, accuracy is the fraction kept)."""
         a = self.args
         self.engine.sync_weights(self.model)
-        sampling = SamplingConfig(
-            n, a.max_completion_length, temperature, a.top_p, stop=a.stop_strings, seed=seed
-        )
+        length, stop = a.max_completion_length, a.stop_strings
+        sampling = SamplingConfig(n, length, temperature, a.top_p, stop=stop, seed=seed)
         groups = self.engine.generate([row["prompt"] for row in rows], sampling)
         flat = [(q, rollout) for q, group in enumerate(groups) for rollout in group]
         columns = {k: [rows[q][k] for q, _ in flat] for k in rows[0] if k != "prompt"}  # as GRPO: answer, ...
         prompts, texts, ids = zip(*((rows[q]["prompt"], r.text, r.completion_ids) for q, r in flat))
         rewards_NF, failures = self.rewards(list(prompts), list(texts), list(ids), columns, None)
         check_some_reward(rewards_NF, failures, "")
-        return flat, total_rewards(rewards_NF, self.rewards.weights)
+        rewards = total_rewards(rewards_NF, self.rewards.weights)
+        keep = keep_mask(rewards, a.keep_threshold)
+        metrics = {"accuracy": _mean(keep), "mean_reward": _mean(rewards)}
+        for grader in self.rewards.graders()[:1]:
+            details = grader.last_details
+            metrics["accuracy"] = _mean(d.get("answer_reward", 0.0) for d in details)
+            metrics["format_rate"] = _mean(d.get("format_reward", 0.0) for d in details)
+        return flat, keep, metrics
 
     def evaluate(self) -> dict[str, float]:
-        """One completion per eval row at ``eval_temperature``: accuracy, mean reward, format rate (graders)."""
-        _, rewards = self._sample_and_score(self.eval_rows, 1, self.args.eval_temperature, self.args.seed)
-        metrics = {"eval_accuracy": _mean(keep_mask(rewards, self.args.keep_threshold))}
-        metrics["eval_mean_reward"] = _mean(rewards)
-        for grader in self.rewards.graders()[:1]:
-            metrics["eval_format_rate"] = _mean(d.get("format_reward", 0.0) for d in grader.last_details)
-        return metrics
+        """One completion per eval row at ``eval_temperature``: ``eval_accuracy``, ``eval_mean_reward``, ..."""
+        _, _, metrics = self._sample_and_score(self.eval_rows, 1, self.args.eval_temperature, self.args.seed)
+        return {f"eval_{k}": v for k, v in metrics.items()}
 
     def _iteration(self, i: int, questions: list[dict]) -> dict:
         """Sample -> score -> keep -> fine-tune; returns the iteration's log record."""
         a, out = self.args, Path(self.args.output_dir) / f"iter_{i}"
-        flat, rewards = self._sample_and_score(questions, a.num_generations, a.temperature, a.seed + i)
-        keep = keep_mask(rewards, a.keep_threshold)
+        flat, keep, metrics = self._sample_and_score(questions, a.num_generations, a.temperature, a.seed + i)
         kept = [(q, r) for (q, r), k in zip(flat, keep) if k]
         rows = [{"prompt": questions[q]["prompt"], "completion": r.text} for q, r in kept]
         record = {
             "iteration": i, "questions": len(questions), "samples": len(flat),
-            "train_accuracy": _mean(keep), "train_mean_reward": _mean(rewards),
+            **{f"train_{k}": v for k, v in metrics.items()},
             "kept": len(kept), "questions_with_kept": len({q for q, _ in kept}),
             "mean_response_tokens": _mean([len(r.completion_ids) for _, r in flat]),
             "kept_mean_response_tokens": _mean([len(r.completion_ids) for _, r in kept]),
@@ -159,10 +160,10 @@ class ExpertIterationTrainer:
         (out / "kept.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         sft_args = copy.deepcopy(a)
         sft_args.output_dir = str(out)
-        trainer = rows and SFTTrainer(
-            self.model, sft_args, train_dataset=rows, processing_class=self.processing_class
-        )
-        if trainer and len(trainer.train_dataset):  # empty: no kept token within max_length
+        trainer = None
+        if rows:
+            trainer = SFTTrainer(self.model, sft_args, train_dataset=rows, processing_class=self.tokenizer)
+        if trainer is not None and len(trainer.train_dataset):  # empty: no kept token within max_length
             record["kept_entropy"] = _kept_entropy(trainer)  # under the weights that sampled them
             record.update(sft_loss=trainer.train().training_loss, fine_tuned=True)
         else:

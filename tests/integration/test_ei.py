@@ -166,4 +166,5 @@ def test_recipe_r1_zero_default_refuses_a_run_that_learns_nothing(tmp_path):
     with pytest.raises(NoLearningError):
         main(_recipe_args(tmp_path))
     (record,) = read_log(tmp_path / "out")
-    assert record["kept"] == 0 and record["eval_accuracy"] == 0.0 and record["eval_format_rate"] == 0.0
+    assert record["kept"] == 0 and record["train_format_rate"] == 0.0
+    assert record["eval_accuracy"] == 0.0 and record["eval_format_rate"] == 0.0
