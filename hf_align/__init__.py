@@ -25,13 +25,22 @@ __version__ = "0.1.0"
 
 _LAZY = {
     **dict.fromkeys(
-        ("SFTConfig", "DPOConfig", "GRPOConfig", "RewardConfig", "ModelArguments", "ScriptArguments"),
+        (
+            "SFTConfig",
+            "DPOConfig",
+            "GRPOConfig",
+            "RewardConfig",
+            "ExpertIterationConfig",
+            "ModelArguments",
+            "ScriptArguments",
+        ),
         "hf_align.config",
     ),
     "SFTTrainer": "hf_align.trainers.sft",
     "GRPOTrainer": "hf_align.trainers.grpo",
     "DPOTrainer": "hf_align.trainers.dpo",
     "RewardTrainer": "hf_align.trainers.reward_model",
+    "ExpertIterationTrainer": "hf_align.trainers.ei",
     "GraderReward": "hf_align.rewards.functions",
     "per_instance_dpo_loss": "hf_align.dpo_instance",
     "load_model_and_tokenizer": "hf_align.modeling",

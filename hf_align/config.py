@@ -179,6 +179,40 @@ class SFTConfig(_DatasetConfig):
 
 
 @dataclass
+class ExpertIterationConfig(SFTConfig):
+    """Expert iteration: SFTConfig (each iteration's fine-tuning) plus sampling (GRPOConfig's names) and a keep rule."""
+
+    _RANGES = {
+        **SFTConfig._RANGES,
+        **dict.fromkeys(
+            ("n_iterations", "questions_per_iteration", "num_generations", "max_completion_length"),
+            (lambda v: v >= 1, ">= 1"),
+        ),
+        "temperature": NON_NEGATIVE,
+        "eval_temperature": NON_NEGATIVE,
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "reward_timeout_s": POSITIVE,
+    }
+
+    n_iterations: int = arg(5, "Iterations (sample, keep, fine-tune).")
+    questions_per_iteration: int = arg(512, "Prompts sampled per iteration.")
+    num_generations: int = arg(8, "Completions sampled per prompt.")
+    max_completion_length: int = arg(1024, "Maximum new tokens per completion.")
+    temperature: float = arg(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = arg(1.0, "Nucleus sampling threshold.")
+    stop_strings: list[str] = arg(["</answer>"], "Generation also stops after any of these strings (kept).")
+    keep_threshold: float = arg(1.0, "Keep completions with reward >= this.")
+    reward_weights: list[float] | None = arg(None, "One weight per reward function (default: all 1).")
+    reward_timeout_s: float = arg(600.0, "Time limit of one reward function call.")
+    grader_timeout_s: float = arg(5.0, "Per-completion time limit of the built-in graders.")
+    grader_num_workers: int = arg(2, "Built-in grader worker processes (0: in-process).")
+    use_vllm: bool = arg(False, "Sample with a colocated vLLM engine (else model.generate).")
+    vllm_gpu_memory_utilization: float = arg(0.3, "Fraction of GPU memory the vLLM engine may take.")
+    hf_generate_batch_size: int = arg(64, "Sequences per model.generate call.")
+    eval_temperature: float = arg(0.0, "Sampling temperature for evaluation.")
+
+
+@dataclass
 class DPOConfig(_ReferenceFields, _DatasetConfig):
     """Direct preference optimisation (sigmoid, robust, hinge, IPO, BCO-pair, plus an SFT term)."""
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 
 from hf_align.cli import parse_args
-from hf_align.config import ModelArguments, ScriptArguments
+from hf_align.config import ExpertIterationConfig, ModelArguments, ScriptArguments
 from hf_align.data import format_prompt, load_dataset_rows, load_prompt_template
 from hf_align.modeling import load_from_args
-from hf_align.trainers.ei import ExpertIterationConfig, ExpertIterationTrainer
+from hf_align.trainers.ei import ExpertIterationTrainer
 
 
 @dataclass

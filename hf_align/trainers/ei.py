@@ -13,12 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from hf_align.config import SFTConfig
+from hf_align.config import ExpertIterationConfig
 from hf_align.data import IGNORE_INDEX
 from hf_align.logprobs import get_response_log_probs
 from hf_align.rollout import SamplingConfig, make_engine
@@ -29,39 +28,6 @@ from hf_align.trainers.safety import NoLearningError
 from hf_align.trainers.sft import SFTTrainer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ExpertIterationConfig(SFTConfig):
-    """SFTConfig (each iteration's fine-tuning) plus sampling and keep rule; sampling fields are GRPOConfig's."""
-
-    n_iterations: int = field(default=5, metadata={"help": "Iterations (sample, keep, fine-tune)."})
-    questions_per_iteration: int = field(default=512, metadata={"help": "Prompts sampled per iteration."})
-    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt."})
-    max_completion_length: int = field(default=1024, metadata={"help": "Maximum new tokens per completion."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    stop_strings: list[str] = field(default_factory=lambda: ["</answer>"], metadata={"help": "Stop strings."})
-    keep_threshold: float = field(default=1.0, metadata={"help": "Keep completions with reward >= this."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the rewards."})
-    reward_timeout_s: float = field(default=600.0, metadata={"help": "Time limit of one reward call."})
-    grader_timeout_s: float = field(default=5.0, metadata={"help": "Time limit per completion of a grader."})
-    grader_num_workers: int = field(default=2, metadata={"help": "Built-in grader processes (0: inline)."})
-    use_vllm: bool = field(default=False, metadata={"help": "Sample with a colocated vLLM engine."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share of vLLM."})
-    hf_generate_batch_size: int = field(default=64, metadata={"help": "Sequences per model.generate call."})
-    eval_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature for evaluation."})
-
-    def __post_init__(self):
-        for name in ("n_iterations", "questions_per_iteration", "num_generations", "max_completion_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.temperature, self.eval_temperature) < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
-                f"temperature and eval_temperature must be >= 0 (0: greedy) and top_p in (0, 1], got "
-                f"{self.temperature}, {self.eval_temperature} and {self.top_p}"
-            )
-        super().__post_init__()
 
 
 def keep_mask(rewards: list[float], keep_threshold: float) -> list[bool]:
@@ -95,7 +61,15 @@ class ExpertIterationTrainer:
     iteration is a whole SFTTrainer run, so expert iteration has no training loop of its own. Rows hold a string
     ``prompt`` (templated) and the columns the reward functions read (``answer`` for the built-in graders)."""
 
-    def __init__(self, model, reward_funcs, args, train_dataset, eval_dataset=None, processing_class=None):
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: ExpertIterationConfig,
+        train_dataset,
+        eval_dataset=None,
+        processing_class=None,
+    ):
         self.rows, self.eval_rows = list(train_dataset), list(eval_dataset or [])
         if args.world_size > 1:  # every process would sample and train on the same rows
             raise ValueError("expert iteration runs in one process: launch it with --num_processes 1")

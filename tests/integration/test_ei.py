@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_align.cli import parse_args
-from hf_align.config import ModelArguments
-from hf_align.trainers.ei import ExpertIterationConfig, ExpertIterationTrainer, keep_mask
+from hf_align.config import ExpertIterationConfig, ModelArguments
+from hf_align.trainers.ei import ExpertIterationTrainer, keep_mask
 from hf_align.trainers.safety import NoLearningError
 from recipes.ei import EIScriptArguments, main
 from tests.conftest import build_model, build_tokenizer
