@@ -11,7 +11,7 @@ group, a DPO pair) through the decoder once and continues each row on its key/va
 attention; where that is not known to be exact (gradient checkpointing, sharded or engine-wrapped models, other
 attention kernels or caches) one pass runs. Entropy comes detached from the same logits chunk. Models without
 a separable decoder or ``logits_to_keep`` get full logits, still reduced by chunks. ``masked_mean`` of a fully
-masked slice is NaN (0/0, the seed's contract); losses use ``masked_mean_or_zero``: an empty completion must
+masked slice is NaN (0/0, the course assignment's contract); losses use ``masked_mean_or_zero``: an empty completion must
 never poison a loss.
 """
 
@@ -35,7 +35,7 @@ def masked_normalize(
 
 def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``tensor`` over entries where ``mask`` is true, along ``dim`` (all entries when None); a slice
-    with no true entry is 0/0 = NaN (the seed's contract)."""
+    with no true entry is 0/0 = NaN (the course assignment's contract)."""
     return masked_normalize(tensor, mask, dim=dim) / mask.to(tensor.dtype).sum(dim=dim)
 
 

@@ -82,7 +82,7 @@ def group_normalize_rewards(
     normalize_by: AdvantageScale | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages (B,): ``A_i = (r_i - mean_g) / ADVANTAGE_SCALES[normalize_by]`` over groups
-    of ``group_size`` consecutive rollouts; ``normalize_by=None`` keeps the seed's flag (``"std"`` if
+    of ``group_size`` consecutive rollouts; ``normalize_by=None`` keeps the course assignment's flag (``"std"`` if
     ``normalize_by_std`` else ``"none"``). Raises ValueError on a non-finite reward or a ragged last group."""
     scale = normalize_by if normalize_by is not None else ("std" if normalize_by_std else "none")
     if scale not in ADVANTAGE_SCALES:
@@ -243,7 +243,7 @@ def compute_policy_gradient_loss(
 def compute_naive_policy_gradient_loss(
     raw_rewards_or_advantages: torch.Tensor, policy_log_probs: torch.Tensor
 ) -> torch.Tensor:
-    """The seed's REINFORCE per-token loss ``-A_i * log pi(o_it)``, A (B, 1) or (B,) -> (B, T)."""
+    """The course assignment's REINFORCE per-token loss ``-A_i * log pi(o_it)``, A (B, 1) or (B,) -> (B, T)."""
     return compute_policy_gradient_loss(policy_log_probs, "no_baseline", raw_rewards_or_advantages)[0]
 
 
@@ -254,7 +254,7 @@ def compute_grpo_clip_loss(
     cliprange: float | None = None,
     **options,
 ) -> LossAndMetrics:
-    """The seed's clipped surrogate (B, T) and metadata; ``options`` as in ``compute_policy_gradient_loss``."""
+    """The course assignment's clipped surrogate (B, T) and metadata; ``options`` as in ``compute_policy_gradient_loss``."""
     return compute_policy_gradient_loss(
         policy_log_probs, "grpo_clip", None, advantages, old_log_probs, cliprange, **options
     )
@@ -385,7 +385,7 @@ def grpo_microbatch_train_step(
     old_log_probs: torch.Tensor | None = None,
     cliprange: float | None = None,
 ) -> LossAndMetrics:
-    """The seed's step: ``policy_loss`` (sequence mean) / ``gradient_accumulation_steps``, then ``backward()``."""
+    """The course assignment's step: ``policy_loss`` (sequence mean) / ``gradient_accumulation_steps``, then ``backward()``."""
     loss, metrics = policy_loss(
         policy_log_probs,
         response_mask,

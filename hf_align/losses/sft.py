@@ -2,7 +2,7 @@
 
 Normalizations, by name from ``SFT_NORMALIZATIONS``: ``token_mean`` divides by the number of response tokens
 of the whole optimizer step (all micro-batches and processes), so the gradient does not depend on how the step
-is split; ``sequence_sum`` is the seed's ``sft_microbatch_train_step``: every sequence counts the same however
+is split; ``sequence_sum`` is the course assignment's ``sft_microbatch_train_step``: every sequence counts the same however
 long its response is.
 """
 
@@ -69,7 +69,7 @@ def sft_microbatch_train_step(
     gradient_accumulation_steps: int,
     normalize_constant: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The seed's SFT micro-step: ``sequence_sum`` / ``gradient_accumulation_steps``, then ``backward()``
+    """The course assignment's SFT micro-step: ``sequence_sum`` / ``gradient_accumulation_steps``, then ``backward()``
     (gradients accumulate across calls)."""
     loss, metrics = sft_loss(
         policy_log_probs, response_mask, "sequence_sum", normalize_constant=normalize_constant

@@ -11,7 +11,7 @@ Choices:
   multiplies its loss by the number of processes because DDP averages gradients. Result: the gradient of a
   step is the same for 8x1, 4x2 or 1x8 micro-batch x accumulation splits and for 1 or 2 processes (with one
   process and no accumulation this is TRL's loss).
-- ``sequence_sum`` is the seed's per-sequence normalization, exact under any split when micro-batches have
+- ``sequence_sum`` is the course assignment's per-sequence normalization, exact under any split when micro-batches have
   equal sizes.
 - With packing or ``padding_free`` a batch is one flattened row whose positions restart per sample (plus the
   flash-attention boundaries); transformers turns that into a block-diagonal mask, so samples never attend to
