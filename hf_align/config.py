@@ -288,6 +288,7 @@ class GRPOConfig(_ReferenceFields, _Config):
         "repetition_penalty": (lambda v: v > 0, "> 0 (1: off)"),
         "reward_timeout_s": POSITIVE,
         "scale_rewards": (lambda v: v in ("group", "batch", "none"), "'group', 'batch', 'none' (or a bool)"),
+        "max_staleness": NON_NEGATIVE,
     }
     _CHOICES = {"loss_type": sorted(GRPO_LOSS_TYPES)}
 
@@ -313,6 +314,8 @@ class GRPOConfig(_ReferenceFields, _Config):
     vllm_server_port: int = arg(8000, "vLLM server port (without base URL).")
     vllm_gpu_memory_utilization: float = arg(0.3, "Fraction of GPU memory a colocated vLLM engine may take.")
     vllm_enable_sleep_mode: bool = arg(False, "Colocated vLLM sleeps during training (GPU only).")
+    async_rollouts: bool = arg(False, "Generate (and score) the next batches on a thread while training.")
+    max_staleness: int = arg(1, "async_rollouts: batches sampled ahead, from weights this many batches old.")
     log_completions: bool = arg(False, "Log a few (prompt, completion, reward) rows.")
     num_completions_to_print: int | None = arg(None, "How many (None: 4).")
     # --- loss (TRL)
@@ -358,6 +361,13 @@ class GRPOConfig(_ReferenceFields, _Config):
             )
         if self.importance_sampling_level == "sequence" and not ratio:
             raise ValueError("importance_sampling_level='sequence' (GSPO) needs policy_loss grpo_(no_)clip")
+        if self.async_rollouts and (self.rollout_engine == "vllm" or self.world_size > 1):
+            raise ValueError(
+                "async_rollouts needs a rollout engine apart from training (use_vllm: false, or vllm_mode: server) "
+                f"and one process (got engine {self.rollout_engine!r}, {self.world_size} processes): a colocated "
+                "vLLM shares the training device, and several processes would need their collectives ordered "
+                "across threads; set async_rollouts: false"
+            )
 
     def _resolve_generation_batch(self) -> None:
         """generation_batch_size and steps_per_generation from each other (as TRL); they must split evenly."""

@@ -19,10 +19,17 @@ Choices:
   else a frozen copy (or ``ref_model``).
 - The rollout buffer lives on the device (no host-device copy per micro-batch) and is checkpointed with the
   prompt cursor: a resume is exact.
+- ``async_rollouts``: batch j + ``max_staleness`` is queued (``RolloutQueue``: one thread generates and scores,
+  in order) when training on batch j starts, from the weights of that moment, so generation overlaps training and
+  every batch's staleness is fixed by the schedule, not by timing (``sample/staleness_mean``, in optimizer steps).
+  The weights go to the engine at once when it is idle, else as a copy pushed by the thread before that batch.
+  Rollouts keep the log-probs of the weights that sampled them; old log-probs stay the trainer's (the ratio's
+  denominator, as above). Queued batches are checkpointed (finished first): their weights no longer exist.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -111,6 +118,9 @@ class GRPOTrainer(AlignTrainer):
         self.ref_model = self._reference_policy(ref_model)
         self._engine, self._synced_step = rollout_engine, -1
         self._buffer: list[dict[str, torch.Tensor]] = []
+        self._queue = R.RolloutQueue()  # async_rollouts: batches generated ahead
+        if args.async_rollouts and args.rollout_engine == "hf" and rollout_engine is None:
+            self._refuse_dropout(self.model)
         self._signal = False  # this optimizer step has something to learn (see _step_has_learning_signal)
         self._rollout_s = 0.0  # seconds spent making generation batches (kept out of time/training_s)
 
@@ -137,13 +147,17 @@ class GRPOTrainer(AlignTrainer):
             start = time.perf_counter()
             self._make_rollout_batch()
             self._rollout_s += time.perf_counter() - start
-        return self._buffer.pop(0)
+        batch = self._buffer.pop(0)
+        self.record(
+            {"sample/staleness_mean": self.state.global_step - batch["policy_version"]}, training=True
+        )
+        return batch
 
     def _make_rollout_batch(self) -> None:
         a, acc = self.args, self.accelerator
         self.rewards.hint = resume_hint(self)
-        with self._engine_ready():
-            keep = self._sample_groups()
+        version, keep, metrics = self._next_groups()
+        self.record(metrics, training=True)
         batch_std = None
         if a.scale_rewards == "batch":  # TRL: the std of the whole generation batch, all processes
             batch_std = R.rewards_std(acc.gather(torch.tensor(keep.rewards, device=acc.device)).cpu())
@@ -154,13 +168,54 @@ class GRPOTrainer(AlignTrainer):
             keep, rewards_B, advantages_B, self.processing_class.pad_token_id,
             a.per_device_train_batch_size, a.gradient_accumulation_steps, a.mask_truncated_completions,
         )  # fmt: skip
+        for b in micro:
+            b["policy_version"] = torch.tensor(version)
         R.attach_global_counts(micro, acc, a.optimizer_batch_size)
         self._add_reference_logprobs(micro)
         self._buffer = [b for _ in range(a.num_iterations) for b in micro]
 
-    def _sample_groups(self) -> R.ScoredGroups:
-        """This process's share of the generation batch as whole scored groups; with ``dynamic_sampling``, more
-        generation rounds until enough groups have unequal rewards."""
+    def _next_groups(self) -> tuple[int, R.ScoredGroups, dict]:
+        """The next generation batch: (policy version, scored groups, metrics), sampled now or, with
+        ``async_rollouts``, taken from the queue after queueing the batches up to ``max_staleness`` ahead."""
+        a, queue = self.args, self._queue
+        if not a.async_rollouts:
+            with self._engine_ready():
+                return self.state.global_step, *self._sample_groups()
+        batches, j = (
+            math.ceil(a.max_steps / a.steps_per_rollout),
+            self.state.global_step // a.steps_per_rollout,
+        )
+        if not queue.pending:
+            self._queue_batch()
+        out = queue.pop()
+        while len(queue.pending) < a.max_staleness and j + 1 + len(queue.pending) < batches:
+            self._queue_batch()
+        return out
+
+    def _queue_batch(self) -> None:
+        """Queue a generation batch sampled from the current weights: pushed now if the engine is idle, else a copy
+        pushed by the queue's thread after the batches ahead of it (training changes the live weights meanwhile)."""
+        step, policy, push = self.state.global_step, self.accelerator.unwrap_model(self.model), None
+        if self._synced_step != step:
+            if self._queue.idle():
+                with self._faults("syncing weights"):
+                    self.engine.sync_weights(policy)
+            else:
+                push = copy.deepcopy(policy)
+            self._synced_step = step
+
+        def job():
+            if push is not None:
+                with self._faults("syncing weights"):
+                    self.engine.sync_weights(push)
+            return self._sample_groups()
+
+        self._queue.submit(step, job)
+
+    def _sample_groups(self) -> tuple[R.ScoredGroups, dict]:
+        """This process's share of the generation batch as whole scored groups, and its metrics (recorded by the
+        caller: this may run on the async thread); with ``dynamic_sampling``, more generation rounds until enough
+        groups have unequal rewards."""
         a, G, acc = self.args, self.args.num_generations, self.accelerator
         want = a.generation_batch_size // G // acc.num_processes
         keep, filler = R.ScoredGroups(), R.ScoredGroups()
@@ -181,21 +236,17 @@ class GRPOTrainer(AlignTrainer):
             grade_s += time.perf_counter() - start
             scored = R.scored_groups(groups, totals)
             if rounds == 1:  # TRL's metrics and logged completions: the first round's
-                metrics = R.rollout_metrics(rewards_NF, self.rewards.names, scored, G)
-                self.record({**metrics, **self.rewards.grader_metrics()}, training=True)
+                metrics = {**R.rollout_metrics(rewards_NF, self.rewards.names, scored, G),
+                           **self.rewards.grader_metrics()}  # fmt: skip
                 if a.log_completions and self.is_world_process_zero():
                     shown = a.num_completions_to_print or 4
                     for p, c, r in list(zip(inputs["prompts"], inputs["completions"], totals))[:shown]:
                         logger.info("reward %.3f\nprompt: %.300r\ncompletion: %.300r", r, p, c)
             R.select_groups(scored, G, keep, want, filler, a.dynamic_sampling)
         keep.extend(filler, 0, want * G - len(keep))  # dynamic sampling ran out of rounds
-        timing = {"time/generation_s": gen_s, "time/grading_s": grade_s}
-        self.record(
-            {**timing, "generation_tokens_per_s": tokens / max(gen_s, 1e-9), "dynamic_sampling_rounds": rounds,
-             "prompts_dropped_too_long": self.prompts.dropped},
-            training=True,
-        )  # fmt: skip
-        return keep
+        metrics |= {"time/generation_s": gen_s, "time/grading_s": grade_s, "dynamic_sampling_rounds": rounds,
+                    "generation_tokens_per_s": tokens / max(gen_s, 1e-9), "prompts_dropped_too_long": self.prompts.dropped}  # fmt: skip
+        return keep, metrics
 
     @torch.no_grad()
     def _add_reference_logprobs(self, micro: list[dict]) -> None:
@@ -293,7 +344,9 @@ class GRPOTrainer(AlignTrainer):
         if self._engine is None:
             a, kind, source = self.args, self.args.rollout_engine, self.accelerator.unwrap_model(self.model)
             kwargs = {"batch_size": a.hf_generate_batch_size}
-            if kind == "vllm":
+            if kind == "hf" and a.async_rollouts:  # the thread generates with its own copy of the weights
+                source = copy.deepcopy(source)
+            elif kind == "vllm":
                 kwargs = {"gpu_memory_utilization": a.vllm_gpu_memory_utilization, "seed": a.seed,
                           "enable_sleep_mode": a.vllm_enable_sleep_mode}  # fmt: skip
             elif kind != "hf":  # a server holds the model: weights are pushed before the first rollout
@@ -301,6 +354,19 @@ class GRPOTrainer(AlignTrainer):
             with self._faults("starting"):
                 self._engine = make_engine(kind, source, self.processing_class, **kwargs)
         return self._engine
+
+    @staticmethod
+    def _refuse_dropout(model) -> None:
+        # The HF engine's thread seeds torch's global RNG (hf.py): training must not draw from it meanwhile.
+        config = getattr(model, "config", None)
+        if getattr(config, "attention_dropout", 0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()
+        ):
+            raise ValueError(
+                "async_rollouts with the HF engine needs a model without dropout (the generating thread and "
+                "training share torch's random generator): set disable_dropout: true (and attention_dropout 0), "
+                "or use vllm_mode: server"
+            )
 
     @contextmanager
     def _engine_ready(self):
@@ -326,6 +392,7 @@ class GRPOTrainer(AlignTrainer):
 
     def close(self) -> None:
         """Stop grader workers and the rollout engine (a later call to train / evaluate restarts them)."""
+        self._queue.close()
         self.rewards.close()
         if self._engine is not None and self.args.rollout_engine != "hf":
             self._engine.close()
@@ -354,6 +421,7 @@ class GRPOTrainer(AlignTrainer):
         keys += ["accuracy", "format_rate"] if self.rewards.graders() else []
         summary: dict[str, float] = {}
         self.rewards.hint = resume_hint(self)
+        self._queue.state_dict()  # async: queued batches finished, so the engine is free
         if prompts:
             with self._engine_ready() as engine, self._faults("generating for evaluation"):
                 groups = engine.generate(texts, sampling)
@@ -369,7 +437,8 @@ class GRPOTrainer(AlignTrainer):
         return metrics
 
     def _save_extra_state(self, folder: str) -> None:
-        state = {**self.prompts.state_dict(), "buffer": self._buffer}
+        queued = self._queue.state_dict()  # first: the thread moves the prompt cursor
+        state = {**self.prompts.state_dict(), "buffer": self._buffer, "queued": queued}
         torch.save(state, Path(folder) / ROLLOUT_STATE.format(rank=self.accelerator.process_index))
 
     def _load_extra_state(self, folder: str) -> None:
@@ -379,6 +448,7 @@ class GRPOTrainer(AlignTrainer):
         state = torch.load(path, weights_only=False, map_location=self.accelerator.device)
         self.prompts.load_state_dict(state)
         self._buffer = state["buffer"]
+        self._queue.load_state_dict(state.get("queued", []))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         try:

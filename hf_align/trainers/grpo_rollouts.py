@@ -4,7 +4,8 @@ No model, engine or reward function in here (they stay in hf_align/trainers/grpo
 the order a step uses them: ``PromptStream.take`` and ``sampling_for`` (which prompts, how to sample);
 ``reward_inputs`` and ``total_rewards`` (TRL's reward-function arguments, the weighted sum: called by
 ``RewardRunner.score_groups``); ``scored_groups``, ``rollout_metrics`` and ``select_groups`` (dynamic sampling);
-``advantages_for``; ``build_micro_batches`` and ``attach_global_counts``. Choices:
+``advantages_for``; ``build_micro_batches`` and ``attach_global_counts``; ``RolloutQueue`` (async rollouts).
+Choices:
 - Prompts come from the dataset's ``prompt`` column: a string goes to the engine as is, a conversation (list of
   messages) is rendered with the tokenizer's chat template and its completions are message lists.
 - Rewards of several reward functions are summed with weights, skipping a function that gave no reward (None /
@@ -20,6 +21,8 @@ the order a step uses them: ``PromptStream.take`` and ``sampling_for`` (which pr
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -288,3 +291,45 @@ def attach_global_counts(micro: list[dict], accelerator, optimizer_batch_size: i
     for b in micro:
         b["num_tokens"] = tokens[b["step_index"]].float()
         b["num_sequences"] = torch.tensor(float(optimizer_batch_size), device=device)
+
+
+class RolloutQueue:
+    """Generation batches made ahead of training (``async_rollouts``) on one background thread, in the order they
+    were queued, each tagged with the policy version (optimizer step) whose weights sample it. One thread: the
+    engine runs one job at a time, so a weight push queued as part of a job never overlaps a generation."""
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[int, Future]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, version: int, job) -> None:
+        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="hf_align-rollouts")
+        self.pending.append((version, self._pool.submit(job)))
+
+    def idle(self) -> bool:
+        return all(f.done() for _, f in self.pending)
+
+    def pop(self) -> tuple:
+        """(version, *job result) of the oldest batch, waiting for it; a job's exception is raised here."""
+        version, future = self.pending.popleft()
+        return version, *future.result()
+
+    def state_dict(self) -> list[tuple]:
+        """The queued batches, finished first (a checkpoint holds them: their stale weights are gone)."""
+        return [(version, future.result()) for version, future in self.pending]
+
+    def load_state_dict(self, items: list[tuple]) -> None:
+        self.pending.clear()
+        for version, result in items:
+            future = Future()
+            future.set_result(result)
+            self.pending.append((version, future))
+
+    def close(self) -> None:
+        """Wait for the running job and drop the queue (a later ``submit`` starts a new thread)."""
+        for _, future in self.pending:
+            future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.pending.clear()
+        self._pool = None

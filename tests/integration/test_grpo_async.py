@@ -1,0 +1,142 @@
+"""Async rollouts (``async_rollouts``, ``max_staleness``): batches generated on a thread while training runs.
+
+Staleness 0 is the synchronous run exactly; staleness 1 learns, logs its staleness, samples each batch (and its
+log-probs) from the weights of one batch back, and resumes exactly from a checkpoint holding the queued batch. The
+vLLM server test runs in .venv-vllm (`.venv-vllm/bin/python -m pytest tests/integration/test_grpo_async.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_align.config import GRPOConfig
+from hf_align.trainers.grpo import GRPOTrainer
+from tests.conftest import build_model
+from tests.integration.test_grpo_trainer import ROWS, _config, _rewards, target_word_reward
+from tests.integration.test_vllm_cpu import _reference_logprobs, _served, vllm_test
+
+VOLATILE = ("time/", "generation_tokens_per_s", "train_runtime", "train_samples_per_second",
+            "train_steps_per_second", "total_flos")  # fmt: skip
+
+
+def _trainer(tmp_path, tokenizer, model=None, **kw) -> GRPOTrainer:
+    return GRPOTrainer(
+        model or build_model(tokenizer), args=_config(tmp_path, plot_curves=False, **kw), train_dataset=ROWS,
+        processing_class=tokenizer, reward_funcs=[target_word_reward],
+    )  # fmt: skip
+
+
+def _history(trainer) -> list[dict]:
+    return [{k: v for k, v in h.items() if not k.startswith(VOLATILE)} for h in trainer.state.log_history]
+
+
+def _staleness(trainer) -> dict[int, float]:
+    return {
+        h["step"]: h["sample/staleness_mean"]
+        for h in trainer.state.log_history
+        if "sample/staleness_mean" in h
+    }
+
+
+def test_staleness_zero_is_the_synchronous_run(tmp_path, tokenizer):
+    """Same rollouts (hence rewards), same losses, same weights: the thread changes nothing but where it runs."""
+    sync = _trainer(tmp_path / "sync", tokenizer, max_steps=3)
+    sync.train()
+    queued = _trainer(tmp_path / "async", tokenizer, max_steps=3, async_rollouts=True, max_staleness=0)
+    queued.train()
+    assert _history(queued) == _history(sync)
+    assert set(_staleness(queued).values()) == {0.0}
+    for (n, p), q in zip(sync.model.named_parameters(), queued.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_stale_batches_carry_the_sampling_weights_logprobs(tmp_path, tokenizer):
+    """With staleness 1, batches 0 and 1 come from the initial weights, batch 2 from those after step 1: each
+    rollout's log-probs are those of the weights that sampled it, and the log records the staleness."""
+    trainer = _trainer(tmp_path, tokenizer, max_steps=3, async_rollouts=True, max_staleness=1)
+    snapshots, calls = [copy.deepcopy(trainer.model)], []
+    generate = trainer.engine.generate
+
+    def recording(prompts, sampling):
+        calls.append(generate(prompts, sampling))
+        return calls[-1]
+
+    trainer.engine.generate = recording
+
+    class Snapshot(TrainerCallback):  # the weights after every optimizer step
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append(copy.deepcopy(model))
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    assert _staleness(trainer) == {1: 0.0, 2: 1.0, 3: 1.0}
+    for batch, version in ((0, 0), (1, 0), (2, 1)):
+        for rollout in calls[batch][0]:
+            want = _reference_logprobs(snapshots[version].eval(), rollout, 1.0)
+            torch.testing.assert_close(torch.tensor(rollout.logprobs), want, atol=1e-4, rtol=0)
+    moved = _reference_logprobs(snapshots[2].eval(), rollout, 1.0)
+    assert not torch.allclose(moved, _reference_logprobs(snapshots[1].eval(), rollout, 1.0))  # weights moved
+
+
+@pytest.mark.slow
+def test_staleness_one_learns(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=20, async_rollouts=True, max_staleness=1)
+    trainer.train()
+    rewards = _rewards(trainer)
+    assert len(rewards) == 20
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2, rewards
+    assert set(_staleness(trainer).values()) == {0.0, 1.0}
+
+
+def test_async_resume_is_exact(tmp_path, tokenizer):
+    """Checkpoint-2 holds batch 2, generated from the weights after step 1; the resumed run trains on it and
+    reproduces steps 3-4 of the uninterrupted one."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, async_rollouts=True, max_staleness=1)
+    full = _trainer(tmp_path / "a", tokenizer, **kw)
+    full.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    assert len(torch.load(checkpoint / "rollout_state_rank0.pt", weights_only=False)["queued"]) == 1
+    resumed = _trainer(tmp_path / "a", tokenizer, model=build_model(tokenizer, seed=123), **kw)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    got = {h["step"]: h for h in _history(resumed) if h["step"] > 2 and "loss" in h}
+    want = {h["step"]: h for h in _history(full) if "loss" in h}
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        for key in ("loss", "reward", "sample/staleness_mean"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_async_refuses_colocated_vllm_and_dropout(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="async_rollouts needs a rollout engine apart from training"):
+        GRPOConfig(output_dir=str(tmp_path), async_rollouts=True, use_vllm=True, vllm_mode="colocate")
+    with pytest.raises(ValueError, match="max_staleness"):
+        GRPOConfig(output_dir=str(tmp_path), max_staleness=-1)
+    with pytest.raises(ValueError, match="disable_dropout"):
+        _trainer(
+            tmp_path, tokenizer, model=build_model(tokenizer, attention_dropout=0.1), async_rollouts=True
+        )
+
+
+@vllm_test
+def test_async_with_a_vllm_server(tiny_model_dir, tmp_path, tokenizer):
+    """Staleness 1 against a real server: weight pushes and generations are ordered (each batch is sampled from the
+    weights it is tagged with) and the run equals a synchronous one whose batches are sampled one step late."""
+    from transformers import AutoModelForCausalLM
+
+    with _served(tiny_model_dir, tmp_path) as (_, url):
+        kw = dict(
+            max_steps=3, use_vllm=True, vllm_mode="server", vllm_server_base_url=url, learning_rate=1e-2
+        )
+        trainer = _trainer(tmp_path, tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           async_rollouts=True, max_staleness=1, **kw)  # fmt: skip
+        trainer.train()
+        rewards = _rewards(trainer)
+    assert len(rewards) == 3 and all(r == r for r in rewards)
+    assert _staleness(trainer) == {1: 0.0, 2: 1.0, 3: 1.0}
+    assert any(h.get("loss", 0) != 0 for h in trainer.state.log_history)
