@@ -119,8 +119,13 @@ class GRPOTrainer(AlignTrainer):
         self._engine, self._synced_step = rollout_engine, -1
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._queue = R.RolloutQueue()  # async_rollouts: batches generated ahead
-        if args.async_rollouts and args.rollout_engine == "hf" and rollout_engine is None:
-            self._refuse_dropout(self.model)
+        if args.async_rollouts:
+            logger.warning(
+                "async_rollouts: reward functions run on the rollout thread, where reward_timeout_s cannot "
+                "interrupt them (built-in graders keep their per-item limit), and see trainer_state as it is then"
+            )
+            if args.rollout_engine == "hf" and rollout_engine is None:
+                self._refuse_dropout(self.model)
         self._signal = False  # this optimizer step has something to learn (see _step_has_learning_signal)
         self._rollout_s = 0.0  # seconds spent making generation batches (kept out of time/training_s)
 

@@ -92,21 +92,24 @@ def test_staleness_one_learns(tmp_path, tokenizer):
     assert set(_staleness(trainer).values()) == {0.0, 1.0}
 
 
-def test_async_resume_is_exact(tmp_path, tokenizer):
-    """Checkpoint-2 holds batch 2, generated from the weights after step 1; the resumed run trains on it and
-    reproduces steps 3-4 of the uninterrupted one."""
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, async_rollouts=True, max_staleness=1)
+@pytest.mark.parametrize("generation_batch_size, save_at", [(32, 2), (64, 1)])
+def test_async_resume_is_exact(tmp_path, tokenizer, generation_batch_size, save_at):
+    """The checkpoint holds the queued batch (generated from weights the resumed run never has) and, when a batch
+    lasts two steps (64 rows), the half-used one; the resumed run reproduces the rest of the uninterrupted one."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=save_at, async_rollouts=True, max_staleness=1,
+              generation_batch_size=generation_batch_size)  # fmt: skip
     full = _trainer(tmp_path / "a", tokenizer, **kw)
     full.train()
-    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    checkpoint = tmp_path / "a" / "out" / f"checkpoint-{save_at}"
     assert len(torch.load(checkpoint / "rollout_state_rank0.pt", weights_only=False)["queued"]) == 1
     resumed = _trainer(tmp_path / "a", tokenizer, model=build_model(tokenizer, seed=123), **kw)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    got = {h["step"]: h for h in _history(resumed) if h["step"] > 2 and "loss" in h}
+    got = {h["step"]: h for h in _history(resumed) if h["step"] > save_at and "loss" in h}
     want = {h["step"]: h for h in _history(full) if "loss" in h}
-    assert set(got) == {3, 4}
-    for step in (3, 4):
-        for key in ("loss", "reward", "sample/staleness_mean"):
+    assert set(got) == set(range(save_at + 1, 5))
+    for step in got:
+        assert got[step].keys() == want[step].keys()
+        for key in {"loss", "reward", "sample/staleness_mean"} & want[step].keys():
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
     for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, msg=n)

@@ -1,0 +1,128 @@
+"""GRPO with a vLLM-CPU server on one core and the trainer on another: synchronous vs async rollouts.
+
+    python benchmarks/grpo_async.py [--steps 8] [--model models/smollm2-135m-instruct] [--cores 0,1]
+
+The two-device layout on a CPU machine: ``python -m hf_align.rollout.vllm_server serve`` (run by the vllm-cpu
+environment's python, ``--vllm-python``) pinned to the first core, the trainer (this environment) pinned to the
+second, each with one OpenMP thread. One server serves both runs (the trainer pushes its weights before its first
+rollout, so each run starts from the model folder's weights). Both runs use ``benchmarks/grpo_e2e.py``'s settings
+(``recipes/configs/grpo/smollm2_cpu.yaml``, stop strings off) with ``use_vllm: true, vllm_mode: server``; the
+async one adds ``async_rollouts: true, max_staleness: 1``, so batch k + 1 is generated (on the server's core) and
+scored while the trainer trains on batch k. Printed: wall time per step for both, the ratio async / sync of the
+mean step time (first step left out: nothing overlaps it), and the reward per step for both (learning must be
+real). Run it on a quiet machine: the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, grpo_e2e
+from _common import load_average, machine_info, run_worker  # noqa: E402
+from grpo_e2e import REPO, _setup  # noqa: E402
+
+
+def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts: bool) -> dict:
+    from transformers import TrainerCallback
+
+    from hf_align.trainers.grpo import GRPOTrainer
+
+    os.sched_setaffinity(0, {core})
+    cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
+    cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_base_url = True, "server", url
+    cfg.async_rollouts, cfg.max_staleness = async_rollouts, 1
+    trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
+    ends = [time.perf_counter()]
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    trainer.add_callback(StepEnd())
+    trainer.train()
+    trainer.close()
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {
+        "step_s": [b - a for a, b in zip(ends, ends[1:])],
+        "reward": [h["reward"] for h in logs],
+        "staleness": [h.get("sample/staleness_mean", 0.0) for h in logs],
+    }
+
+
+def _serve(python: str, model: str, port: int, core: int, log_path: str) -> subprocess.Popen:
+    from hf_align.rollout.vllm_server import wait_for_server
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # fmt: skip
+    cmd = [python, "-m", "hf_align.rollout.vllm_server", "serve", "--model", model, "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+        )  # fmt: skip
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=proc)
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--cores", default="0,1", help="server core, trainer core")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument("--out", default="/tmp/hf_align_grpo_async")
+    parser.add_argument("--worker", choices=["sync", "async"])
+    a = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    server_core, trainer_core = (int(c) for c in a.cores.split(","))
+    url = f"http://127.0.0.1:{a.port}"
+    if a.worker:
+        result = worker(a.model, a.steps, f"{a.out}/{a.worker}", url, trainer_core, a.worker == "async")
+        print(json.dumps(result))
+        return
+
+    print(json.dumps(machine_info()), f"load average before: {load_average()}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    server = _serve(a.vllm_python, a.model, a.port, server_core, f"{a.out}/server.log")
+    results = {}
+    try:
+        for name in ("sync", "async"):
+            argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out,
+                    "--cores", a.cores, "--port", str(a.port)]  # fmt: skip
+            results[name] = run_worker(argv, env={"OMP_NUM_THREADS": "1"})
+            print(f"{name}: done, load average {load_average()}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    print(
+        f"\nGRPO, vLLM server on core {server_core}, trainer on core {trainer_core}, {a.steps} steps (seconds)"
+    )
+    for name, r in results.items():
+        print(f"{name:5s} wall per step: {', '.join(f'{x:.2f}' for x in r['step_s'])}")
+        print(f"{name:5s} reward per step: {', '.join(f'{x:.3f}' for x in r['reward'])}")
+    print(f"async staleness per step: {', '.join(f'{x:.0f}' for x in results['async']['staleness'])}")
+    sync, fast = (results[k]["step_s"][1:] or results[k]["step_s"] for k in ("sync", "async"))
+    print(
+        f"\nmean step after the first: sync {_mean(sync):.2f} s, async {_mean(fast):.2f} s; "
+        f"ratio async / sync {_mean(fast) / max(_mean(sync), 1e-9):.2f}x (target <= 0.65x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
