@@ -16,17 +16,17 @@ from transformers import TrainerCallback
 from hf_align.config import GRPOConfig
 from hf_align.trainers.grpo import GRPOTrainer
 from tests.conftest import build_model
-from tests.integration.test_grpo_trainer import ROWS, _config, _rewards, target_word_reward
+from tests.integration.test_grpo_trainer import ROWS, _config, _rewards, letter_e_reward, target_word_reward
 from tests.integration.test_vllm_cpu import _reference_logprobs, _served, vllm_test
 
 VOLATILE = ("time/", "generation_tokens_per_s", "train_runtime", "train_samples_per_second",
             "train_steps_per_second", "total_flos")  # fmt: skip
 
 
-def _trainer(tmp_path, tokenizer, model=None, **kw) -> GRPOTrainer:
+def _trainer(tmp_path, tokenizer, model=None, reward=target_word_reward, **kw) -> GRPOTrainer:
     return GRPOTrainer(
         model or build_model(tokenizer), args=_config(tmp_path, plot_curves=False, **kw), train_dataset=ROWS,
-        processing_class=tokenizer, reward_funcs=[target_word_reward],
+        processing_class=tokenizer, reward_funcs=[reward],
     )  # fmt: skip
 
 
@@ -54,10 +54,8 @@ def test_staleness_zero_is_the_synchronous_run(tmp_path, tokenizer):
         assert torch.equal(p, q), n
 
 
-def test_stale_batches_carry_the_sampling_weights_logprobs(tmp_path, tokenizer):
-    """With staleness 1, batches 0 and 1 come from the initial weights, batch 2 from those after step 1: each
-    rollout's log-probs are those of the weights that sampled it, and the log records the staleness."""
-    trainer = _trainer(tmp_path, tokenizer, max_steps=3, async_rollouts=True, max_staleness=1)
+def _train_recording(trainer) -> tuple[list, list]:
+    """Train; return the weights after every optimizer step (0: initial) and every generate call's rollouts."""
     snapshots, calls = [copy.deepcopy(trainer.model)], []
     generate = trainer.engine.generate
 
@@ -65,21 +63,34 @@ def test_stale_batches_carry_the_sampling_weights_logprobs(tmp_path, tokenizer):
         calls.append(generate(prompts, sampling))
         return calls[-1]
 
-    trainer.engine.generate = recording
-
-    class Snapshot(TrainerCallback):  # the weights after every optimizer step
+    class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             snapshots.append(copy.deepcopy(model))
 
+    trainer.engine.generate = recording
     trainer.add_callback(Snapshot())
     trainer.train()
-    assert _staleness(trainer) == {1: 0.0, 2: 1.0, 3: 1.0}
-    for batch, version in ((0, 0), (1, 0), (2, 1)):
+    return snapshots, calls
+
+
+def _assert_sampled_by(snapshots, calls, versions) -> None:
+    """Batch i's rollouts carry the log-probs of the weights after step ``versions[i]``, which really moved."""
+    for batch, version in enumerate(versions):
         for rollout in calls[batch][0]:
             want = _reference_logprobs(snapshots[version].eval(), rollout, 1.0)
             torch.testing.assert_close(torch.tensor(rollout.logprobs), want, atol=1e-4, rtol=0)
-    moved = _reference_logprobs(snapshots[2].eval(), rollout, 1.0)
-    assert not torch.allclose(moved, _reference_logprobs(snapshots[1].eval(), rollout, 1.0))  # weights moved
+    before = _reference_logprobs(snapshots[versions[-1] - 1].eval(), rollout, 1.0)
+    assert not torch.allclose(before, _reference_logprobs(snapshots[versions[-1]].eval(), rollout, 1.0))
+
+
+def test_stale_batches_carry_the_sampling_weights_logprobs(tmp_path, tokenizer):
+    """With staleness 1, batches 0 and 1 come from the initial weights, batch 2 from those after step 1; the log
+    records the staleness."""
+    trainer = _trainer(
+        tmp_path, tokenizer, max_steps=3, async_rollouts=True, max_staleness=1, reward=letter_e_reward
+    )
+    _assert_sampled_by(*_train_recording(trainer), versions=[0, 0, 1])
+    assert _staleness(trainer) == {1: 0.0, 2: 1.0, 3: 1.0}
 
 
 @pytest.mark.slow
@@ -128,18 +139,14 @@ def test_async_refuses_colocated_vllm_and_dropout(tmp_path, tokenizer):
 
 @vllm_test
 def test_async_with_a_vllm_server(tiny_model_dir, tmp_path, tokenizer):
-    """Staleness 1 against a real server: weight pushes and generations are ordered (each batch is sampled from the
-    weights it is tagged with) and the run equals a synchronous one whose batches are sampled one step late."""
+    """Staleness 1 against a real server: weight pushes and generations are ordered, so each batch is sampled by
+    the weights it is tagged with (log-probs recomputed from them), and the run learns nothing amiss."""
     from transformers import AutoModelForCausalLM
 
     with _served(tiny_model_dir, tmp_path) as (_, url):
-        kw = dict(
-            max_steps=3, use_vllm=True, vllm_mode="server", vllm_server_base_url=url, learning_rate=1e-2
-        )
+        kw = dict(max_steps=3, use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
         trainer = _trainer(tmp_path, tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           async_rollouts=True, max_staleness=1, **kw)  # fmt: skip
-        trainer.train()
-        rewards = _rewards(trainer)
-    assert len(rewards) == 3 and all(r == r for r in rewards)
+                           async_rollouts=True, max_staleness=1, reward=letter_e_reward, **kw)  # fmt: skip
+        _assert_sampled_by(*_train_recording(trainer), versions=[0, 0, 1])
     assert _staleness(trainer) == {1: 0.0, 2: 1.0, 3: 1.0}
-    assert any(h.get("loss", 0) != 0 for h in trainer.state.log_history)
+    assert all(r == r for r in _rewards(trainer)) and len(_rewards(trainer)) == 3
