@@ -12,6 +12,7 @@ tables (value ranges, allowed choices) and the rules tying fields together, and 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -278,7 +279,7 @@ class GRPOConfig(_ReferenceFields, _Config):
     optimizer steps.
     """
 
-    _VALID_DICT_FIELDS = _Config._VALID_DICT_FIELDS + ["chat_template_kwargs"]
+    _VALID_DICT_FIELDS = _Config._VALID_DICT_FIELDS + ["chat_template_kwargs", "generation_kwargs"]
     _RANGES = {
         "num_generations": (lambda v: v >= 2, ">= 2 to compare completions of a prompt"),
         "epsilon": OPEN_UNIT,
@@ -286,6 +287,7 @@ class GRPOConfig(_ReferenceFields, _Config):
         "beta": NON_NEGATIVE,
         "temperature": (lambda v: v > 0, "> 0 for training rollouts (log-probs are taken at it)"),
         "repetition_penalty": (lambda v: v > 0, "> 0 (1: off)"),
+        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "reward_timeout_s": POSITIVE,
         "scale_rewards": (lambda v: v in ("group", "batch", "none"), "'group', 'batch', 'none' (or a bool)"),
     }
@@ -302,6 +304,10 @@ class GRPOConfig(_ReferenceFields, _Config):
     top_p: float = arg(1.0, "Nucleus sampling threshold.")
     top_k: int = arg(0, "Top-k sampling (0: off).")
     repetition_penalty: float = arg(1.0, "Penalty on tokens already in prompt or completion (1: off).")
+    min_p: float | None = arg(None, "Drop tokens below min_p x the top token's probability (None: off).")
+    generation_kwargs: dict | str | None = arg(
+        None, "More GenerationConfig (hf) / SamplingParams (vLLM) arguments; sampling fields here override."
+    )
     shuffle_dataset: bool = arg(True, "Visit the prompts in a seeded order.")
     chat_template_kwargs: dict | str | None = arg(None, "Extra apply_chat_template arguments.")
     use_vllm: bool = arg(False, "Generate with vLLM (else model.generate).")
@@ -348,6 +354,7 @@ class GRPOConfig(_ReferenceFields, _Config):
     def __post_init__(self):
         bools = {True: "group", False: "none", "true": "group", "false": "none"}
         self.scale_rewards = bools.get(self.scale_rewards, self.scale_rewards)
+        self._fold_generation_kwargs()
         super().__post_init__()  # the tables above, then TrainingArguments (which sets world_size)
         self._resolve_generation_batch()
         ratio = self.policy_loss in ("grpo_clip", "grpo_no_clip")
@@ -358,6 +365,25 @@ class GRPOConfig(_ReferenceFields, _Config):
             )
         if self.importance_sampling_level == "sequence" and not ratio:
             raise ValueError("importance_sampling_level='sequence' (GSPO) needs policy_loss grpo_(no_)clip")
+
+    def _fold_generation_kwargs(self) -> None:
+        """As TRL, sampling fields in ``generation_kwargs`` override the config's: they move into those fields (the
+        trainer's log-probs are taken at ``temperature``); the rest must be arguments the engine can take."""
+        from hf_align.rollout.base import SamplingConfig
+
+        extra = self.generation_kwargs or {}
+        extra = dict(json.loads(extra) if isinstance(extra, str) else extra)  # from the command line: JSON
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if name in extra:
+                setattr(self, name, extra.pop(name))
+        SamplingConfig(
+            extra=extra
+        )  # refuses what the engines set themselves (n, seed, stop, max_tokens, ...)
+        if not self.use_vllm:
+            from hf_align.rollout.hf import check_generation_kwargs
+
+            check_generation_kwargs(extra)
+        self.generation_kwargs = extra or None
 
     def _resolve_generation_batch(self) -> None:
         """generation_batch_size and steps_per_generation from each other (as TRL); they must split evenly."""

@@ -123,10 +123,12 @@ def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
+        min_p=args.min_p or 0.0,
         min_new_tokens=args.min_completion_length,
         stop=list(args.stop_strings),
         seed=args.seed,
         prompt_seeds=seeds,
+        extra=dict(args.generation_kwargs or {}),
     )
 
 
