@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 
 import torch
@@ -362,8 +363,10 @@ def _pass_on_cache(model, forward_model, decoder, cache, **inputs) -> torch.Tens
     """The decoder's final hidden states of one pass of ``forward_model`` on our ``cache``, or None where the
     model did not use every cache layer (it would have dropped the prompt). ``use_cache=False``: the cache is
     ours, transformers need not build or return one (nor warn that checkpointing turns it off)."""
+    # transformers >= 5.2x names it ``cache`` (``past_key_values`` deprecated), older versions only the latter
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     with _cache_through_checkpoints(model):
-        ran = _run_capturing_hidden(forward_model, decoder, past_key_values=cache, use_cache=False, **inputs)
+        ran = _run_capturing_hidden(forward_model, decoder, **{name: cache}, use_cache=False, **inputs)
     if ran is not None and not all(getattr(layer, "used", False) for layer in cache.layers):
         return _one_pass_instead("the model did not use the key / value cache it was given")
     return None if ran is None else ran[1]
