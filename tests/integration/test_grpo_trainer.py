@@ -235,16 +235,19 @@ def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_
             )
 
 
-def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer):
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}])
+def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer, checkpointing):
     """share_prompt_prefix (the default) runs each group's prompt through the decoder once per micro-batch:
-    the same gradients as one full pass per row (1e-5), with fewer decoder rows."""
+    the same gradients as one full pass per row (1e-5), with fewer decoder rows; under activation
+    checkpointing (reentrant, the harder case) too."""
     grads, shapes = {}, {}
     for share in (False, True):
         cap = grad_capture()
         cfg = _config(
             tmp_path / str(share), max_steps=1, generation_batch_size=16, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
-            share_prompt_prefix=share,
+            share_prompt_prefix=share, activation_checkpointing=checkpointing is not None,
+            activation_checkpointing_kwargs=checkpointing,
         )  # fmt: skip
         model = build_model(tokenizer)
         seen = shapes[share] = []
@@ -259,6 +262,7 @@ def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer):
             reward_funcs=[letter_e_reward], callbacks=[cap],
         )  # fmt: skip
         trainer.train()
+        assert model.is_activation_checkpointing == (checkpointing is not None)
         grads[share] = cap.grads
     assert [rows for rows, _ in shapes[False]] == [8, 8]
     assert [rows for rows, _ in shapes[True]] == [1, 8, 1, 8]  # one prompt, then its 8 completions
