@@ -339,7 +339,7 @@ class GRPOConfig(_ReferenceFields, _Config):
     vllm_importance_sampling_correction: bool = arg(
         True,
         "Weigh each token's loss by trainer / sampler probability (truncated or masked) where the sampler "
-        "is not the trainer's forward: vLLM, or HF generate with top_p/top_k/penalty/min length.",
+        "is not the trainer's forward: vLLM, or generate with top_p/top_k/min_p/penalty/min length/kwargs.",
     )
     vllm_importance_sampling_mode: str = arg(
         "sequence_mask",
@@ -447,10 +447,9 @@ class GRPOConfig(_ReferenceFields, _Config):
     def corrects_sampling(self) -> bool:
         """Whether rollouts get the importance-sampling correction: it is on and the sampler is not the
         trainer's forward at ``temperature``: vLLM (other kernels), or generate reshaping the distribution
-        (top_p, top_k, repetition penalty, a minimum length). TRL corrects vLLM rollouts only."""
-        reshaped = (
-            self.top_p < 1 or self.top_k > 0 or self.repetition_penalty != 1 or self.min_completion_length > 0
-        )
+        (top_p, top_k, min_p, repetition penalty, a minimum length, generation_kwargs). TRL: vLLM only."""
+        reshaped = self.top_p < 1 or self.top_k > 0 or bool(self.min_p) or self.repetition_penalty != 1
+        reshaped = reshaped or self.min_completion_length > 0 or bool(self.generation_kwargs)
         return self.vllm_importance_sampling_correction and (self.use_vllm or reshaped)
 
     @property

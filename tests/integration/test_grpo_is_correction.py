@@ -1,6 +1,7 @@
 """GRPOTrainer with the importance-sampling correction, on the tiny model and the HF generate engine: the
 on-policy shortcut (old log-probs = the current ones, detached) gives the gradient of a separate no-grad pass,
-the weight multiplies the trainer's loss where sampling is truncated, and an engine without log-probs is refused."""
+the weight multiplies the trainer's loss where sampling is truncated, and an engine without log-probs is
+refused."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ def letter_e_reward(completions, **kwargs) -> list[float]:
 
 def _trainer(tmp_path, tokenizer, engine=None, **kw) -> GRPOTrainer:
     base = dict(
-        output_dir=str(tmp_path / "out"), generation_batch_size=8, num_generations=4, per_device_train_batch_size=8,
-        gradient_accumulation_steps=1, max_steps=2, max_completion_length=6, temperature=0.9, top_p=0.7,
-        grader_num_workers=0, report_to="none", save_strategy="no", seed=0, plot_curves=False, loss_type="dapo",
-        disable_tqdm=True,
+        output_dir=str(tmp_path / "out"), generation_batch_size=8, num_generations=4,
+        per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=2, max_completion_length=6,
+        temperature=0.9, top_p=0.7, grader_num_workers=0, report_to="none", save_strategy="no", seed=0,
+        plot_curves=False, loss_type="dapo", disable_tqdm=True,
     )  # fmt: skip
     model = build_model(
         tokenizer
@@ -76,8 +77,8 @@ def test_weight_multiplies_the_loss_under_truncated_sampling(tmp_path, tokenizer
     loss = trainer.compute_loss(trainer.model.train(), inputs)
     with torch.no_grad():
         w_BT = (trainer._logps(trainer.model, inputs) - inputs["sampling_log_probs"]).exp()
-    # on-policy grpo_clip (ratio 1), dapo: -(1/N_tok) sum A_i w_it over the response tokens; C_max 3 never bites
-    # (w = p_full / p_top_p <= 1)
+    # on-policy grpo_clip (ratio 1), dapo: -(1/N_tok) sum A_i w_it over the response tokens; C_max 3 never
+    # bites (w = p_full / p_top_p <= 1)
     expected = -(A_B1 * w_BT * mask).sum() / inputs["num_tokens"]
     torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-5, atol=1e-7)
     assert w_BT[mask].min() < 0.99

@@ -1,4 +1,4 @@
-"""Importance-sampling correction between sampler and trainer (hf_align.losses.grpo.importance_sampling_weight):
+"""Importance-sampling correction between sampler and trainer (losses/grpo.py importance_sampling_weight):
 hand-derived TIS / MIS values at token and sequence level, ratio 1 when the sampler is the trainer's forward,
 and HF generate's top-p log-probs (the truncated, renormalised distribution) feeding the weight."""
 
@@ -16,7 +16,8 @@ from hf_align.rollout import HFEngine, SamplingConfig
 from hf_align.trainers import grpo_rollouts as R
 
 LN2, LN4, LN5 = math.log(2), math.log(4), math.log(5)
-# d = old - sampling. Row 0: tokens d = (ln 2, -ln 2, ln 4), one padded position; row 1: (ln 5, 0), two padded;
+# d = old - sampling. Row 0: tokens d = (ln 2, -ln 2, ln 4), one padded position; row 1: (ln 5, 0), two
+# padded;
 # row 2: fully masked (e.g. a truncated completion left out of the loss).
 D_BT = torch.tensor([[LN2, -LN2, LN4, 7.0], [LN5, 0.0, -9.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
 MASK_BT = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
@@ -29,7 +30,7 @@ def _weight(level, mode, clip_max, clip_min=None):
 
 
 def test_token_level_truncate_and_mask_by_hand():
-    # Token ratios exp(d) over the 5 valid tokens: (2, 0.5, 4), (5, 1). Raw mean 12.5 / 5 = 2.5, min 0.5, max 5.
+    # Token ratios exp(d) over the 5 valid tokens: (2, 0.5, 4), (5, 1): mean 12.5 / 5 = 2.5, min 0.5, max 5.
     w, m = _weight("token", "truncate", 3.0)
     # TIS, cap 3: 4 -> 3 and 5 -> 3 (2 of 5 valid tokens clipped); padded / masked positions weigh 1.
     expected = torch.tensor([[2.0, 0.5, 3.0, 1.0], [3.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
@@ -175,8 +176,10 @@ def test_config_fields_follow_trl_and_the_rule_of_when_it_applies(tmp_path):
         key = f"vllm_importance_sampling_{name}"
         assert getattr(ours, key) == fields[key].default, key
     assert not ours.corrects_sampling  # HF generate, untruncated: the sampler is the trainer's forward
-    for sampler in (dict(use_vllm=True), dict(top_p=0.9), dict(top_k=20), dict(repetition_penalty=1.1),
-                    dict(min_completion_length=2)):  # fmt: skip
+    samplers = [dict(use_vllm=True), dict(top_p=0.9), dict(top_k=20), dict(repetition_penalty=1.1),
+                dict(min_p=0.1), dict(min_completion_length=2),
+                dict(generation_kwargs={"no_repeat_ngram_size": 3})]  # fmt: skip
+    for sampler in samplers:
         assert GRPOConfig(output_dir=str(tmp_path), **sampler).corrects_sampling, sampler
         off = GRPOConfig(output_dir=str(tmp_path), vllm_importance_sampling_correction=False, **sampler)
         assert not off.corrects_sampling
