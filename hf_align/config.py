@@ -259,6 +259,7 @@ class RewardConfig(_DatasetConfig):
     center_rewards_coefficient: float | None = arg(None, "Weight of mean((r_c + r_r)^2) (None: off).")
 
 
+IS_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]  # TRL's: level_correction
 # TRL's loss_type -> (our reduction, whether its normalizer spans the whole optimizer step). bnpo normalizes
 # by the tokens of each LOCAL micro-batch, as TRL does (it depends on the split; dapo is the exact global one).
 GRPO_LOSS_TYPES = {
@@ -290,8 +291,10 @@ class GRPOConfig(_ReferenceFields, _Config):
         "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "reward_timeout_s": POSITIVE,
         "scale_rewards": (lambda v: v in ("group", "batch", "none"), "'group', 'batch', 'none' (or a bool)"),
+        "vllm_importance_sampling_clip_max": POSITIVE,
+        "vllm_importance_sampling_clip_min": NON_NEGATIVE,
     }
-    _CHOICES = {"loss_type": sorted(GRPO_LOSS_TYPES)}
+    _CHOICES = {"loss_type": sorted(GRPO_LOSS_TYPES), "vllm_importance_sampling_mode": IS_MODES}
 
     learning_rate: float = arg(1e-6, "AdamW learning rate.")
     disable_dropout: bool = arg(False, "Set every dropout probability to 0.")
@@ -333,6 +336,20 @@ class GRPOConfig(_ReferenceFields, _Config):
     scale_rewards: str = arg("group", "Divide advantages by the std of the group, the batch, or none.")
     loss_type: str = arg("dapo", "Token reduction: grpo, dapo, dr_grpo or bnpo (see GRPO_LOSS_TYPES).")
     mask_truncated_completions: bool = arg(False, "Leave completions cut by the length limit out of loss.")
+    vllm_importance_sampling_correction: bool = arg(
+        True,
+        "Weigh each token's loss by trainer / sampler probability (truncated or masked) where the sampler "
+        "is not the trainer's forward: vLLM, or generate with top_p/top_k/min_p/penalty/min length/kwargs.",
+    )
+    vllm_importance_sampling_mode: str = arg(
+        "sequence_mask",
+        "token_ or sequence_ ratio (a sequence's is exp of its summed log-ratio), then _truncate (clamp to "
+        "[clip_min, clip_max]) or _mask (0 outside it).",
+    )
+    vllm_importance_sampling_clip_max: float | None = arg(3.0, "Upper bound C_max of the ratio (None: open).")
+    vllm_importance_sampling_clip_min: float | None = arg(
+        None, "Lower bound C_min of the ratio (None: open)."
+    )
     # --- hf_align extras
     policy_loss: Literal["grpo_clip", "grpo_no_clip", "reinforce_with_baseline", "no_baseline"] = arg(
         "grpo_clip", "PPO clipped ratio (TRL's), unclipped ratio, -A log p, or -r log p."
@@ -365,6 +382,11 @@ class GRPOConfig(_ReferenceFields, _Config):
             )
         if self.importance_sampling_level == "sequence" and not ratio:
             raise ValueError("importance_sampling_level='sequence' (GSPO) needs policy_loss grpo_(no_)clip")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be < clip_max ({high})")
+        if low is None and high is None and self.vllm_importance_sampling_mode.endswith("truncate"):
+            raise ValueError("a *_truncate vllm_importance_sampling_mode needs clip_min or clip_max")
 
     def _fold_generation_kwargs(self) -> None:
         """As TRL, sampling fields in ``generation_kwargs`` override the config's: they move into those fields (the
@@ -420,6 +442,15 @@ class GRPOConfig(_ReferenceFields, _Config):
     def steps_per_rollout(self) -> int:
         """Optimizer steps made from one generation batch."""
         return self.num_iterations * (self.generation_batch_size // self.optimizer_batch_size)
+
+    @property
+    def corrects_sampling(self) -> bool:
+        """Whether rollouts get the importance-sampling correction: it is on and the sampler is not the
+        trainer's forward at ``temperature``: vLLM (other kernels), or generate reshaping the distribution
+        (top_p, top_k, min_p, repetition penalty, a minimum length, generation_kwargs). TRL: vLLM only."""
+        reshaped = self.top_p < 1 or self.top_k > 0 or bool(self.min_p) or self.repetition_penalty != 1
+        reshaped = reshaped or self.min_completion_length > 0 or bool(self.generation_kwargs)
+        return self.vllm_importance_sampling_correction and (self.use_vllm or reshaped)
 
     @property
     def rollout_engine(self) -> str:
