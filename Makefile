@@ -11,7 +11,7 @@ CONFIG ?= recipes/configs/grpo/smollm2_cpu.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm model demo test test-main test-vllm test-fast lint bench clean
+.PHONY: setup setup-vllm model demo test test-main test-vllm test-fast lint bench gpu-wheels gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,20 @@ bench: setup model setup-vllm
 		--json outputs/bench/train_step.jsonl
 	$(VLLM_VENV)/bin/python benchmarks/rollouts.py --json outputs/bench/rollouts.jsonl
 	$(BIN)/python benchmarks/grpo_e2e.py --steps 4
+
+# What a GPU session carries to a machine that has torch / transformers / accelerate / peft but no network:
+# TRL's wheel (the peer of the benchmark) and SmolLM2's tokenizer files when the model folder is here
+# (`carry: ["gpu_carry"]`); then `bash scripts/gpu_check.sh` there (`make gpu-check`).
+PIP ?= $(BIN)/pip
+gpu-wheels:
+	mkdir -p gpu_carry/wheels
+	$(PIP) download -q trl==1.16.0 --no-deps -d gpu_carry/wheels
+	if [ -f $(MODEL_DIR)/tokenizer.json ]; then mkdir -p gpu_carry/tokenizer && \
+		cp $(MODEL_DIR)/tokenizer.json $(MODEL_DIR)/tokenizer_config.json gpu_carry/tokenizer/ && \
+		cp $(MODEL_DIR)/chat_template.jinja gpu_carry/tokenizer/ 2>/dev/null || true; fi
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache outputs

@@ -103,3 +103,35 @@ def machine_info() -> dict[str, str]:
     except Exception:  # noqa: BLE001
         pass
     return info
+
+
+WORDS = (
+    "the a of to and is in it that was for on are with as his they be at one have this from or had by".split()
+)
+
+
+def code_tokenizer():
+    """A word-level tokenizer built in code (no files, no network): digits, a few hundred words, specials.
+
+    For random-weight benchmark and smoke runs on a machine without a tokenizer folder: the batches are token
+    ids, and what the trainers need from a tokenizer is its pad / EOS ids and a text round trip."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<unk>", "<|im_end|>"]
+    words = [*WORDS, *(f"{w}{i}" for w in WORDS for i in range(10)), *"0123456789+-=?:"]
+    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>"
+    )
+
+
+def load_tokenizer(path: str | Path | None):
+    """The tokenizer folder at ``path`` if it exists, else ``code_tokenizer()``."""
+    if path is not None and Path(path).is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    return code_tokenizer()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,8 +21,13 @@ from pathlib import Path
 import torch  # noqa: F401  (the parent of a real run has it; spawn / forkserver workers re-import it)
 import transformers  # noqa: F401
 
-from benchmarks._common import load_average, machine_info
-from hf_align.rewards import Grader, r1_zero_reward_fn
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import load_average, machine_info  # noqa: E402
+
+from hf_align.rewards import Grader, r1_zero_reward_fn  # noqa: E402
 
 RESPONSES = [f"think</think> <answer>\\frac{{{i}}}{{2}}</answer>" for i in range(8)]
 GOLDS = [f"{i / 2}" for i in range(8)]

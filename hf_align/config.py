@@ -12,6 +12,7 @@ tables (value ranges, allowed choices) and the rules tying fields together, and 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -258,6 +259,7 @@ class RewardConfig(_DatasetConfig):
     center_rewards_coefficient: float | None = arg(None, "Weight of mean((r_c + r_r)^2) (None: off).")
 
 
+IS_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]  # TRL's: level_correction
 # TRL's loss_type -> (our reduction, whether its normalizer spans the whole optimizer step). bnpo normalizes
 # by the tokens of each LOCAL micro-batch, as TRL does (it depends on the split; dapo is the exact global one).
 GRPO_LOSS_TYPES = {
@@ -278,7 +280,7 @@ class GRPOConfig(_ReferenceFields, _Config):
     optimizer steps.
     """
 
-    _VALID_DICT_FIELDS = _Config._VALID_DICT_FIELDS + ["chat_template_kwargs"]
+    _VALID_DICT_FIELDS = _Config._VALID_DICT_FIELDS + ["chat_template_kwargs", "generation_kwargs"]
     _RANGES = {
         "num_generations": (lambda v: v >= 2, ">= 2 to compare completions of a prompt"),
         "epsilon": OPEN_UNIT,
@@ -286,11 +288,14 @@ class GRPOConfig(_ReferenceFields, _Config):
         "beta": NON_NEGATIVE,
         "temperature": (lambda v: v > 0, "> 0 for training rollouts (log-probs are taken at it)"),
         "repetition_penalty": (lambda v: v > 0, "> 0 (1: off)"),
+        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "reward_timeout_s": POSITIVE,
         "scale_rewards": (lambda v: v in ("group", "batch", "none"), "'group', 'batch', 'none' (or a bool)"),
         "max_staleness": NON_NEGATIVE,
+        "vllm_importance_sampling_clip_max": POSITIVE,
+        "vllm_importance_sampling_clip_min": NON_NEGATIVE,
     }
-    _CHOICES = {"loss_type": sorted(GRPO_LOSS_TYPES)}
+    _CHOICES = {"loss_type": sorted(GRPO_LOSS_TYPES), "vllm_importance_sampling_mode": IS_MODES}
 
     learning_rate: float = arg(1e-6, "AdamW learning rate.")
     disable_dropout: bool = arg(False, "Set every dropout probability to 0.")
@@ -303,6 +308,10 @@ class GRPOConfig(_ReferenceFields, _Config):
     top_p: float = arg(1.0, "Nucleus sampling threshold.")
     top_k: int = arg(0, "Top-k sampling (0: off).")
     repetition_penalty: float = arg(1.0, "Penalty on tokens already in prompt or completion (1: off).")
+    min_p: float | None = arg(None, "Drop tokens below min_p x the top token's probability (None: off).")
+    generation_kwargs: dict | str | None = arg(
+        None, "More GenerationConfig (hf) / SamplingParams (vLLM) arguments; sampling fields here override."
+    )
     shuffle_dataset: bool = arg(True, "Visit the prompts in a seeded order.")
     chat_template_kwargs: dict | str | None = arg(None, "Extra apply_chat_template arguments.")
     use_vllm: bool = arg(False, "Generate with vLLM (else model.generate).")
@@ -330,6 +339,20 @@ class GRPOConfig(_ReferenceFields, _Config):
     scale_rewards: str = arg("group", "Divide advantages by the std of the group, the batch, or none.")
     loss_type: str = arg("dapo", "Token reduction: grpo, dapo, dr_grpo or bnpo (see GRPO_LOSS_TYPES).")
     mask_truncated_completions: bool = arg(False, "Leave completions cut by the length limit out of loss.")
+    vllm_importance_sampling_correction: bool = arg(
+        True,
+        "Weigh each token's loss by trainer / sampler probability (truncated or masked) where the sampler "
+        "is not the trainer's forward: vLLM, or generate with top_p/top_k/min_p/penalty/min length/kwargs.",
+    )
+    vllm_importance_sampling_mode: str = arg(
+        "sequence_mask",
+        "token_ or sequence_ ratio (a sequence's is exp of its summed log-ratio), then _truncate (clamp to "
+        "[clip_min, clip_max]) or _mask (0 outside it).",
+    )
+    vllm_importance_sampling_clip_max: float | None = arg(3.0, "Upper bound C_max of the ratio (None: open).")
+    vllm_importance_sampling_clip_min: float | None = arg(
+        None, "Lower bound C_min of the ratio (None: open)."
+    )
     # --- hf_align extras
     policy_loss: Literal["grpo_clip", "grpo_no_clip", "reinforce_with_baseline", "no_baseline"] = arg(
         "grpo_clip", "PPO clipped ratio (TRL's), unclipped ratio, -A log p, or -r log p."
@@ -351,6 +374,7 @@ class GRPOConfig(_ReferenceFields, _Config):
     def __post_init__(self):
         bools = {True: "group", False: "none", "true": "group", "false": "none"}
         self.scale_rewards = bools.get(self.scale_rewards, self.scale_rewards)
+        self._fold_generation_kwargs()
         super().__post_init__()  # the tables above, then TrainingArguments (which sets world_size)
         self._resolve_generation_batch()
         ratio = self.policy_loss in ("grpo_clip", "grpo_no_clip")
@@ -368,6 +392,30 @@ class GRPOConfig(_ReferenceFields, _Config):
                 "vLLM shares the training device, and several processes would need their collectives ordered "
                 "across threads; set async_rollouts: false"
             )
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be < clip_max ({high})")
+        if low is None and high is None and self.vllm_importance_sampling_mode.endswith("truncate"):
+            raise ValueError("a *_truncate vllm_importance_sampling_mode needs clip_min or clip_max")
+
+    def _fold_generation_kwargs(self) -> None:
+        """As TRL, sampling fields in ``generation_kwargs`` override the config's: they move into those fields (the
+        trainer's log-probs are taken at ``temperature``); the rest must be arguments the engine can take."""
+        from hf_align.rollout.base import SamplingConfig
+
+        extra = self.generation_kwargs or {}
+        extra = dict(json.loads(extra) if isinstance(extra, str) else extra)  # from the command line: JSON
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if name in extra:
+                setattr(self, name, extra.pop(name))
+        SamplingConfig(
+            extra=extra
+        )  # refuses what the engines set themselves (n, seed, stop, max_tokens, ...)
+        if not self.use_vllm:
+            from hf_align.rollout.hf import check_generation_kwargs
+
+            check_generation_kwargs(extra)
+        self.generation_kwargs = extra or None
 
     def _resolve_generation_batch(self) -> None:
         """generation_batch_size and steps_per_generation from each other (as TRL); they must split evenly."""
@@ -404,6 +452,17 @@ class GRPOConfig(_ReferenceFields, _Config):
     def steps_per_rollout(self) -> int:
         """Optimizer steps made from one generation batch."""
         return self.num_iterations * (self.generation_batch_size // self.optimizer_batch_size)
+
+    @property
+    def corrects_sampling(self) -> bool:
+        """Whether rollouts get the importance-sampling correction: it is on and the sampler is not the
+        trainer's forward at ``temperature``: vLLM (other kernels), or generate reshaping the distribution
+        (top_p, top_k, min_p, repetition penalty, a minimum length, generation_kwargs), or stale weights
+        (async_rollouts). TRL: vLLM only."""
+        reshaped = self.top_p < 1 or self.top_k > 0 or bool(self.min_p) or self.repetition_penalty != 1
+        reshaped = reshaped or self.min_completion_length > 0 or bool(self.generation_kwargs)
+        stale = self.async_rollouts and self.max_staleness > 0  # sampled by older weights than the trainer's
+        return self.vllm_importance_sampling_correction and (self.use_vllm or reshaped or stale)
 
     @property
     def rollout_engine(self) -> str:

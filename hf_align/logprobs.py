@@ -8,14 +8,21 @@ elsewhere): extra memory is chunk x V, forward and backward, and the forward sti
 (DDP / FSDP / DeepSpeed) model. A plain bias-free ``nn.Linear`` head takes ``_LinearHeadLogprob`` instead (one
 chunk-sized buffer in backward, not about four). ``share_prompts`` runs a prompt shared by several rows (a GRPO
 group, a DPO pair) through the decoder once and continues each row on its key/value cache, exact under causal
-attention; where that is not known to be exact (gradient checkpointing, sharded or engine-wrapped models, other
-attention kernels or caches) one pass runs. Entropy comes detached from the same logits chunk. Models without
+attention, and under activation checkpointing too (a cache that a layer's replay in backward reads unchanged,
+non-reentrant checkpoints); where that is not known to be exact (sharded or engine-wrapped models, other
+attention kernels or caches, checkpointing not done by transformers' layers) one pass runs, with a warning
+where the cache or the checkpointing is why. Entropy comes detached from the same logits chunk. Models without
 a separable decoder or ``logits_to_keep`` get full logits, still reduced by chunks. ``masked_mean`` of a fully
 masked slice is NaN (0/0, the course assignment's contract); losses use ``masked_mean_or_zero``: an empty completion must
 never poison a loss.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -221,9 +228,57 @@ def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
     return (out, captured["hidden"]) if "hidden" in captured else None
 
 
+def _checkpointed_layers(inner: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The layers that transformers checkpoints (``GradientCheckpointingLayer`` with checkpointing on; [] when
+    nothing is checkpointed), or None when checkpointing is done otherwise: by older or remote modeling code
+    without such layers, or with a function we cannot make non-reentrant (torch's ``checkpoint`` or a
+    ``functools.partial`` of it, or of a wrapper taking ``use_reentrant`` such as transformers' offloading)."""
+    flagged = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False)]
+    layers = [m for m in flagged if hasattr(type(m), "_can_checkpoint_with_cache")]
+    if flagged and not layers:
+        return None
+    for module in layers:
+        func = module._gradient_checkpointing_func
+        partial = isinstance(func, functools.partial)
+        if not (
+            func is checkpoint or partial and (func.func is checkpoint or "use_reentrant" in func.keywords)
+        ):
+            return None
+    return layers
+
+
+@contextlib.contextmanager
+def _cache_through_checkpoints(model: torch.nn.Module):
+    """While the shared-prompt passes run, checkpointed layers keep the cache and checkpoint non-reentrantly.
+
+    transformers drops the cache in a checkpointed layer because replaying the layer in backward would write
+    into it a second time; ours (``_replay_safe_cache``) gives a replay the same keys / values and stores
+    nothing, which is what the layers' ``_can_checkpoint_with_cache`` is for. A reentrant checkpoint runs the
+    forward without a graph and differentiates only positional inputs: the completions' gradient through the
+    cached keys / values would never reach the prompt, so those layers use the non-reentrant checkpoint (same
+    recomputation, same memory). Both are restored on exit; the backward replay needs neither.
+    """
+    layers = _checkpointed_layers(_unwrap(model)) or []
+    saved = [
+        (m, m._gradient_checkpointing_func, m.__dict__.get("_can_checkpoint_with_cache")) for m in layers
+    ]
+    for module, func, _ in saved:
+        module._can_checkpoint_with_cache = True
+        module._gradient_checkpointing_func = functools.partial(func, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for module, func, flag in saved:
+            module._gradient_checkpointing_func = func
+            if flag is None:
+                del module._can_checkpoint_with_cache
+            else:
+                module._can_checkpoint_with_cache = flag
+
+
 def _can_share_prompts(model: torch.nn.Module) -> bool:
     """Whether the shared-prompt forward is known to be exact here: a plain (or DDP / PEFT wrapped) decoder with
-    sdpa or eager attention, unsharded weights, no gradient checkpointing (its layers drop the cache)."""
+    sdpa or eager attention, unsharded weights, and activation checkpointing (if on) by transformers' layers."""
     from torch.nn.parallel import DistributedDataParallel
 
     if hasattr(model, "module") and not isinstance(model, DistributedDataParallel):
@@ -232,10 +287,8 @@ def _can_share_prompts(model: torch.nn.Module) -> bool:
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
-    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.2x
-    if checkpointing is None:
-        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    if checkpointing:  # in eval too, so old log-probs and the training pass take the same path
+    if _checkpointed_layers(inner) is None:  # in eval too: old log-probs take the training pass's path
+        _one_pass_instead("activation checkpointing here is not transformers' layers with torch's checkpoint")
         return False
     weight = next(inner.parameters(), None)
     return weight is not None and type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id")
@@ -270,50 +323,97 @@ def _distinct_prompts(input_ids, attention_mask, valid_BT) -> tuple[torch.Tensor
     return prompts_UP, prompt_mask_UP, torch.tensor(index, device=input_ids.device), first_B, n_B
 
 
+def _one_pass_instead(why: str) -> None:
+    """Say why the shared-prompt forward steps aside (once per call site); the caller then runs one pass."""
+    warnings.warn(f"share_prompts: {why}; running each row in one pass instead", stacklevel=3)
+
+
+def _record_prompt(layer, key, value, *args, **kwargs):
+    """Prompt pass: nothing comes before a prompt, so attention needs only its own keys / values; the first call
+    keeps them for the completions, a checkpoint's replay in backward gets the same answer and stores nothing."""
+    if layer.keys is None:
+        layer.keys, layer.values, layer.is_initialized, layer.used = key, value, True, True
+    return key, value
+
+
+def _read_prefix(layer, key, value, *args, **kwargs):
+    """Completion pass: the prompt's keys / values, then the completion's own; never stored, so a checkpoint's
+    replay sees the cache as the forward saw it."""
+    layer.used = True
+    return torch.cat([layer.keys, key], dim=-2), torch.cat([layer.values, value], dim=-2)
+
+
+def _replay_safe_cache(inner: torch.nn.Module, update, prefixes=None):
+    """A ``DynamicCache`` for ``inner`` whose layers ``update`` through ``_record_prompt`` or ``_read_prefix``
+    (starting from ``prefixes``), or None unless every layer is a plain full-attention ``DynamicLayer`` (its
+    sliding-window, quantized, ... relatives would not be exact)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    cache = DynamicCache(config=inner.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return _one_pass_instead("the model's cache is not a plain full-attention DynamicCache")
+    for i, layer in enumerate(cache.layers):
+        layer.update = functools.partial(update, layer)
+        if prefixes is not None:
+            layer.keys, layer.values, layer.is_initialized = *prefixes[i], True
+    return cache
+
+
+def _pass_on_cache(model, forward_model, decoder, cache, **inputs) -> torch.Tensor | None:
+    """The decoder's final hidden states of one pass of ``forward_model`` on our ``cache``, or None where the
+    model did not use every cache layer (it would have dropped the prompt). ``use_cache=False``: the cache is
+    ours, transformers need not build or return one (nor warn that checkpointing turns it off)."""
+    # transformers >= 5.2x names it ``cache`` (``past_key_values`` deprecated), older versions only the latter
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    with _cache_through_checkpoints(model):
+        ran = _run_capturing_hidden(forward_model, decoder, **{name: cache}, use_cache=False, **inputs)
+    if ran is not None and not all(getattr(layer, "used", False) for layer in cache.layers):
+        return _one_pass_instead("the model did not use the key / value cache it was given")
+    return None if ran is None else ran[1]
+
+
 def _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_BT) -> torch.Tensor | None:
     """Final hidden states at the scored positions (K, H), row-major, with each distinct prompt run once.
 
     Under causal attention a prompt's hidden states and keys / values do not depend on what follows it: each
-    distinct prompt runs once (``use_cache=True``), its cache is indexed out to the rows that share it (an
+    distinct prompt runs once, its keys / values are indexed out to the rows that share it (an
     ``index_select``: backward sums their gradients into the one prompt pass) and the completions continue on
-    it with explicit positions. Same numbers as one pass up to rounding, ``1 - 1/rows_per_prompt`` of the
-    prompt's decoder work saved. None (the caller runs one pass) for another layout or a cache that is not a
-    plain full-attention cache.
+    them with explicit positions. Same numbers as one pass up to rounding, ``1 - 1/rows_per_prompt`` of the
+    prompt's decoder work saved; under activation checkpointing too (``_cache_through_checkpoints``). None
+    (the caller runs one pass) for another layout or cache.
     """
     layout = _distinct_prompts(input_ids, attention_mask, valid_BT)
-    if layout is None:
+    prompt_cache = None if layout is None else _replay_safe_cache(_unwrap(model), _record_prompt)
+    if prompt_cache is None:
         return None
     prompts_UP, prompt_mask_UP, index_B, first_B, n_B = layout
-    inner = model.module if hasattr(model, "module") else model  # DDP: one wrapped forward per step
-    ran = _run_capturing_hidden(
-        inner, decoder, input_ids=prompts_UP, attention_mask=prompt_mask_UP, use_cache=True
+    prompt_model = model.module if hasattr(model, "module") else model  # DDP: one wrapped forward per step
+    hidden_UPH = _pass_on_cache(
+        model, prompt_model, decoder, prompt_cache, input_ids=prompts_UP, attention_mask=prompt_mask_UP
     )
-    if ran is None:
-        return None
-    out, hidden_UPH = ran
-    cache = getattr(out, "past_key_values", None)
-    # plain full-attention DynamicLayers only, by exact name: their sliding-window, ... subclasses are not exact
-    layers = getattr(cache, "layers", [None])
-    if cache is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+    if hidden_UPH is None:
         return None
     pieces = [hidden_UPH[index_B, first_B].unsqueeze(1)]  # (B, 1, H): each row's last prompt token
     C = int(n_B.max())
     if C > 1:
-        cache.reorder_cache(index_B)  # (U, ...) -> (B, ...), differentiable
+        prefixes = [
+            (layer.keys[index_B], layer.values[index_B]) for layer in prompt_cache.layers
+        ]  # U -> B rows
         positions_BC = first_B[:, None] + 1 + torch.arange(C - 1, device=input_ids.device)  # (B, C - 1)
-        completion_mask_BC = (positions_BC < (first_B + n_B)[:, None]).long()
-        ran = _run_capturing_hidden(
+        hidden_BCH = _pass_on_cache(
+            model,
             model,
             decoder,
+            _replay_safe_cache(_unwrap(model), _read_prefix, prefixes),
             input_ids=input_ids.gather(1, positions_BC.clamp(max=input_ids.shape[1] - 1)),
-            attention_mask=torch.cat([prompt_mask_UP.index_select(0, index_B), completion_mask_BC], 1),
+            attention_mask=torch.cat(
+                [prompt_mask_UP.index_select(0, index_B), (positions_BC < (first_B + n_B)[:, None]).long()], 1
+            ),
             position_ids=positions_BC,
-            past_key_values=cache,
-            use_cache=True,
         )
-        if ran is None:
+        if hidden_BCH is None:
             return None
-        pieces.append(ran[1])
+        pieces.append(hidden_BCH)
     keep_BC = torch.arange(C, device=input_ids.device) < n_B[:, None]
     return torch.cat(pieces, 1)[keep_BC]
 

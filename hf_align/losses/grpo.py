@@ -5,10 +5,14 @@ gets exactly 0). Per-token losses: ``POLICY_GRADIENT_LOSSES``, with a token or G
 ``RATIO_LEVELS`` and an optional k3 KL penalty. ``LOSS_REDUCTIONS`` divide a masked *sum* over the micro-batch
 by a normalizer the caller may pass as a GLOBAL count of the optimizer step (all micro-batches and processes),
 so the summed ``backward()`` of the micro-batches is the full-batch gradient however the batch is split.
+``importance_sampling_weight`` corrects for a sampler that is not the trainer's forward (other kernels,
+truncated sampling, stale weights): a detached weight on each token's policy-gradient loss, apart from the
+clip ratio.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -19,6 +23,7 @@ from hf_align.logprobs import masked_mean_or_zero, masked_normalize
 LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
 Reduction = Literal["sequence_mean", "token_mean", "constant"]
 RatioLevel = Literal["token", "sequence"]
+SamplingCorrection = Literal["truncate", "mask"]
 AdvantageScale = Literal["none", "std", "mean"]
 Count = int | float | torch.Tensor
 LossAndMetrics = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -305,6 +310,76 @@ def reduce_token_losses(
     return LOSS_REDUCTIONS[reduction](loss_BT, mask_BT, n_seq, n_tok, max_completion_length)
 
 
+def truncate_is_ratio(ratio, clip_min, clip_max) -> torch.Tensor:
+    """TIS (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"): the
+    ratio clamped to [clip_min, clip_max] (a None bound is open)."""
+    return ratio.clamp(min=clip_min, max=clip_max)
+
+
+def mask_is_ratio(ratio, clip_min, clip_max) -> torch.Tensor:
+    """MIS (Liu et al. 2025, "When Speed Kills Stability"): 0 where the ratio is outside [clip_min, clip_max]
+    (a None bound is open)."""
+    low, high = -math.inf if clip_min is None else clip_min, math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+SAMPLING_CORRECTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "truncate": truncate_is_ratio,
+    "mask": mask_is_ratio,
+}
+
+
+def _masked_extremes(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` where ``valid``, 0 and 0 when nothing is (no host sync)."""
+    any_valid = valid.any()
+    low = torch.where(valid, x, torch.full_like(x, math.inf)).amin()
+    high = torch.where(valid, x, torch.full_like(x, -math.inf)).amax()
+    return torch.where(any_valid, low, 0.0), torch.where(any_valid, high, 0.0)
+
+
+def importance_sampling_weight(
+    old_log_probs_BT: torch.Tensor,
+    sampling_log_probs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    level: RatioLevel = "sequence",
+    mode: SamplingCorrection = "mask",
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
+) -> LossAndMetrics:
+    """Detached weight of each token's policy-gradient loss for rollouts drawn from a sampler pi_s that is not
+    the trainer's pi_old: ``rho_it = exp(logp_old_it - logp_s_it)`` (``level="token"``, (B, T)), or one ratio
+    per sequence ``rho_i = exp(sum_t m_it (logp_old_it - logp_s_it))`` (``"sequence"``, (B, 1): a sum, as
+    TRL's, not GSPO's mean), then ``SAMPLING_CORRECTIONS[mode]`` with [clip_min, clip_max]. Masked tokens, and
+    NaN sampler log-probs (TRL: "unavailable"), have ratio 1. Metrics over valid tokens (sequences with a
+    token): the raw ratio's ``is_ratio_min`` / ``_mean`` / ``_max``, ``is_clipped_fraction`` (truncated or
+    masked), and ``logp_diff_mean`` / ``_max`` of ``|logp_old - logp_s|``."""
+    if level not in RATIO_LEVELS or mode not in SAMPLING_CORRECTIONS:
+        raise ValueError(f"unknown level / mode {level!r} / {mode!r}; valid: {sorted(RATIO_LEVELS)} x "
+                         f"{sorted(SAMPLING_CORRECTIONS)}")  # fmt: skip
+    with torch.no_grad():
+        m_BT = mask_BT.bool()
+        diff_BT = torch.where(m_BT, old_log_probs_BT.float() - sampling_log_probs_BT.float(), 0.0)
+        diff_BT = diff_BT.nan_to_num(
+            nan=0.0, posinf=math.inf, neginf=-math.inf
+        )  # no sampler log-prob: ratio 1
+        log_rho, valid = diff_BT, m_BT
+        if level == "sequence":
+            log_rho, valid = diff_BT.sum(-1, keepdim=True), m_BT.any(-1, keepdim=True)  # (B, 1)
+        rho = log_rho.exp()
+        weight = SAMPLING_CORRECTIONS[mode](rho, clip_min, clip_max)
+        abs_diff_BT = diff_BT.abs()
+        rho_min, rho_max = _masked_extremes(rho, valid)
+        metrics = {
+            "is_ratio_min": rho_min,
+            "is_ratio_mean": masked_mean_or_zero(rho, valid),
+            "is_ratio_max": rho_max,
+            "is_clipped_fraction": masked_mean_or_zero((weight != rho).float(), valid),
+            "logp_diff_mean": masked_mean_or_zero(abs_diff_BT, m_BT),
+            "logp_diff_max": _masked_extremes(abs_diff_BT, m_BT)[1],
+        }
+    return weight, metrics
+
+
 def _ratio_metrics(meta: dict[str, torch.Tensor], mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     if "ratio" not in meta:
         return {}
@@ -336,6 +411,7 @@ def policy_loss(
     cliprange_high: float | None = None,
     ratio_level: RatioLevel = "token",
     beta: float = 0.0,
+    is_weight_BT: torch.Tensor | None = None,
     num_sequences: Count | None = None,
     num_tokens: Count | None = None,
     max_completion_length: int | None = None,
@@ -343,7 +419,9 @@ def policy_loss(
     """One micro-batch's GRPO-family loss ``reduce(l^pg_it + beta * k3_it)`` (Shao et al. 2024, eq. 3), unscaled
     (DDP / FSDP average gradients: the caller multiplies by the world size). Metrics, detached: ``loss``,
     ``policy_loss`` (the pg part), ``kl_mean`` (given ref log-probs); for ratio losses ``ratio_mean``,
-    ``ratio_max``, and for ``grpo_clip`` ``clip_fraction_low`` / ``_high`` / ``clip_fraction``."""
+    ``ratio_max``, and for ``grpo_clip`` ``clip_fraction_low`` / ``_high`` / ``clip_fraction``.
+    ``is_weight_BT`` ((B, T) or (B, 1), from ``importance_sampling_weight``) multiplies ``l^pg`` only, not the
+    KL term (as TRL)."""
     if beta > 0 and ref_log_probs_BT is None:
         raise ValueError(f"beta={beta} > 0 needs ref_log_probs_BT for the KL penalty (or set beta=0)")
     pg_BT, meta = compute_policy_gradient_loss(
@@ -360,6 +438,8 @@ def policy_loss(
     )
     counts = (num_sequences, num_tokens, max_completion_length)
     metrics: dict[str, torch.Tensor] = {}
+    if is_weight_BT is not None:
+        pg_BT = pg_BT * is_weight_BT.to(pg_BT.dtype)
     total_BT = pg_BT
     if ref_log_probs_BT is not None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and beta > 0):

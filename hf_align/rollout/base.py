@@ -10,7 +10,7 @@ Choices (every engine follows them, so trainers and evaluation never branch on t
   `</answer>` stays for the grader) and `completion_ids` end with the token that completed it. "length":
   `max_new_tokens` ran out. Stop strings are only looked for once `min_new_tokens` tokens exist, as in vLLM.
 - `logprobs[i]` is the log-probability of `completion_ids[i]` under the distribution the token was drawn
-  from: logits / temperature, then top-k and top-p truncation, renormalised. With top_k = 0 and top_p = 1 it
+  from: logits / temperature, then top-k, top-p and min-p truncation, renormalised. With top_k = 0 and top_p = 1 it
   equals `get_response_log_probs(..., temperature=temperature)` on the same tokens (up to float error).
   Greedy decoding (temperature 0) has no sampling distribution: its logprobs are those of the model at
   temperature 1. While `min_new_tokens` forbids EOS, the EOS-masked distribution is the one recorded.
@@ -24,6 +24,12 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 
 FinishReason = Literal["stop", "length", "eos"]
+# What every engine sets itself from SamplingConfig's fields: `SamplingConfig.extra` cannot replace them.
+ENGINE_SET_KEYS = frozenset(
+    "n num_return_sequences seed logprobs stop stop_token_ids include_stop_str_in_output eos_token_id pad_token_id "
+    "max_tokens max_new_tokens min_tokens min_new_tokens do_sample num_beams return_dict_in_generate use_cache "
+    "temperature top_p top_k min_p repetition_penalty".split()
+)
 
 
 class RolloutEngineError(RuntimeError):
@@ -40,12 +46,16 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in prompt or completion; 1 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
     min_new_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     # One seed per prompt (overrides `seed`): the samples of a prompt then depend only on that prompt's seed,
     # not on which other prompts share the call, so a trainer gets the same rollouts whatever its process layout.
     prompt_seeds: list[int] | None = None
+    # More generation arguments, by the engine's own names (GenerationConfig's for hf, SamplingParams' for vLLM),
+    # e.g. suppress_tokens; not those in ENGINE_SET_KEYS.
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -58,6 +68,12 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if taken := sorted(ENGINE_SET_KEYS & set(self.extra)):
+            raise ValueError(
+                f"generation arguments {taken} are set from the sampling fields; set those instead"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

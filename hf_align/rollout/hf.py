@@ -25,6 +25,7 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -83,6 +84,20 @@ def _eval_mode(model: torch.nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+# generate() applies these warpers after our log-prob recorder: the recorded log-probs would not be the sampler's.
+UNRECORDED_WARPERS = frozenset({"typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"})
+
+
+def check_generation_kwargs(extra: dict) -> None:
+    """Refuse extra generation arguments that GenerationConfig does not know or that our recorder cannot see."""
+    known = GenerationConfig().to_dict()
+    if unknown := sorted(k for k in extra if k not in known or k in UNRECORDED_WARPERS):
+        raise ValueError(
+            f"generation_kwargs {unknown}: not GenerationConfig fields that model.generate sampling supports here "
+            f"({sorted(UNRECORDED_WARPERS)} are applied after the sampling log-probs are recorded)"
+        )
 
 
 class HFEngine(EngineBase):
@@ -166,7 +181,8 @@ class HFEngine(EngineBase):
             # generate()'s own warpers would run after our recorder: switch them off, we pass our own.
             kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0)
             kwargs.update(epsilon_cutoff=0.0, eta_cutoff=0.0)
-        return GenerationConfig(**kwargs)
+        check_generation_kwargs(sampling.extra)
+        return GenerationConfig(**kwargs, **sampling.extra)
 
     def _processors(self, sampling: SamplingConfig, recorder: _SampledLogprobRecorder) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -179,6 +195,8 @@ class HFEngine(EngineBase):
                 processors.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 processors.append(TopPLogitsWarper(sampling.top_p))
+            if sampling.min_p > 0.0:  # after top-p, as generate() orders them (vLLM: before top-k / top-p)
+                processors.append(MinPLogitsWarper(sampling.min_p))
         processors.append(recorder)
         return processors
 

@@ -56,7 +56,7 @@ def sampling_fields(sampling: SamplingConfig, eos_token_ids: list[int]) -> dict[
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,  # 0 = off, as in vLLM
         "repetition_penalty": sampling.repetition_penalty,
-        "min_p": 0.0,
+        "min_p": sampling.min_p,
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
         "max_tokens": sampling.max_new_tokens,
@@ -65,6 +65,7 @@ def sampling_fields(sampling: SamplingConfig, eos_token_ids: list[int]) -> dict[
         "include_stop_str_in_output": True,
         "stop_token_ids": list(eos_token_ids),
         "logprobs": 0,
+        **sampling.extra,
     }
 
 

@@ -13,18 +13,21 @@ Choices:
 - The loss is normalised by the optimizer step's global sequence / token counts, times the number of processes
   (DDP averages gradients): every ``loss_type`` but bnpo is exact under any micro-batch / accumulation / process
   split. Trainer's data loader iterates a range of the right length: ``max_steps`` optimizer steps exactly.
-- Old log-probs (ratio losses) are the sampling policy's, unless the batch makes a single optimizer step (then
-  they equal the current ones, detached, as in TRL); the engine's own sampling log-probs are not used (vLLM's
-  kernels differ slightly). The KL reference is the policy with its LoRA adapters disabled when training LoRA,
-  else a frozen copy (or ``ref_model``).
+- Old log-probs (ratio losses) are the trainer's at sampling time, unless the batch makes a single optimizer
+  step (then they equal the current ones, detached, as in TRL). Where the sampler is not the trainer's forward
+  (vLLM's kernels, truncated sampling: ``GRPOConfig.corrects_sampling``) the engine's log-probs give an
+  importance-sampling weight old / sampler on each token's policy-gradient loss (TRL's decoupled correction).
+  The KL reference is the policy with its LoRA adapters disabled when training LoRA, else a frozen copy (or
+  ``ref_model``).
 - The rollout buffer lives on the device (no host-device copy per micro-batch) and is checkpointed with the
   prompt cursor: a resume is exact.
 - ``async_rollouts``: batch j + ``max_staleness`` is queued (``RolloutQueue``: one thread generates and scores,
   in order) when training on batch j starts, from the weights of that moment, so generation overlaps training and
   every batch's staleness is fixed by the schedule, not by timing (``sample/staleness_mean``, in optimizer steps).
   The weights go to the engine at once when it is idle, else as a copy pushed by the thread before that batch.
-  Rollouts keep the log-probs of the weights that sampled them; old log-probs stay the trainer's (the ratio's
-  denominator, as above). Queued batches are checkpointed (finished first): their weights no longer exist.
+  Rollouts keep the log-probs of the weights that sampled them, which the importance-sampling correction weighs
+  against the trainer's old log-probs (still the ratio's denominator: the trainer's weights when the batch's
+  training starts). Queued batches are checkpointed (finished first): their weights no longer exist.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 
 from hf_align.config import GRPO_LOSS_TYPES, GRPOConfig
 from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
-from hf_align.losses.grpo import policy_loss
+from hf_align.losses.grpo import importance_sampling_weight, policy_loss
 from hf_align.modeling import create_reference_model
 from hf_align.rollout import make_engine
 from hf_align.trainers import grpo_rollouts as R
@@ -60,6 +63,12 @@ _TRL_NAMES = {  # policy_loss's metric names -> TRL's
     "clip_fraction_low": "clip_ratio/low_mean",
     "clip_fraction_high": "clip_ratio/high_mean",
     "clip_fraction": "clip_ratio/region_mean",
+    "is_ratio_min": "sampling/importance_sampling_ratio/min",  # TRL's names; ours is the ratio before
+    "is_ratio_mean": "sampling/importance_sampling_ratio/mean",  # truncation / masking (README)
+    "is_ratio_max": "sampling/importance_sampling_ratio/max",
+    "is_clipped_fraction": "sampling/importance_sampling_ratio/clipped_fraction",
+    "logp_diff_mean": "sampling/sampling_logp_difference/mean",
+    "logp_diff_max": "sampling/sampling_logp_difference/max",
 }
 
 
@@ -256,8 +265,17 @@ class GRPOTrainer(AlignTrainer):
     @torch.no_grad()
     def _add_reference_logprobs(self, micro: list[dict]) -> None:
         """Old log-probs (ratio losses over a batch lasting several optimizer steps) and reference log-probs (KL),
-        computed once per generation batch."""
+        computed once per generation batch; the engine's log-probs are kept only where the importance-sampling
+        correction applies (``GRPOConfig.corrects_sampling``)."""
         a, model = self.args, self.model
+        for b in micro:
+            if not a.corrects_sampling:
+                b.pop("sampling_log_probs", None)
+            elif "sampling_log_probs" not in b:
+                raise ValueError(
+                    f"the {a.rollout_engine!r} rollout engine returned no sampling log-probs: the importance-"
+                    "sampling correction needs them (or set vllm_importance_sampling_correction: false)"
+                )
         need_old = a.policy_loss in RATIO_LOSSES and a.steps_per_rollout > 1
         if not need_old and a.beta == 0:
             return
@@ -297,9 +315,15 @@ class GRPOTrainer(AlignTrainer):
         weight_B = inputs["raw_rewards" if a.policy_loss == "no_baseline" else "advantages"]
         # a device flag, read once per optimizer step by the no-learning guard: no sync here
         self._signal = ((weight_B != 0) & mask_BT.any(-1)).any() | self._signal
-        old_BT = inputs.get("old_log_probs")
-        if a.policy_loss in RATIO_LOSSES and old_BT is None:
-            old_BT = out["log_probs"].detach()  # on-policy: the sampling policy is this one
+        # on-policy: the sampling policy is this one (the same gradient as a separate no-grad pass, tested)
+        old_BT = inputs.get("old_log_probs", out["log_probs"].detach())
+        is_weight_BT, is_metrics = None, {}
+        if a.vllm_importance_sampling_correction and "sampling_log_probs" in inputs:
+            level, mode = a.vllm_importance_sampling_mode.split("_")
+            is_weight_BT, is_metrics = importance_sampling_weight(
+                old_BT, inputs["sampling_log_probs"], mask_BT, level, mode,
+                a.vllm_importance_sampling_clip_max, a.vllm_importance_sampling_clip_min,
+            )  # fmt: skip
         reduction, global_counts = GRPO_LOSS_TYPES[a.loss_type]
         loss, metrics = policy_loss(
             out["log_probs"],
@@ -314,11 +338,12 @@ class GRPOTrainer(AlignTrainer):
             cliprange_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon,
             ratio_level=a.importance_sampling_level,
             beta=a.beta,
+            is_weight_BT=is_weight_BT,
             num_sequences=inputs["num_sequences"] if global_counts else None,
             num_tokens=inputs["num_tokens"].clamp(min=1) if global_counts else None,  # all masked: 0 tokens
             max_completion_length=a.max_completion_length,
         )
-        metrics = {_TRL_NAMES.get(k, k): v for k, v in metrics.items() if k != "loss"}
+        metrics = {_TRL_NAMES.get(k, k): v for k, v in {**metrics, **is_metrics}.items() if k != "loss"}
         metrics["entropy"] = masked_mean_or_zero(out["token_entropy"], mask_BT)
         self.record(metrics, training=True)
         # DDP averages gradients over processes: global counts need the world size back; bnpo (TRL's per

@@ -126,10 +126,12 @@ def sampling_for(args, positions: list[int] | None = None) -> SamplingConfig:
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
+        min_p=args.min_p or 0.0,
         min_new_tokens=args.min_completion_length,
         stop=list(args.stop_strings),
         seed=args.seed,
         prompt_seeds=seeds,
+        extra=dict(args.generation_kwargs or {}),
     )
 
 
@@ -141,6 +143,7 @@ class ScoredGroups:
     completion_ids: list[list[int]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # weighted sum over functions; NaN: unscorable
+    logprobs: list[list[float] | None] = field(default_factory=list)  # the sampler's, per completion token
 
     def extend(self, other: ScoredGroups, start: int, stop: int) -> None:
         for name in self.__dataclass_fields__:
@@ -181,6 +184,7 @@ def scored_groups(groups: list[list[Rollout]], rewards: list[float]) -> ScoredGr
         completion_ids=[r.completion_ids for r in flat],
         finish_reasons=[r.finish_reason for r in flat],
         rewards=list(rewards),
+        logprobs=[r.logprobs for r in flat],
     )
 
 
@@ -261,7 +265,9 @@ def build_micro_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Split this process's rollout batch into micro-batches (in order), each trimmed to its own length.
 
-    Each carries ``step_index``: which optimizer step (within one pass over the rollout batch) it belongs to.
+    Each carries ``step_index``: which optimizer step (within one pass over the rollout batch) it belongs to,
+    and ``sampling_log_probs`` (B, T), the engine's log-probs aligned with ``labels`` (0 where not in
+    ``response_mask``), when the engine gave them for every completion of the micro-batch.
     """
     batches = []
     for i, start in enumerate(range(0, len(scored), micro_batch_size)):
@@ -270,6 +276,11 @@ def build_micro_batches(
         if mask_truncated:  # TRL's mask_truncated_completions: cut completions leave the loss
             cut = torch.tensor([f == "length" for f in scored.finish_reasons[sl]])
             seqs["response_mask"] = seqs["response_mask"] * ~cut[:, None]
+        logprobs = scored.logprobs[sl]
+        if len(logprobs) == len(seqs["labels"]) and all(lp is not None for lp in logprobs):
+            rows = [torch.tensor([0.0] * len(p) + lp) for p, lp in zip(scored.prompt_ids[sl], logprobs)]
+            padded_BL = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # as build_shifted_sequences
+            seqs["sampling_log_probs"] = padded_BL[:, 1:] * seqs["response_mask"]  # (B, L-1), like labels
         seqs["advantages"] = advantages_B[sl]
         seqs["raw_rewards"] = rewards_B[sl]
         seqs["step_index"] = torch.tensor(i // micro_batches_per_step)

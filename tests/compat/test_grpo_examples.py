@@ -16,6 +16,10 @@ their rewards and any loss that weighs them differently are not comparable):
     (advantages are centred per group), whatever was sampled: compared at absolute 1e-6.
   - Otherwise (sampled completions with dapo / dr_grpo / masked truncations / several generations per step) the
     test only checks that hf_align trains, logs a finite loss and logs TRL's metric names.
+  - The importance-sampling correction (on by default in both): TRL applies it to vLLM rollouts only, hf_align
+    also to `model.generate` with `top_k > 0`, `top_p < 1`, `min_p` or a repetition penalty (README, "Coming
+    from TRL"). The greedy examples (`top_k=1`) are such a case, yet their compared loss stays 0: the weights
+    multiply advantages that are all 0. The default-sampling examples get no correction in either library.
 """
 
 from __future__ import annotations

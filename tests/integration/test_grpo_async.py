@@ -126,11 +126,16 @@ def test_async_resume_is_exact(tmp_path, tokenizer, generation_batch_size, save_
         torch.testing.assert_close(p, q, msg=n)
 
 
-def test_async_refuses_colocated_vllm_and_dropout(tmp_path, tokenizer):
+def test_async_config_refusals_and_is_correction(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="async_rollouts needs a rollout engine apart from training"):
         GRPOConfig(output_dir=str(tmp_path), async_rollouts=True, use_vllm=True, vllm_mode="colocate")
     with pytest.raises(ValueError, match="max_staleness"):
         GRPOConfig(output_dir=str(tmp_path), max_staleness=-1)
+    stale = GRPOConfig(output_dir=str(tmp_path), async_rollouts=True)  # hf engine, plain sampling
+    assert (
+        stale.corrects_sampling
+        and not GRPOConfig(output_dir=str(tmp_path), max_staleness=0).corrects_sampling
+    )
     with pytest.raises(ValueError, match="disable_dropout"):
         _trainer(
             tmp_path, tokenizer, model=build_model(tokenizer, attention_dropout=0.1), async_rollouts=True

@@ -9,6 +9,7 @@ import torch
 
 from hf_align.config import GRPOConfig
 from hf_align.trainers.grpo import GRPOTrainer
+from hf_align.trainers.grpo_rollouts import sampling_for
 from tests.conftest import build_model, grad_capture
 
 TARGET = "blue"
@@ -165,6 +166,13 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer):
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(num_generations=1, generation_batch_size=32), "num_generations must be >= 2"),
         (dict(beta=-0.1), "beta must be >= 0"),
+        (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+        (
+            dict(generation_kwargs={"typical_p": 0.9}),
+            "typical_p",
+        ),  # model.generate: after the log-prob recorder
+        (dict(generation_kwargs={"max_new_tokens": 9}), "set from the sampling fields"),
+        (dict(generation_kwargs={"temperature": 0.0}), "temperature must be > 0"),
     ],
 )
 def test_config_validation(tmp_path, bad, message):
@@ -186,6 +194,13 @@ def test_trl_defaults_and_aliases(tmp_path):
     assert cfg.steps_per_generation == cfg.gradient_accumulation_steps == 1 and cfg.generation_batch_size == 8
     assert GRPOConfig(output_dir=str(tmp_path), scale_rewards=False).scale_rewards == "none"
     assert GRPOConfig(output_dir=str(tmp_path), scale_rewards=True).scale_rewards == "group"
+    # TRL: sampling fields in generation_kwargs override the config's (here they move into those fields)
+    cfg = GRPOConfig(output_dir=str(tmp_path), generation_kwargs='{"top_p": 0.9, "suppress_tokens": [3]}')
+    assert cfg.top_p == 0.9 and cfg.generation_kwargs == {"suppress_tokens": [3]} and cfg.min_p is None
+    sampling = sampling_for(
+        GRPOConfig(output_dir=str(tmp_path), min_p=0.1, generation_kwargs=cfg.generation_kwargs)
+    )
+    assert (sampling.min_p, sampling.top_p, sampling.extra) == (0.1, 1.0, {"suppress_tokens": [3]})
     server = GRPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server", vllm_server_port=8011)
     assert server.rollout_engine == "vllm_server" and server.vllm_server_url == "http://0.0.0.0:8011"
 
@@ -220,16 +235,19 @@ def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_
             )
 
 
-def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer):
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}])
+def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer, checkpointing):
     """share_prompt_prefix (the default) runs each group's prompt through the decoder once per micro-batch:
-    the same gradients as one full pass per row (1e-5), with fewer decoder rows."""
+    the same gradients as one full pass per row (1e-5), with fewer decoder rows; under activation
+    checkpointing (reentrant, the harder case) too."""
     grads, shapes = {}, {}
     for share in (False, True):
         cap = grad_capture()
         cfg = _config(
             tmp_path / str(share), max_steps=1, generation_batch_size=16, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
-            share_prompt_prefix=share,
+            share_prompt_prefix=share, activation_checkpointing=checkpointing is not None,
+            activation_checkpointing_kwargs=checkpointing,
         )  # fmt: skip
         model = build_model(tokenizer)
         seen = shapes[share] = []
@@ -244,6 +262,7 @@ def test_shared_prompt_forward_gives_the_same_step(tmp_path, tokenizer):
             reward_funcs=[letter_e_reward], callbacks=[cap],
         )  # fmt: skip
         trainer.train()
+        assert model.is_activation_checkpointing == (checkpointing is not None)
         grads[share] = cap.grads
     assert [rows for rows, _ in shapes[False]] == [8, 8]
     assert [rows for rows, _ in shapes[True]] == [1, 8, 1, 8]  # one prompt, then its 8 completions

@@ -202,6 +202,35 @@ def test_sampled_logprobs_match_recomputed(engine, base_model, temperature, top_
 
 
 @vllm_test
+def test_min_p_and_generation_kwargs_reach_vllm(engine, base_model, tokenizer):
+    # allowed_token_ids (a SamplingParams field, given through `extra`) restricts sampling to 40 tokens and
+    # min_p cuts those below half the top one; the recorded log-probs are of that renormalised distribution.
+    allowed = list(range(100, 140))
+    temperature, min_p = 0.3, 0.5
+    sampling = SamplingConfig(
+        n=2,
+        max_new_tokens=12,
+        temperature=temperature,
+        min_p=min_p,
+        seed=5,
+        extra={"allowed_token_ids": allowed},
+    )
+    for group in engine.generate(PROMPTS[:2], sampling):
+        for r in group:
+            assert set(r.completion_ids) <= set(allowed)
+            ids = torch.tensor([r.prompt_ids + r.completion_ids])
+            P = len(r.prompt_ids)
+            with torch.no_grad():
+                logits_TV = base_model(input_ids=ids).logits[0, P - 1 : -1].float()
+            probs = logits_TV[:, allowed].div(temperature).softmax(-1)
+            kept = probs >= min_p * probs.max(-1, keepdim=True).values
+            token = torch.tensor([allowed.index(t) for t in r.completion_ids])[:, None]
+            expected = (probs.gather(1, token)[:, 0] / (probs * kept).sum(-1)).log()
+            torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-4, rtol=0)
+            assert (kept.sum(-1) < len(allowed)).any()  # min_p did cut
+
+
+@vllm_test
 def test_stop_strings_and_group_shapes(engine, base_model, tokenizer):
     # A stop string taken from the middle of the greedy text is certain to be hit.
     greedy = engine.generate(PROMPTS[:1], GREEDY)[0][0].text

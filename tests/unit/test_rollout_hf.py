@@ -205,6 +205,55 @@ def test_truncated_sampling_logprobs(varied_model, tokenizer):
     assert (torch.tensor(r.logprobs) > full + 1e-3).any()
 
 
+def _step_logits(model, rollout: Rollout) -> torch.Tensor:
+    """(T, V) logits of the distributions each completion token was drawn from, at temperature 1."""
+    full = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
+    with torch.no_grad():
+        logits = model(full).logits[0].float()
+    return logits[len(rollout.prompt_ids) - 1 : -1]
+
+
+def test_min_p_logprobs_are_the_truncated_distribution(varied_model, tokenizer):
+    # min_p keeps the tokens with p >= min_p * max p and renormalises over them: the recorded log-prob is
+    # log(p_token / sum of kept p), computed here from the model's own logits.
+    engine = HFEngine(varied_model, tokenizer)
+    min_p, temperature = 0.5, 0.05  # a random model is nearly uniform: sharpen it so min_p cuts
+    sampling = SamplingConfig(max_new_tokens=8, temperature=temperature, min_p=min_p, seed=0)
+    ((r,),) = engine.generate(["cat dog red"], sampling)
+    probs = torch.softmax(_step_logits(varied_model, r) / temperature, -1)
+    kept = probs >= min_p * probs.max(-1, keepdim=True).values
+    token = torch.tensor(r.completion_ids)
+    assert kept.gather(1, token[:, None]).all()  # every sampled token was allowed
+    expected = (probs.gather(1, token[:, None])[:, 0] / (probs * kept).sum(-1)).log()
+    torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-5, rtol=0)
+    assert (kept.sum(-1) < probs.shape[-1]).all() and (kept.sum(-1) > 1).any()  # min_p cut, not to greedy
+
+
+def test_generation_kwargs_reach_generate(varied_model, tokenizer):
+    # suppress_tokens (a GenerationConfig field, given through `extra`) removes the greedy tokens; the recorded
+    # log-probs are those of the distribution without them.
+    engine = HFEngine(varied_model, tokenizer)
+    ((greedy,),) = engine.generate(["cat dog red"], SamplingConfig(max_new_tokens=8, temperature=0))
+    banned = sorted(set(greedy.completion_ids))
+    sampling = SamplingConfig(max_new_tokens=8, seed=0, extra={"suppress_tokens": banned})
+    ((r,),) = engine.generate(["cat dog red"], sampling)
+    assert not set(r.completion_ids) & set(banned)
+    logits = _step_logits(varied_model, r)
+    logits[:, banned] = float("-inf")
+    expected = logits.log_softmax(-1).gather(1, torch.tensor(r.completion_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_generation_kwargs_refused_when_unusable(varied_model, tokenizer):
+    engine = HFEngine(varied_model, tokenizer)
+    with pytest.raises(ValueError, match="typical_p"):  # applied after the log-prob recorder
+        engine.generate(["Hello"], SamplingConfig(max_new_tokens=2, extra={"typical_p": 0.5}))
+    with pytest.raises(ValueError, match="not_a_field"):
+        engine.generate(["Hello"], SamplingConfig(max_new_tokens=2, extra={"not_a_field": 1}))
+    with pytest.raises(ValueError, match="sampling fields"):  # the engine sets these itself
+        SamplingConfig(extra={"num_return_sequences": 2})
+
+
 def test_seed_reproducible_and_global_rng_untouched(varied_model, tokenizer):
     engine = HFEngine(varied_model, tokenizer)
 
@@ -280,6 +329,13 @@ def test_make_engine_vllm_without_vllm(tokenizer):
 def test_sampling_config_validation():
     assert SamplingConfig(temperature=0).greedy and not SamplingConfig().greedy
     assert SamplingConfig(stop="</answer>").stop == ["</answer>"]
-    for bad in ({"n": 0}, {"temperature": -1}, {"top_p": 0.0}, {"top_k": -1}, {"min_new_tokens": 999}):
+    for bad in (
+        {"n": 0},
+        {"temperature": -1},
+        {"top_p": 0.0},
+        {"top_k": -1},
+        {"min_new_tokens": 999},
+        {"min_p": 1.5},
+    ):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_align.data import build_shifted_sequences
-from hf_align.logprobs import _can_share_prompts, _shared_prompt_hidden, get_response_log_probs
+from hf_align.logprobs import _can_share_prompts, _shared_prompt_hidden, _unwrap, get_response_log_probs
 from tests.conftest import build_model
 
 
@@ -103,37 +103,99 @@ def test_hidden_is_none_where_sharing_cannot_apply(tokenizer):
     assert _shared_prompt_hidden(model, decoder, b["input_ids"], b["attention_mask"], no_prompt) is None
 
 
-def test_gradient_checkpointing_falls_back_to_one_pass(tokenizer):
-    """transformers' checkpointed layers drop the cache in training: the prompt would be silently ignored, so
-    sharing must not run there (same results as the one-pass forward; transformers also returns no cache)."""
-    model = build_model(tokenizer)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not _can_share_prompts(model.eval())  # eval too: old log-probs must take the training pass's path
+def _enable_checkpointing(model, reentrant: bool, api: str = "activation") -> None:
+    kwargs = {"use_reentrant": reentrant}
+    if api == "activation":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _decoder_calls(model) -> tuple[list, object]:
+    """The input shapes of every decoder forward (how many passes ran, over what), and the hook's handle."""
+    seen: list[tuple[int, ...]] = []
+    handle = (
+        _unwrap(model)
+        .get_decoder()
+        .register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        )
+    )
+    return seen, handle
+
+
+def _assert_same(got, want, got_grads, want_grads):
+    torch.testing.assert_close(got["log_probs"], want["log_probs"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got["token_entropy"], want["token_entropy"], atol=2e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for n, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[n], grad, atol=2e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize(
+    ("reentrant", "api"), [(False, "activation"), (True, "activation"), (True, "gradient")]
+)
+def test_gradient_checkpointing_shares_prompts_exactly(tokenizer, reentrant, api):
+    """Under activation checkpointing (non-reentrant and reentrant, by either transformers entry point) the
+    shared-prompt forward runs (each distinct prompt once) and gives the one-pass forward's log-probs, entropies
+    and gradients: a cache written twice by the backward replay, or completions' gradient through the cached
+    keys / values not reaching the prompt (what a reentrant checkpoint does), would break the equality."""
+    model = build_model(tokenizer, num_layers=3)
+    _enable_checkpointing(model, reentrant, api)
     model.train()
-    assert not _can_share_prompts(model)
-    model.gradient_checkpointing_disable()
-    assert _can_share_prompts(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     b = _rollout_batch(model.config.vocab_size, SHAPES, seed=2)
+    B, T = b["input_ids"].shape
+    seen, handle = _decoder_calls(model)
     want, want_grads = _run(model, b, share=False)
     got, got_grads = _run(model, b, share=True)
-    torch.testing.assert_close(got["log_probs"], want["log_probs"], atol=1e-6, rtol=1e-6)
-    for n, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[n], grad, atol=1e-6, rtol=1e-6, msg=n)
+    with torch.no_grad():  # old / reference log-probs: no checkpointing runs, same path
+        got_no_grad, _ = _run(model, b, share=True)
+    handle.remove()
+    assert seen == [(B, T), (3, 9), (B, 5), (3, 9), (B, 5)]
+    _assert_same(got, want, got_grads, want_grads)
+    torch.testing.assert_close(got_no_grad["log_probs"], want["log_probs"], atol=2e-5, rtol=1e-5)
+    # the layers' checkpointing is the user's again (reentrant stays reentrant), and cache-free
+    for layer in model.model.layers:
+        assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": reentrant}
+        assert "_can_checkpoint_with_cache" not in vars(layer) and not layer._can_checkpoint_with_cache
 
 
-def test_peft_model_shares_prompts(tokenizer):
+def test_foreign_checkpoint_function_falls_back_to_one_pass(tokenizer):
+    """A checkpoint function that is not torch's (nor a partial of it) cannot be made non-reentrant: sharing
+    steps aside with a warning and the one pass runs (same numbers, each row through the decoder whole)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = build_model(tokenizer)
+    _enable_checkpointing(model, reentrant=False)
+    for layer in model.model.layers:
+        layer._gradient_checkpointing_func = lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
+    model.train()
+    b = _rollout_batch(model.config.vocab_size, SHAPES, seed=4)
+    seen, handle = _decoder_calls(model)
+    want, want_grads = _run(model, b, share=False)
+    with pytest.warns(UserWarning, match="one pass instead"):
+        got, got_grads = _run(model, b, share=True)
+    handle.remove()
+    assert seen == [tuple(b["input_ids"].shape)] * 2
+    _assert_same(got, want, got_grads, want_grads)
+
+
+@pytest.mark.parametrize("checkpointing", [None, False, True])  # off, non-reentrant, reentrant
+def test_peft_model_shares_prompts(tokenizer, checkpointing):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
         build_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )
+    if checkpointing is not None:
+        _enable_checkpointing(model, reentrant=checkpointing, api="gradient")
     model.train()
     assert _can_share_prompts(model)  # so the comparison below really runs the shared path
     b = _rollout_batch(model.config.vocab_size, SHAPES, seed=3)
+    seen, handle = _decoder_calls(model)
     want, want_grads = _run(model, b, share=False)
     got, got_grads = _run(model, b, share=True)
-    torch.testing.assert_close(got["log_probs"], want["log_probs"], atol=2e-5, rtol=1e-5)
+    handle.remove()
+    assert len(seen) == 3  # one pass, then a prompt pass and a completion pass
     assert want_grads and all("lora" in n for n in want_grads)
-    for n, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[n], grad, atol=2e-5, rtol=1e-4, msg=n)
+    _assert_same(got, want, got_grads, want_grads)
