@@ -54,12 +54,12 @@ def worker(
     def run():
         if impl == "naive":
             logits = model(input_ids=ids).logits
-            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         else:
-            logps = get_response_log_probs(model, ids, labels)["log_probs"]
+            log_probs = get_response_log_probs(model, ids, labels)["log_probs"]
         if mode == "train":
-            logps.sum().backward()
-        return logps.detach().sum().item()
+            log_probs.sum().backward()
+        return log_probs.detach().sum().item()
 
     mem = PeakMemory(device)
     mem.start()  # baseline, and the peak counter reset to it

@@ -173,7 +173,7 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
             prompt_ids=[prompt] * B, completion_ids=completions, rewards=rewards_B.tolist()
         )
         micro = R.build_micro_batches(scored, rewards_B, advantages_B, tok.pad_token_id, B, 1)
-        trainer._add_reference_logprobs(micro)  # old log-probs: rollout phase, as in _make_rollout_batch
+        trainer._add_reference_log_probs(micro)  # old log-probs: rollout phase, as in _make_rollout_batch
         R.attach_global_counts(micro, trainer.accelerator, cfg.optimizer_batch_size)  # as _make_rollout_batch
         batch = micro[0]
 

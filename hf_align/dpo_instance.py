@@ -13,17 +13,19 @@ import torch
 
 from hf_align.data import build_shifted_sequences, format_prompt, load_prompt_template
 from hf_align.logprobs import get_response_log_probs
-from hf_align.losses.dpo import dpo_loss, sequence_logps, split_concatenated
+from hf_align.losses.dpo import dpo_loss, sequence_log_probs, split_concatenated
 
 
-def _pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_log_probs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (chosen, rejected) of a 2-row batch under ``model``, on its device."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logps_BT = get_response_log_probs(
+    log_probs_BT = get_response_log_probs(
         model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
     )["log_probs"]
-    return split_concatenated(sequence_logps(logps_BT, batch["response_mask"]))
+    return split_concatenated(sequence_log_probs(log_probs_BT, batch["response_mask"]))
 
 
 def per_instance_dpo_loss(
@@ -49,9 +51,9 @@ def per_instance_dpo_loss(
     response_ids = [tokenizer(a + suffix, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     batch = build_shifted_sequences([prompt_ids, prompt_ids], response_ids, pad)  # each (2, T)
-    policy_chosen, policy_rejected = _pair_logps(lm, batch)
+    policy_chosen, policy_rejected = _pair_log_probs(lm, batch)
     with torch.no_grad():
-        ref_chosen, ref_rejected = _pair_logps(lm_ref, batch)
+        ref_chosen, ref_rejected = _pair_log_probs(lm_ref, batch)
     device = policy_chosen.device
     return dpo_loss(
         policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device), beta=beta

@@ -186,7 +186,7 @@ def _plain_linear(head: torch.nn.Module) -> bool:
 
 def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, with_entropy: bool) -> tuple:
     """Log-probs (N,) of ``labels_N`` under ``head(hidden_NH)``, chunk by chunk, and entropies if asked."""
-    logps, entropies = [], []
+    log_probs, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
     fused = use_ckpt and _plain_linear(head)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
@@ -203,12 +203,12 @@ def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, wit
             lp = checkpoint(_head_chunk, head, hidden_CH, labels_C, temperature, ent, use_reentrant=False)
         else:
             lp = _head_chunk(head, hidden_CH, labels_C, temperature, ent)
-        logps.append(lp)
+        log_probs.append(lp)
         entropies += ent or []
-    logps_N = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
+    log_probs_N = torch.cat(log_probs) if log_probs else hidden_NH.new_zeros(0, dtype=torch.float32)
     if not with_entropy:
-        return logps_N, None
-    return logps_N, torch.cat(entropies) if entropies else logps_N.detach()
+        return log_probs_N, None
+    return log_probs_N, torch.cat(entropies) if entropies else log_probs_N.detach()
 
 
 def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
@@ -436,8 +436,10 @@ def _to_rows(scores, keep_K: torch.Tensor | None, valid_N: torch.Tensor, B: int,
             return (values_K * valid_N).reshape(B, T)
         return values_K.new_zeros(B * T).index_copy(0, keep_K, values_K).reshape(B, T)
 
-    logps_K, entropy_K = scores
-    return {"log_probs": rows(logps_K)} | ({} if entropy_K is None else {"token_entropy": rows(entropy_K)})
+    log_probs_K, entropy_K = scores
+    return {"log_probs": rows(log_probs_K)} | (
+        {} if entropy_K is None else {"token_entropy": rows(entropy_K)}
+    )
 
 
 def _hidden_at(model, decoder, input_ids, attention_mask, valid_N, keep_K, share: bool, kwargs: dict):

@@ -2,7 +2,7 @@
 
 Inputs are SUMMED response log-probs ``log pi(y|x) = sum_t m_t log pi(y_t | x, y_<t)`` (B,) of the chosen and
 the rejected answer under the policy and the frozen reference; the trainer gets them from one forward over
-``[chosen; rejected]`` (2B rows) with ``sequence_logps`` and ``split_concatenated``. Every variant in
+``[chosen; rejected]`` (2B rows) with ``sequence_log_probs`` and ``split_concatenated``. Every variant in
 ``DPO_LOSSES`` is a per-pair function of the log-ratios ``lr = log pi - log ref``, mostly of the implicit
 reward margin ``h = lr_c - lr_r`` (Rafailov et al. 2023, eq. 7). IPO alone uses per-token AVERAGED log-ratios
 (an empty response counts as length 1): its squared loss targets a fixed margin ``1 / (2 beta)`` that a
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from hf_align.logprobs import masked_normalize
 
 
-def sequence_logps(logps_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+def sequence_log_probs(log_probs_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Summed response log-prob per sequence, ``sum_t m_t logp_t``, (B, T) -> (B,). A fully masked row is 0."""
-    return masked_normalize(logps_BT, mask_BT, dim=-1)
+    return masked_normalize(log_probs_BT, mask_BT, dim=-1)
 
 
 def split_concatenated(x_2B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,20 +39,20 @@ class Pairs(NamedTuple):
     """B preference pairs, each field (B,): summed log-probs under the policy and the frozen reference, and the
     response token counts (read by ``ipo`` and ``sft``). The field names are ``dpo_loss``'s arguments."""
 
-    policy_chosen_logps_B: torch.Tensor
-    policy_rejected_logps_B: torch.Tensor
-    ref_chosen_logps_B: torch.Tensor
-    ref_rejected_logps_B: torch.Tensor
+    policy_chosen_log_probs_B: torch.Tensor
+    policy_rejected_log_probs_B: torch.Tensor
+    ref_chosen_log_probs_B: torch.Tensor
+    ref_rejected_log_probs_B: torch.Tensor
     chosen_lengths_B: torch.Tensor | None = None
     rejected_lengths_B: torch.Tensor | None = None
 
     @property
     def chosen_logratios_B(self) -> torch.Tensor:  # lr_c = log pi(y_c) - log ref(y_c); no gradient to ref
-        return self.policy_chosen_logps_B - self.ref_chosen_logps_B.detach()
+        return self.policy_chosen_log_probs_B - self.ref_chosen_log_probs_B.detach()
 
     @property
     def rejected_logratios_B(self) -> torch.Tensor:
-        return self.policy_rejected_logps_B - self.ref_rejected_logps_B.detach()
+        return self.policy_rejected_log_probs_B - self.ref_rejected_log_probs_B.detach()
 
     @property
     def margins_B(self) -> torch.Tensor:  # h = lr_c - lr_r
@@ -104,8 +104,10 @@ def chosen_nll_loss(p: Pairs, beta: float, eps: float) -> torch.Tensor:
         raise ValueError(
             "loss_type='sft' is a token mean: pass chosen_lengths_B (response tokens per answer)"
         )
-    logps_B = p.policy_chosen_logps_B
-    return (-logps_B.sum() / p.chosen_lengths_B.sum().to(logps_B.dtype).clamp(min=1.0)).expand_as(logps_B)
+    log_probs_B = p.policy_chosen_log_probs_B
+    return (-log_probs_B.sum() / p.chosen_lengths_B.sum().to(log_probs_B.dtype).clamp(min=1.0)).expand_as(
+        log_probs_B
+    )
 
 
 # The variants of the log-ratios; label smoothing eps means something only for the first two.
@@ -133,19 +135,19 @@ def _check(p: Pairs, beta: float, loss_type: str, label_smoothing: float) -> Non
             f"label_smoothing={label_smoothing} has no meaning for loss_type={loss_type!r}; "
             "set it to 0 or use loss_type='sigmoid' (cDPO) or 'robust'"
         )
-    shape = p.policy_chosen_logps_B.shape
+    shape = p.policy_chosen_log_probs_B.shape
     for name, t in p._asdict().items():
         if t is not None and t.shape != shape:
             raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like policy_chosen_logps_B"
+                f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like policy_chosen_log_probs_B"
             )
 
 
 def dpo_loss(
-    policy_chosen_logps_B: torch.Tensor,
-    policy_rejected_logps_B: torch.Tensor,
-    ref_chosen_logps_B: torch.Tensor,
-    ref_rejected_logps_B: torch.Tensor,
+    policy_chosen_log_probs_B: torch.Tensor,
+    policy_rejected_log_probs_B: torch.Tensor,
+    ref_chosen_log_probs_B: torch.Tensor,
+    ref_rejected_log_probs_B: torch.Tensor,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
@@ -161,10 +163,10 @@ def dpo_loss(
     (means of the policy's summed log-probs).
     """
     pairs = Pairs(
-        policy_chosen_logps_B,
-        policy_rejected_logps_B,
-        ref_chosen_logps_B,
-        ref_rejected_logps_B,
+        policy_chosen_log_probs_B,
+        policy_rejected_log_probs_B,
+        ref_chosen_log_probs_B,
+        ref_rejected_log_probs_B,
         chosen_lengths_B,
         rejected_lengths_B,
     )
@@ -178,7 +180,7 @@ def dpo_loss(
             "rewards/rejected": rejected_rewards_B.mean(),
             "rewards/accuracies": (chosen_rewards_B > rejected_rewards_B).to(chosen_rewards_B.dtype).mean(),
             "rewards/margins": (chosen_rewards_B - rejected_rewards_B).mean(),
-            "logps/chosen": policy_chosen_logps_B.detach().mean(),
-            "logps/rejected": policy_rejected_logps_B.detach().mean(),
+            "logps/chosen": policy_chosen_log_probs_B.detach().mean(),
+            "logps/rejected": policy_rejected_log_probs_B.detach().mean(),
         }
     return loss, metrics

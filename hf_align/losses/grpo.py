@@ -169,12 +169,12 @@ def kl_k3(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.
 #   -> (loss (B, T), per-token metadata)
 
 
-def reinforce_loss(logps_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
+def reinforce_loss(log_probs_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
     """REINFORCE (Williams 1992): ``l_it = -A_i log pi(o_it)``, A a raw reward or an advantage."""
-    return -A_B1 * logps_BT, {}
+    return -A_B1 * log_probs_BT, {}
 
 
-def clipped_surrogate_loss(logps_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
+def clipped_surrogate_loss(log_probs_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
     """PPO / GRPO clipped surrogate (Schulman et al. 2017, eq. 7; Shao et al. 2024, eq. 3), DAPO's clip-higher
     (Yu et al. 2025, sec. 3.1): ``l_it = -min(r_it A_i, clip(r_it, 1 - low, 1 + high) A_i)``. Metadata: the
     detached ``ratio``; ``clipped_high`` / ``clipped_low`` / ``clipped``: the tokens the clip gives zero gradient."""
@@ -190,7 +190,7 @@ def clipped_surrogate_loss(logps_BT, A_B1, ratio_BT, low, high) -> LossAndMetric
     }
 
 
-def ratio_surrogate_loss(logps_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
+def ratio_surrogate_loss(log_probs_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
     """PPO's unclipped CPI surrogate (Schulman et al. 2017, eq. 6): ``l_it = -r_it A_i``."""
     return -ratio_BT * A_B1, {"ratio": ratio_BT.detach()}
 

@@ -16,21 +16,21 @@ from hf_align.logprobs import masked_mean_or_zero, masked_normalize
 
 
 def token_mean_nll(
-    logps_BT, mask_BT, num_tokens=None, num_sequences=None, normalize_constant=1.0
+    log_probs_BT, mask_BT, num_tokens=None, num_sequences=None, normalize_constant=1.0
 ) -> torch.Tensor:
     """``L = (1/N_tok) sum_i sum_t m_it (-log p_it)``, N_tok = ``num_tokens`` (default: this batch's, >= 1)."""
     if num_tokens is None:
-        return -masked_mean_or_zero(logps_BT, mask_BT)
-    return -masked_normalize(logps_BT, mask_BT, normalize_constant=max(float(num_tokens), 1.0))
+        return -masked_mean_or_zero(log_probs_BT, mask_BT)
+    return -masked_normalize(log_probs_BT, mask_BT, normalize_constant=max(float(num_tokens), 1.0))
 
 
 def sequence_sum_nll(
-    logps_BT, mask_BT, num_tokens=None, num_sequences=None, normalize_constant=1.0
+    log_probs_BT, mask_BT, num_tokens=None, num_sequences=None, normalize_constant=1.0
 ) -> torch.Tensor:
     """``L = (1/N_seq) sum_i (1/c) sum_t m_it (-log p_it)``, c = ``normalize_constant``, N_seq = ``num_sequences``
     (default: this batch's B)."""
-    per_seq_B = -masked_normalize(logps_BT, mask_BT, normalize_constant=normalize_constant, dim=-1)
-    n = logps_BT.shape[0] if num_sequences is None else num_sequences
+    per_seq_B = -masked_normalize(log_probs_BT, mask_BT, normalize_constant=normalize_constant, dim=-1)
+    n = log_probs_BT.shape[0] if num_sequences is None else num_sequences
     return per_seq_B.sum() / max(float(n), 1.0)
 
 
@@ -41,7 +41,7 @@ SFT_NORMALIZATIONS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def sft_loss(
-    logps_BT: torch.Tensor,
+    log_probs_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     normalization: str = "token_mean",
     num_tokens: float | None = None,
@@ -54,10 +54,12 @@ def sft_loss(
         raise ValueError(
             f"unknown SFT normalization {normalization!r}; choose from {sorted(SFT_NORMALIZATIONS)}"
         )
-    loss = SFT_NORMALIZATIONS[normalization](logps_BT, mask_BT, num_tokens, num_sequences, normalize_constant)
+    loss = SFT_NORMALIZATIONS[normalization](
+        log_probs_BT, mask_BT, num_tokens, num_sequences, normalize_constant
+    )
     with torch.no_grad():
         metrics = {
-            "nll_per_token": -masked_mean_or_zero(logps_BT.detach(), mask_BT),
+            "nll_per_token": -masked_mean_or_zero(log_probs_BT.detach(), mask_BT),
             "response_tokens": mask_BT.sum().to(torch.float32),
         }
     return loss, metrics

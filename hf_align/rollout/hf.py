@@ -227,12 +227,12 @@ class HFEngine(EngineBase):
             stopping_criteria=self._stopping_criteria(sampling, width),
         )
         new_tokens_RT = out.sequences[:, width:]  # (len(batch) * n, T_new), rows grouped by prompt
-        logps_RT = recorder.finish(new_tokens_RT).cpu().tolist()
+        log_probs_RT = recorder.finish(new_tokens_RT).cpu().tolist()
         new_tokens = new_tokens_RT.cpu().tolist()
         n = sampling.n
         return [
             [
-                self._rollout(offset + b, ids, new_tokens[r], logps_RT[r], sampling)
+                self._rollout(offset + b, ids, new_tokens[r], log_probs_RT[r], sampling)
                 for r in range(b * n, b * n + n)
             ]
             for b, ids in enumerate(batch)

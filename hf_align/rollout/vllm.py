@@ -131,10 +131,10 @@ class VLLMEngine(EngineBase):
             group = []
             for completion in sorted(out.outputs, key=lambda c: c.index):
                 tokens = list(completion.token_ids)
-                logps = None
+                log_probs = None
                 if completion.logprobs is not None:
-                    logps = [float(step[t].logprob) for t, step in zip(tokens, completion.logprobs)]
-                group.append(self._rollout(i, ids, tokens, logps, sampling))
+                    log_probs = [float(step[t].logprob) for t, step in zip(tokens, completion.logprobs)]
+                group.append(self._rollout(i, ids, tokens, log_probs, sampling))
             results.append(group)
         return results
 

@@ -149,9 +149,9 @@ class VLLMServerEngine(EngineBase):
         for i, (ids, resp) in enumerate(zip(prompt_ids, responses, strict=True)):
             group = []
             for choice in sorted(resp["choices"], key=lambda c: c["index"]):
-                logps = (choice.get("logprobs") or {}).get("token_logprobs")
-                logps = None if logps is None else [float(x) for x in logps]
-                group.append(self._rollout(i, ids, list(choice["token_ids"]), logps, sampling))
+                log_probs = (choice.get("logprobs") or {}).get("token_logprobs")
+                log_probs = None if log_probs is None else [float(x) for x in log_probs]
+                group.append(self._rollout(i, ids, list(choice["token_ids"]), log_probs, sampling))
             results.append(group)
         return results
 

@@ -28,7 +28,7 @@ from hf_align.config import DPOConfig
 from hf_align.data import build_shifted_sequences
 from hf_align.formats import prepare_preference_dataset, truncate_pair
 from hf_align.logprobs import get_response_log_probs
-from hf_align.losses.dpo import dpo_loss, sequence_logps, split_concatenated
+from hf_align.losses.dpo import dpo_loss, sequence_log_probs, split_concatenated
 from hf_align.modeling import create_reference_model, wrap_lora
 from hf_align.trainers.base import DatasetTrainer, disable_dropout, global_sum, load_model
 
@@ -124,9 +124,9 @@ class DPOTrainer(DatasetTrainer):
     def default_collator(self, args, tokenizer):
         return PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
 
-    def _pair_logps(self, model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_log_probs(self, model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of the chosen and the rejected answers, (B,) each, from one 2B forward."""
-        logps_BT = get_response_log_probs(
+        log_probs_BT = get_response_log_probs(
             model,
             inputs["input_ids"],
             inputs["labels"],
@@ -135,21 +135,21 @@ class DPOTrainer(DatasetTrainer):
             logprob_mask=inputs["response_mask"],  # the output layer skips prompt and padding positions
             share_prompts=self.args.share_prompt_prefix,  # a pair's prompt goes through the decoder once
         )["log_probs"]
-        return split_concatenated(sequence_logps(logps_BT, inputs["response_mask"]))
+        return split_concatenated(sequence_log_probs(log_probs_BT, inputs["response_mask"]))
 
     @torch.no_grad()
-    def _reference_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_log_probs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if all(key in inputs for key in REF_KEYS):
             return inputs[REF_KEYS[0]], inputs[REF_KEYS[1]]
         if self.ref_model is not None:
-            return self._pair_logps(self.ref_model, inputs)
+            return self._pair_log_probs(self.ref_model, inputs)
         policy = self.accelerator.unwrap_model(self.model)
         if hasattr(policy, "disable_adapter"):
             with policy.disable_adapter():
-                return self._pair_logps(policy, inputs)
+                return self._pair_log_probs(policy, inputs)
         if not self._precomputing:
             raise RuntimeError("no reference log-probs: this batch lacks the precomputed cache")
-        return self._pair_logps(policy, inputs)  # before any step the policy is its own reference
+        return self._pair_log_probs(policy, inputs)  # before any step the policy is its own reference
 
     def _precompute_reference(self, dataset):
         if dataset is None:
@@ -163,7 +163,7 @@ class DPOTrainer(DatasetTrainer):
             chunk = rows[start : start + size]
             batch = {k: v.to(self.args.device) for k, v in self.data_collator(chunk).items()}
             with self.compute_loss_context_manager():
-                chosen_B, rejected_B = self._reference_logps(batch)
+                chosen_B, rejected_B = self._reference_log_probs(batch)
             for row, c, r in zip(chunk, chosen_B.tolist(), rejected_B.tolist()):
                 row[REF_KEYS[0]], row[REF_KEYS[1]] = c, r
         policy.train(was_training)
@@ -177,8 +177,8 @@ class DPOTrainer(DatasetTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Reference first: its no-grad temporaries are gone before the policy's activations are held.
-        ref_chosen_B, ref_rejected_B = self._reference_logps(inputs)
-        policy_chosen_B, policy_rejected_B = self._pair_logps(model, inputs)
+        ref_chosen_B, ref_rejected_B = self._reference_log_probs(inputs)
+        policy_chosen_B, policy_rejected_B = self._pair_log_probs(model, inputs)
         chosen_len_B, rejected_len_B = split_concatenated(inputs["response_mask"].sum(-1))
         weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
         loss, metrics = 0.0, None

@@ -185,7 +185,7 @@ class GRPOTrainer(AlignTrainer):
         for b in micro:
             b["policy_version"] = torch.tensor(version)
         R.attach_global_counts(micro, acc, a.optimizer_batch_size)
-        self._add_reference_logprobs(micro)
+        self._add_reference_log_probs(micro)
         self._buffer = [b for _ in range(a.num_iterations) for b in micro]
 
     def _next_groups(self) -> tuple[int, R.ScoredGroups, dict]:
@@ -263,7 +263,7 @@ class GRPOTrainer(AlignTrainer):
         return keep, metrics
 
     @torch.no_grad()
-    def _add_reference_logprobs(self, micro: list[dict]) -> None:
+    def _add_reference_log_probs(self, micro: list[dict]) -> None:
         """Old log-probs (ratio losses over a batch lasting several optimizer steps) and reference log-probs (KL),
         computed once per generation batch; the engine's log-probs are kept only where the importance-sampling
         correction applies (``GRPOConfig.corrects_sampling``)."""
@@ -284,16 +284,18 @@ class GRPOTrainer(AlignTrainer):
         try:
             for b in micro:
                 if need_old:
-                    b["old_log_probs"] = self._logps(model, b)
+                    b["old_log_probs"] = self._log_probs(model, b)
                 if a.beta > 0 and self.ref_model is not None:
-                    b["ref_log_probs"] = self._logps(self.ref_model, b)
+                    b["ref_log_probs"] = self._log_probs(self.ref_model, b)
                 elif a.beta > 0:
                     with self.accelerator.unwrap_model(model).disable_adapter():
-                        b["ref_log_probs"] = self._logps(model, b)
+                        b["ref_log_probs"] = self._log_probs(model, b)
         finally:
             model.train(was_training)
 
-    def _logps(self, model, b: dict, with_entropy: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+    def _log_probs(
+        self, model, b: dict, with_entropy: bool = False
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
         device = self.accelerator.device
         out = get_response_log_probs(
             model,
@@ -310,7 +312,7 @@ class GRPOTrainer(AlignTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args
-        out = self._logps(model, inputs, with_entropy=True)
+        out = self._log_probs(model, inputs, with_entropy=True)
         mask_BT = inputs["response_mask"]
         weight_B = inputs["raw_rewards" if a.policy_loss == "no_baseline" else "advantages"]
         # a device flag, read once per optimizer step by the no-learning guard: no sync here

@@ -107,7 +107,7 @@ class SFTTrainer(DatasetTrainer):
         labels_BT = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
         mask_BT = labels_BT != IGNORE_INDEX
         model_kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels", "attention_mask")}
-        logps_BT = get_response_log_probs(
+        log_probs_BT = get_response_log_probs(
             model,
             inputs["input_ids"],
             labels_BT,
@@ -120,15 +120,15 @@ class SFTTrainer(DatasetTrainer):
         training = model.training and num_items_in_batch is not None
         if self.args.loss_normalization == "token_mean":
             loss, metrics = sft_loss(
-                logps_BT, mask_BT, "token_mean", num_tokens=num_items_in_batch if training else None
+                log_probs_BT, mask_BT, "token_mean", num_tokens=num_items_in_batch if training else None
             )
             if training:
                 loss = loss * self.accelerator.num_processes
         else:
             steps = self.current_gradient_accumulation_steps if training else 1
             loss, metrics = sft_loss(
-                logps_BT, mask_BT, "sequence_sum", normalize_constant=self.args.normalize_constant
+                log_probs_BT, mask_BT, "sequence_sum", normalize_constant=self.args.normalize_constant
             )
             loss = loss / steps
         self.record(metrics, model.training)
-        return (loss, {"log_probs": logps_BT}) if return_outputs else loss
+        return (loss, {"log_probs": log_probs_BT}) if return_outputs else loss

@@ -51,7 +51,7 @@ def _first_step(trainer: GRPOTrainer, shift_old: float = 0.0):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_on_policy_shortcut_gives_the_gradient_of_a_separate_old_pass(tmp_path, tokenizer, level):
     # One optimizer step per rollout batch: old = current detached. num_iterations=2 makes the batch last two
-    # steps, so _add_reference_logprobs computes old log-probs in a no-grad eval pass of the same weights.
+    # steps, so _add_reference_log_probs computes old log-probs in a no-grad eval pass of the same weights.
     kw = dict(importance_sampling_level=level, vllm_importance_sampling_mode="token_truncate")
     on_inputs, on_grads = _first_step(_trainer(tmp_path / "a", tokenizer, **kw))
     off_trainer = _trainer(tmp_path / "b", tokenizer, num_iterations=2, **kw)
@@ -76,7 +76,7 @@ def test_weight_multiplies_the_loss_under_truncated_sampling(tmp_path, tokenizer
     mask, A_B1 = inputs["response_mask"], inputs["advantages"][:, None]
     loss = trainer.compute_loss(trainer.model.train(), inputs)
     with torch.no_grad():
-        w_BT = (trainer._logps(trainer.model, inputs) - inputs["sampling_log_probs"]).exp()
+        w_BT = (trainer._log_probs(trainer.model, inputs) - inputs["sampling_log_probs"]).exp()
     # on-policy grpo_clip (ratio 1), dapo: -(1/N_tok) sum A_i w_it over the response tokens; C_max 3 never
     # bites (w = p_full / p_top_p <= 1)
     expected = -(A_B1 * w_BT * mask).sum() / inputs["num_tokens"]

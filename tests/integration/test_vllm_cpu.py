@@ -179,10 +179,10 @@ def _reference_logprobs(model, rollout, temperature: float, top_k: int = 0) -> t
     P = len(rollout.prompt_ids)
     with torch.no_grad():
         if top_k == 0:
-            logps = get_response_log_probs(model, ids[:, :-1], ids[:, 1:], temperature=temperature)[
+            log_probs = get_response_log_probs(model, ids[:, :-1], ids[:, 1:], temperature=temperature)[
                 "log_probs"
             ]
-            return logps[0, P - 1 :]
+            return log_probs[0, P - 1 :]
         logits_TV = model(input_ids=ids).logits[0, P - 1 : -1].float() / temperature  # (T, V)
         kth = logits_TV.topk(top_k, dim=-1).values[:, -1:]
         logits_TV = logits_TV.masked_fill(logits_TV < kth, float("-inf"))

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_align.losses.dpo import DPO_LOSSES, dpo_loss, sequence_logps, split_concatenated
+from hf_align.losses.dpo import DPO_LOSSES, dpo_loss, sequence_log_probs, split_concatenated
 
 LOG3 = math.log(3.0)
 
@@ -255,14 +255,18 @@ def test_batch_mean_of_per_pair_losses():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_sequence_logps_and_padding():
-    logps_BT = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]])
+def test_sequence_log_probs_and_padding():
+    log_probs_BT = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]])
     mask_BT = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]])
-    torch.testing.assert_close(sequence_logps(logps_BT, mask_BT), torch.tensor([-3.0, -11.0, 0.0]))
-    torch.testing.assert_close(sequence_logps(logps_BT, mask_BT.bool()), torch.tensor([-3.0, -11.0, 0.0]))
-    padded_BT = torch.cat([logps_BT, torch.full((3, 2), -99.0)], dim=1)
+    torch.testing.assert_close(sequence_log_probs(log_probs_BT, mask_BT), torch.tensor([-3.0, -11.0, 0.0]))
+    torch.testing.assert_close(
+        sequence_log_probs(log_probs_BT, mask_BT.bool()), torch.tensor([-3.0, -11.0, 0.0])
+    )
+    padded_BT = torch.cat([log_probs_BT, torch.full((3, 2), -99.0)], dim=1)
     pmask_BT = torch.cat([mask_BT, torch.zeros(3, 2, dtype=mask_BT.dtype)], dim=1)
-    torch.testing.assert_close(sequence_logps(padded_BT, pmask_BT), sequence_logps(logps_BT, mask_BT))
+    torch.testing.assert_close(
+        sequence_log_probs(padded_BT, pmask_BT), sequence_log_probs(log_probs_BT, mask_BT)
+    )
 
 
 def test_split_concatenated():
@@ -306,7 +310,7 @@ def test_errors():
         dpo_loss(*args, loss_type="ipo", chosen_lengths_B=torch.ones(1))
     with pytest.raises(ValueError, match="rejected_lengths_B has shape"):
         dpo_loss(*args, loss_type="ipo", chosen_lengths_B=torch.ones(1), rejected_lengths_B=torch.ones(2))
-    with pytest.raises(ValueError, match="ref_rejected_logps_B has shape"):
+    with pytest.raises(ValueError, match="ref_rejected_log_probs_B has shape"):
         dpo_loss(args[0], args[1], args[2], torch.zeros(2))
     assert set(DPO_LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "bco_pair"}
 
@@ -330,7 +334,7 @@ def test_errors():
 # The model is a stand-in for TRL's fused-LM-head forward, `model(..., labels=labels, fused_lm_head=True)`:
 # it returns per-token log-probs for next-token labels `labels[:, 1:]`, zero where the label is -100, plus the
 # entropy / mean_logits / is_top1 fields the method logs. TRL then sums them over the sequence and splits the
-# 2B rows into [chosen; rejected]; we do the same with `sequence_logps` + `split_concatenated` on the same
+# 2B rows into [chosen; rejected]; we do the same with `sequence_log_probs` + `split_concatenated` on the same
 # per-token tensor, so the parity covers those helpers too, and gradients w.r.t. the per-token log-probs are
 # compared as well as values and the logged metrics.
 
@@ -340,25 +344,31 @@ class _FusedLMStandIn:
 
     training = False
 
-    def __init__(self, per_token_logps_2BT1: torch.Tensor):
-        self.per_token_logps_2BT1 = per_token_logps_2BT1
+    def __init__(self, per_token_log_probs_2BT1: torch.Tensor):
+        self.per_token_log_probs_2BT1 = per_token_log_probs_2BT1
 
     def __call__(self, *, labels: torch.Tensor, **kwargs) -> SimpleNamespace:
         mask = labels[:, 1:] != -100
-        logps = self.per_token_logps_2BT1.masked_fill(~mask, 0.0)
-        zeros = torch.zeros_like(logps)
+        log_probs = self.per_token_log_probs_2BT1.masked_fill(~mask, 0.0)
+        zeros = torch.zeros_like(log_probs)
         return SimpleNamespace(
-            log_probs=logps, entropy=zeros, mean_logits=zeros, is_top1=torch.zeros_like(mask)
+            log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=torch.zeros_like(mask)
         )
 
 
 def _trl_dpo(
-    loss_type, beta, label_smoothing, per_token_logps_2BT1, completion_mask_2BT, ref_chosen_B, ref_rejected_B
+    loss_type,
+    beta,
+    label_smoothing,
+    per_token_log_probs_2BT1,
+    completion_mask_2BT,
+    ref_chosen_B,
+    ref_rejected_B,
 ):
     pytest.importorskip("trl")
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    model = _FusedLMStandIn(per_token_logps_2BT1)
+    model = _FusedLMStandIn(per_token_log_probs_2BT1)
     trainer = DPOTrainer.__new__(DPOTrainer)
     trainer.model = model
     trainer.accelerator = SimpleNamespace(
@@ -368,7 +378,7 @@ def _trl_dpo(
     trainer.label_smoothing = label_smoothing
     trainer.loss_types = [loss_type]
     trainer.loss_weights = [1.0]
-    trainer.precompute_ref_logps = True
+    trainer.precompute_ref_log_probs = True
     trainer.ld_alpha = None
     trainer.f_divergence_type = "reverse_kl"
     trainer.use_weighting = False
@@ -400,7 +410,7 @@ def _parity_inputs(B: int = 4, T: int = 7, seed: int = 0):
 
 def _ours(loss_type, beta, eps, per_token_2BT1, completion_mask_2BT, ref_chosen_B, ref_rejected_B):
     mask_2BT1 = completion_mask_2BT[:, 1:]  # the mask of the scored labels (TRL's shift_completion_mask)
-    chosen_B, rejected_B = split_concatenated(sequence_logps(per_token_2BT1, mask_2BT1))
+    chosen_B, rejected_B = split_concatenated(sequence_log_probs(per_token_2BT1, mask_2BT1))
     # TRL's ipo divides by the UNshifted completion_mask.sum(1); column 0 is prompt, so the counts coincide
     lengths_c, lengths_r = split_concatenated(mask_2BT1.sum(-1))
     return dpo_loss(
@@ -443,7 +453,7 @@ def test_parity_with_trl(ours_type, trl_type, beta, eps):
     assert abs(_ours(ours_type, beta, eps, perturbed, mask, ref_c, ref_r)[0].item() - trl_loss.item()) > 1e-4
     if ours_type == "ipo":  # dividing by different lengths (here: none) would not match TRL
         mask_2BT1 = mask[:, 1:]
-        chosen_B, rejected_B = split_concatenated(sequence_logps(per_token, mask_2BT1))
+        chosen_B, rejected_B = split_concatenated(sequence_log_probs(per_token, mask_2BT1))
         ones = torch.ones(chosen_B.shape[0])
         unnormalized, _ = dpo_loss(chosen_B, rejected_B, ref_c, ref_r, beta, "ipo", 0.0, ones, ones)
         assert abs(unnormalized.item() - trl_loss.item()) > 1e-3
@@ -452,7 +462,7 @@ def test_parity_with_trl(ours_type, trl_type, beta, eps):
 def test_hinge_parity_inputs_cover_both_sides():
     """Guard for the hinge parity above: some pairs are inside the margin (relu active), some outside."""
     per_token, mask, ref_c, ref_r = _parity_inputs()
-    chosen_B, rejected_B = split_concatenated(sequence_logps(per_token, mask[:, 1:]))
+    chosen_B, rejected_B = split_concatenated(sequence_log_probs(per_token, mask[:, 1:]))
     beta_h_B = 0.3 * ((chosen_B - ref_c) - (rejected_B - ref_r))
     assert (beta_h_B < 1).any() and (beta_h_B > 1).any()
 
@@ -468,7 +478,7 @@ def test_cdpo_parity_with_trl_aot(eps):
     pytest.importorskip("trl")
     beta = 0.5
     per_token, mask, _, _ = _parity_inputs(seed=3)
-    chosen_B, rejected_B = split_concatenated(sequence_logps(per_token, mask[:, 1:]))
+    chosen_B, rejected_B = split_concatenated(sequence_log_probs(per_token, mask[:, 1:]))
     ref_c = 0.6 * chosen_B - 0.3  # ref_c - ref_r = 0.6 (pi_c - pi_r) - 0.5: same order as pi_c - pi_r
     ref_r = 0.6 * rejected_B + 0.2
     assert torch.equal(torch.argsort(chosen_B - rejected_B), torch.argsort(ref_c - ref_r))

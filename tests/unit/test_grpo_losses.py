@@ -149,10 +149,10 @@ def test_compute_group_normalized_rewards_rejects_none_and_nan() -> None:
 
 
 def test_naive_loss_by_hand() -> None:
-    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    log_probs = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
     expected = torch.tensor([[2.0, 4.0], [-0.25, -1.5]])  # -A * logp with A = (2, -0.5)
     for A in (torch.tensor([[2.0], [-0.5]]), torch.tensor([2.0, -0.5])):
-        torch.testing.assert_close(compute_naive_policy_gradient_loss(A, logps), expected)
+        torch.testing.assert_close(compute_naive_policy_gradient_loss(A, log_probs), expected)
 
 
 # ratios r = (1.5, 1.1, 0.5) in both rows, advantages A = (2, -1), eps = 0.2:
@@ -164,13 +164,13 @@ ADV = torch.tensor([[2.0], [-1.0]])
 
 def _clip_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     old = torch.tensor([[-1.0, -2.0, -0.7], [-0.3, -1.2, -2.5]])
-    logps = (old + RATIOS.log()).requires_grad_(True)
-    return logps, old
+    log_probs = (old + RATIOS.log()).requires_grad_(True)
+    return log_probs, old
 
 
 def test_clip_loss_both_boundaries() -> None:
-    logps, old = _clip_inputs()
-    loss, meta = compute_grpo_clip_loss(ADV, logps, old, 0.2)
+    log_probs, old = _clip_inputs()
+    loss, meta = compute_grpo_clip_loss(ADV, log_probs, old, 0.2)
     torch.testing.assert_close(loss, torch.tensor([[-2.4, -2.2, -1.0], [1.5, 1.1, 0.8]]))
     assert torch.equal(meta["clipped"], torch.tensor([[True, False, False], [False, False, True]]))
     assert torch.equal(meta["clipped_high"], torch.tensor([[True, False, False], [False, False, False]]))
@@ -178,16 +178,16 @@ def test_clip_loss_both_boundaries() -> None:
     torch.testing.assert_close(meta["ratio"], RATIOS)
     # d(-r A)/dlogp = -r A on unclipped tokens, 0 on clipped ones
     loss.sum().backward()
-    torch.testing.assert_close(logps.grad, torch.tensor([[0.0, -2.2, -1.0], [1.5, 1.1, 0.0]]))
+    torch.testing.assert_close(log_probs.grad, torch.tensor([[0.0, -2.2, -1.0], [1.5, 1.1, 0.0]]))
 
 
 def test_clip_mask_is_where_clipped_term_is_taken() -> None:
     torch.manual_seed(0)
     old = -torch.rand(4, 7) * 3
-    logps = old + torch.randn(4, 7) * 0.4
+    log_probs = old + torch.randn(4, 7) * 0.4
     A = torch.randn(4, 1)
-    loss, meta = compute_grpo_clip_loss(A, logps, old, cliprange_low=0.1, cliprange_high=0.3)
-    r = torch.exp(logps - old)
+    loss, meta = compute_grpo_clip_loss(A, log_probs, old, cliprange_low=0.1, cliprange_high=0.3)
+    r = torch.exp(log_probs - old)
     unclipped, clipped = r * A, torch.clamp(r, 0.9, 1.3) * A
     assert torch.equal(meta["clipped"], clipped < unclipped)
     assert meta["clipped"].any() and not meta["clipped"].all()
@@ -196,26 +196,26 @@ def test_clip_mask_is_where_clipped_term_is_taken() -> None:
 
 def test_asymmetric_clipping() -> None:
     old = torch.zeros(2, 3)
-    logps = torch.tensor([[1.25, 1.35, 0.85], [1.25, 0.85, 0.75]]).log()
+    log_probs = torch.tensor([[1.25, 1.35, 0.85], [1.25, 0.85, 0.75]]).log()
     A = torch.tensor([1.0, -1.0])
     # eps_low 0.2, eps_high 0.28: A > 0 clips above 1.28 only; A < 0 clips below 0.8 only
-    loss, meta = compute_grpo_clip_loss(A, logps, old, cliprange_low=0.2, cliprange_high=0.28)
+    loss, meta = compute_grpo_clip_loss(A, log_probs, old, cliprange_low=0.2, cliprange_high=0.28)
     torch.testing.assert_close(loss, torch.tensor([[-1.25, -1.28, -0.85], [1.25, 0.85, 0.8]]))
     assert torch.equal(meta["clipped_high"], torch.tensor([[False, True, False], [False, False, False]]))
     assert torch.equal(meta["clipped_low"], torch.tensor([[False, False, False], [False, False, True]]))
     # cliprange sets both; a given side overrides it
-    sym, _ = compute_grpo_clip_loss(A, logps, old, 0.2)
+    sym, _ = compute_grpo_clip_loss(A, log_probs, old, 0.2)
     torch.testing.assert_close(sym[0, 0], torch.tensor(-1.2))
-    one_sided, _ = compute_grpo_clip_loss(A, logps, old, 0.2, cliprange_high=0.28)
+    one_sided, _ = compute_grpo_clip_loss(A, log_probs, old, 0.2, cliprange_high=0.28)
     torch.testing.assert_close(one_sided, loss)
 
 
 def test_grpo_no_clip_is_ratio_times_advantage() -> None:
-    logps, old = _clip_inputs()
-    loss, meta = compute_policy_gradient_loss(logps, "grpo_no_clip", advantages=ADV, old_log_probs=old)
+    log_probs, old = _clip_inputs()
+    loss, meta = compute_policy_gradient_loss(log_probs, "grpo_no_clip", advantages=ADV, old_log_probs=old)
     torch.testing.assert_close(loss, -RATIOS * ADV)
     loss.sum().backward()
-    torch.testing.assert_close(logps.grad, -RATIOS * ADV)
+    torch.testing.assert_close(log_probs.grad, -RATIOS * ADV)
     # on-policy (ratio 1) its gradient is REINFORCE's
     lp = torch.randn(2, 3, requires_grad=True)
     g1 = torch.autograd.grad(
@@ -229,19 +229,21 @@ def test_grpo_no_clip_is_ratio_times_advantage() -> None:
 
 
 def test_dispatch_matches_direct_functions() -> None:
-    logps, old = _clip_inputs()
+    log_probs, old = _clip_inputs()
     raw = torch.tensor([1.0, 0.0])
     torch.testing.assert_close(
-        compute_policy_gradient_loss(logps, "no_baseline", raw_rewards=raw)[0],
-        compute_naive_policy_gradient_loss(raw, logps),
+        compute_policy_gradient_loss(log_probs, "no_baseline", raw_rewards=raw)[0],
+        compute_naive_policy_gradient_loss(raw, log_probs),
     )
     torch.testing.assert_close(
-        compute_policy_gradient_loss(logps, "reinforce_with_baseline", advantages=ADV)[0],
-        compute_naive_policy_gradient_loss(ADV, logps),
+        compute_policy_gradient_loss(log_probs, "reinforce_with_baseline", advantages=ADV)[0],
+        compute_naive_policy_gradient_loss(ADV, log_probs),
     )
     torch.testing.assert_close(
-        compute_policy_gradient_loss(logps, "grpo_clip", advantages=ADV, old_log_probs=old, cliprange=0.2)[0],
-        compute_grpo_clip_loss(ADV, logps, old, 0.2)[0],
+        compute_policy_gradient_loss(
+            log_probs, "grpo_clip", advantages=ADV, old_log_probs=old, cliprange=0.2
+        )[0],
+        compute_grpo_clip_loss(ADV, log_probs, old, 0.2)[0],
     )
     assert set(POLICY_GRADIENT_LOSSES) == {
         "no_baseline",
@@ -288,13 +290,13 @@ def test_unknown_names_list_valid_ones() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _naive_gspo_loss(logps, old, mask, A, eps_low, eps_high):
+def _naive_gspo_loss(log_probs, old, mask, A, eps_low, eps_high):
     """GSPO written directly per sequence (Zheng et al. 2025): mean_i -min(s_i A_i, clip(s_i) A_i)."""
     losses = []
-    for i in range(logps.shape[0]):
+    for i in range(log_probs.shape[0]):
         m = mask[i]
         n = m.sum()
-        log_s = ((logps[i] - old[i]) * m).sum() / n if n > 0 else logps.new_zeros(())
+        log_s = ((log_probs[i] - old[i]) * m).sum() / n if n > 0 else log_probs.new_zeros(())
         s = torch.exp(log_s)
         losses.append(-torch.minimum(s * A[i], torch.clamp(s, 1 - eps_low, 1 + eps_high) * A[i]))
     return torch.stack(losses).mean()
@@ -310,16 +312,16 @@ def test_gspo_sequence_ratio_value_and_gradient() -> None:
         [[0.3, -0.1, 0.1, 5.0, 5.0], [0.0, 0.1, 0.0, 0.0, 0.0], [-0.6, 9, 9, 9, 9], [0.1, 0.1, 0, 0, 0]]
     )
     A = torch.tensor([1.0, -1.0, -2.0, 0.5])
-    logps = (old + delta).requires_grad_(True)
+    log_probs = (old + delta).requires_grad_(True)
     # s = exp(0.1), exp(0.02), exp(-0.6), exp(0.1); masked tokens (5.0, 9) must not enter
-    _, meta = compute_grpo_clip_loss(A, logps, old, 0.2, ratio_level="sequence", response_mask=mask)
+    _, meta = compute_grpo_clip_loss(A, log_probs, old, 0.2, ratio_level="sequence", response_mask=mask)
     s = torch.tensor([0.1, 0.02, -0.6, 0.1]).exp()
     torch.testing.assert_close(meta["ratio"], s[:, None].expand(4, 5))
     # row 2: A < 0 and s = 0.549 < 0.8 -> every token clipped; the others inside [0.8, 1.2]
     assert torch.equal(meta["clipped"], mask.new_tensor([[0], [0], [1], [0]]).expand(4, 5))
 
     loss, _ = policy_loss(
-        logps,
+        log_probs,
         mask,
         loss_type="grpo_clip",
         advantages_B=A,
@@ -327,17 +329,17 @@ def test_gspo_sequence_ratio_value_and_gradient() -> None:
         cliprange=0.2,
         ratio_level="sequence",
     )
-    (grad,) = torch.autograd.grad(loss, logps)
-    ref_logps = logps.detach().clone().requires_grad_(True)
-    ref = _naive_gspo_loss(ref_logps, old, mask, A, 0.2, 0.2)
-    (ref_grad,) = torch.autograd.grad(ref, ref_logps)
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    ref_log_probs = log_probs.detach().clone().requires_grad_(True)
+    ref = _naive_gspo_loss(ref_log_probs, old, mask, A, 0.2, 0.2)
+    (ref_grad,) = torch.autograd.grad(ref, ref_log_probs)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
     assert grad[2].abs().sum() == 0 and grad[0].abs().sum() > 0
 
     # wider clip: nothing clipped, grad = -A s / |o_i| on each unmasked token
     loss, _ = policy_loss(
-        logps,
+        log_probs,
         mask,
         loss_type="grpo_clip",
         advantages_B=A,
@@ -345,7 +347,7 @@ def test_gspo_sequence_ratio_value_and_gradient() -> None:
         cliprange=0.5,
         ratio_level="sequence",
     )
-    (grad,) = torch.autograd.grad(loss, logps)
+    (grad,) = torch.autograd.grad(loss, log_probs)
     expected = -(A * s / mask.sum(-1))[:, None] * mask / 4
     torch.testing.assert_close(grad, expected)
 
@@ -362,9 +364,9 @@ def test_gspo_needs_mask() -> None:
 
 def test_kl_k3_values() -> None:
     torch.manual_seed(2)
-    logps, ref = torch.randn(16, 32) * 3, torch.randn(16, 32) * 3
-    assert (kl_k3(logps, ref) >= 0).all()
-    assert torch.equal(kl_k3(logps, logps), torch.zeros(16, 32))
+    log_probs, ref = torch.randn(16, 32) * 3, torch.randn(16, 32) * 3
+    assert (kl_k3(log_probs, ref) >= 0).all()
+    assert torch.equal(kl_k3(log_probs, log_probs), torch.zeros(16, 32))
     # ref - logp = 1: e - 2;  ref - logp = -1: 1/e
     torch.testing.assert_close(
         kl_k3(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])), torch.tensor([math.e - 2, 1 / math.e])
@@ -372,21 +374,21 @@ def test_kl_k3_values() -> None:
 
 
 def test_kl_penalty_added_and_beta_without_ref_raises() -> None:
-    logps, old = _clip_inputs()
+    log_probs, old = _clip_inputs()
     mask = torch.ones(2, 3, dtype=torch.bool)
     ref = old - 0.5
     base, m0 = policy_loss(
-        logps, mask, loss_type="reinforce_with_baseline", advantages_B=ADV, ref_log_probs_BT=ref
+        log_probs, mask, loss_type="reinforce_with_baseline", advantages_B=ADV, ref_log_probs_BT=ref
     )
     with_kl, m1 = policy_loss(
-        logps, mask, loss_type="reinforce_with_baseline", advantages_B=ADV, ref_log_probs_BT=ref, beta=0.1
+        log_probs, mask, loss_type="reinforce_with_baseline", advantages_B=ADV, ref_log_probs_BT=ref, beta=0.1
     )
-    k3 = kl_k3(logps, ref)
+    k3 = kl_k3(log_probs, ref)
     torch.testing.assert_close(with_kl - base, 0.1 * k3.mean(-1).mean())
     torch.testing.assert_close(m0["kl_mean"], k3.mean().detach())
     torch.testing.assert_close(m1["policy_loss"], m0["loss"])
     with pytest.raises(ValueError, match="ref_log_probs"):
-        policy_loss(logps, mask, loss_type="reinforce_with_baseline", advantages_B=ADV, beta=0.1)
+        policy_loss(log_probs, mask, loss_type="reinforce_with_baseline", advantages_B=ADV, beta=0.1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -494,21 +496,21 @@ def _rollout_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _microbatch_loss(logps_bT, data, rows, config, reduction, global_counts):
+def _microbatch_loss(log_probs_bT, data, rows, config, reduction, global_counts):
     """Loss of the micro-batch ``rows``, trimmed to its own longest response (as a collator would pad it)."""
     width = max(1, int(data["mask"][rows].sum(-1).max()))
-    logps_bT = logps_bT[:, :width]
+    log_probs_bT = log_probs_bT[:, :width]
     mask = data["mask"][rows, :width]
     extra = {k: v for k, v in config.items() if k != "loss_type"}
     return policy_loss(
-        logps_bT,
+        log_probs_bT,
         mask,
         loss_type=config["loss_type"],
         reduction=reduction,
         advantages_B=data["advantages"][rows],
         raw_rewards_B=data["rewards"][rows],
-        old_log_probs_BT=(logps_bT.detach() + data["old_noise"][rows, :width]),
-        ref_log_probs_BT=(logps_bT.detach() + data["ref_noise"][rows, :width]),
+        old_log_probs_BT=(log_probs_bT.detach() + data["old_noise"][rows, :width]),
+        ref_log_probs_BT=(log_probs_bT.detach() + data["ref_noise"][rows, :width]),
         max_completion_length=L_MAX,
         **global_counts,
         **extra,
@@ -521,7 +523,7 @@ def _global_counts(data) -> dict[str, int]:
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("config_name", sorted(LOSS_CONFIGS))
-def test_accumulation_invariance_leaf_logps(reduction: str, config_name: str) -> None:
+def test_accumulation_invariance_leaf_log_probs(reduction: str, config_name: str) -> None:
     data, config = _rollout_batch(), LOSS_CONFIGS[config_name]
     grads = {}
     for micro in (8, 4, 2, 1):
@@ -535,7 +537,7 @@ def test_accumulation_invariance_leaf_logps(reduction: str, config_name: str) ->
         torch.testing.assert_close(grads[micro], grads[8], atol=1e-6, rtol=0)
 
 
-def _tiny_policy_logps(policy: torch.nn.Linear, data, rows) -> torch.Tensor:
+def _tiny_policy_log_probs(policy: torch.nn.Linear, data, rows) -> torch.Tensor:
     logits_bTV = policy(data["features"][rows])  # (b, T, V)
     return (
         torch.log_softmax(logits_bTV, dim=-1).gather(-1, data["tokens"][rows, :, None]).squeeze(-1)
@@ -556,8 +558,8 @@ def test_accumulation_invariance_linear_policy(reduction: str, config_name: str)
         policy = _fresh_policy()
         for start in range(0, B, micro):
             rows = slice(start, start + micro)
-            logps = _tiny_policy_logps(policy, data, rows)
-            _microbatch_loss(logps, data, rows, config, reduction, _global_counts(data)).backward()
+            log_probs = _tiny_policy_log_probs(policy, data, rows)
+            _microbatch_loss(log_probs, data, rows, config, reduction, _global_counts(data)).backward()
         grads[micro] = torch.cat([policy.weight.grad.flatten(), policy.bias.grad])
     assert grads[8].abs().sum() > 0
     for micro in (4, 2, 1):
@@ -572,7 +574,7 @@ def test_two_processes_equal_one(reduction: str, config_name: str) -> None:
     counts = _global_counts(data)
     policy = _fresh_policy()
     _microbatch_loss(
-        _tiny_policy_logps(policy, data, slice(0, B)), data, slice(0, B), config, reduction, counts
+        _tiny_policy_log_probs(policy, data, slice(0, B)), data, slice(0, B), config, reduction, counts
     ).backward()
     one_process = torch.cat([policy.weight.grad.flatten(), policy.bias.grad])
 
@@ -583,7 +585,7 @@ def test_two_processes_equal_one(reduction: str, config_name: str) -> None:
         for start in range(rank * 4, rank * 4 + 4, 2):
             rows = slice(start, start + 2)
             loss = _microbatch_loss(
-                _tiny_policy_logps(policy, data, rows), data, rows, config, reduction, counts
+                _tiny_policy_log_probs(policy, data, rows), data, rows, config, reduction, counts
             )
             (loss * world_size).backward()
         rank_grads.append(torch.cat([policy.weight.grad.flatten(), policy.bias.grad]))
@@ -601,10 +603,10 @@ def test_all_empty_completions_give_finite_loss_metrics_and_gradient(
     reduction: str, ratio_level: str
 ) -> None:
     # masked_mean is NaN on an empty slice (the seed's contract); the losses' own reductions must not be
-    logps, old = _clip_inputs()  # a leaf that requires grad
-    mask = torch.zeros_like(logps, dtype=torch.bool)
+    log_probs, old = _clip_inputs()  # a leaf that requires grad
+    mask = torch.zeros_like(log_probs, dtype=torch.bool)
     loss, metrics = policy_loss(
-        logps,
+        log_probs,
         mask,
         loss_type="grpo_clip",
         reduction=reduction,
@@ -617,15 +619,15 @@ def test_all_empty_completions_give_finite_loss_metrics_and_gradient(
         max_completion_length=3,
     )
     loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logps.grad, torch.zeros_like(logps))
+    assert loss.item() == 0.0 and torch.equal(log_probs.grad, torch.zeros_like(log_probs))
     assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
 
 
 def test_policy_loss_metrics() -> None:
-    logps, old = _clip_inputs()
+    log_probs, old = _clip_inputs()
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)  # masks the clipped (1, 2) token
     loss, metrics = policy_loss(
-        logps,
+        log_probs,
         mask,
         loss_type="grpo_clip",
         reduction="token_mean",
@@ -648,25 +650,27 @@ def test_policy_loss_metrics() -> None:
     for key, value in expected.items():
         assert metrics[key].dim() == 0 and not metrics[key].requires_grad
         assert metrics[key].item() == pytest.approx(value, abs=1e-6), key
-    _, metrics = policy_loss(logps, mask, loss_type="no_baseline", raw_rewards_B=torch.ones(2))
+    _, metrics = policy_loss(log_probs, mask, loss_type="no_baseline", raw_rewards_B=torch.ones(2))
     assert set(metrics) == {"loss", "policy_loss"}
 
 
 def test_microbatch_train_step_by_hand_and_accumulates() -> None:
-    logps, old = _clip_inputs()
+    log_probs, old = _clip_inputs()
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     # row 0: (-2.4 - 2.2) / 2 = -2.3;  row 1: (1.5 + 1.1 + 0.8) / 3 = 17/15;  batch mean, / 2 accum. steps
     expected = (-2.3 + 17 / 15) / 2 / 2
     loss, metrics = grpo_microbatch_train_step(
-        logps, mask, 2, "grpo_clip", advantages=ADV, old_log_probs=old, cliprange=0.2
+        log_probs, mask, 2, "grpo_clip", advantages=ADV, old_log_probs=old, cliprange=0.2
     )
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert "clip_fraction" in metrics
-    first = logps.grad.clone()
+    first = log_probs.grad.clone()
     # per-token grad: -r A (unclipped) / |o_i| / B / steps
     torch.testing.assert_close(first, torch.tensor([[0.0, -2.2 / 2, 0.0], [1.5 / 3, 1.1 / 3, 0.0]]) / 4)
-    grpo_microbatch_train_step(logps, mask, 2, "grpo_clip", advantages=ADV, old_log_probs=old, cliprange=0.2)
-    torch.testing.assert_close(logps.grad, 2 * first)
+    grpo_microbatch_train_step(
+        log_probs, mask, 2, "grpo_clip", advantages=ADV, old_log_probs=old, cliprange=0.2
+    )
+    torch.testing.assert_close(log_probs.grad, 2 * first)
 
     raw = torch.tensor([[1.0], [0.0]])
     lp = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]], requires_grad=True)

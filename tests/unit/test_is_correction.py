@@ -86,13 +86,13 @@ def test_nothing_valid_and_nan_sampler_logprobs():
 
 
 def test_weight_multiplies_the_policy_gradient_loss_not_the_kl():
-    logps_BT = OLD_BT.clone().requires_grad_(True)
+    log_probs_BT = OLD_BT.clone().requires_grad_(True)
     A_B = torch.tensor([1.0, -2.0, 0.5])
     w_BT, _ = _weight("token", "truncate", 3.0)
     ref_BT = OLD_BT - 0.3
     kw = dict(loss_type="grpo_clip", reduction="token_mean", advantages_B=A_B, old_log_probs_BT=OLD_BT,
               ref_log_probs_BT=ref_BT, cliprange=0.2, beta=0.1)  # fmt: skip
-    loss, metrics = policy_loss(logps_BT, MASK_BT, is_weight_BT=w_BT, **kw)
+    loss, metrics = policy_loss(log_probs_BT, MASK_BT, is_weight_BT=w_BT, **kw)
     # on-policy ratio 1: l = -A w + beta * k3 with k3 = exp(-0.3) + 0.3 - 1 at every token; token mean over 5
     k3 = math.exp(-0.3) + 0.3 - 1
     pg = -(A_B[:, None] * w_BT)[MASK_BT].sum() / 5
@@ -108,15 +108,15 @@ def test_ratio_is_exactly_one_when_the_sampler_is_the_trainer_forward(tiny_model
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, 6:] = False
     with torch.no_grad():
-        logps = get_response_log_probs(tiny_model, input_ids, labels, temperature=0.7)["log_probs"]
+        log_probs = get_response_log_probs(tiny_model, input_ids, labels, temperature=0.7)["log_probs"]
         again = get_response_log_probs(tiny_model, input_ids, labels, temperature=0.7)["log_probs"]
-    w, m = importance_sampling_weight(logps, again, mask, *mode.split("_"), clip_max=1.0 + 1e-6)
+    w, m = importance_sampling_weight(log_probs, again, mask, *mode.split("_"), clip_max=1.0 + 1e-6)
     assert (w == 1).all()
     assert m["is_clipped_fraction"].item() == 0
     assert m["is_ratio_min"].item() == m["is_ratio_mean"].item() == m["is_ratio_max"].item() == 1.0
 
 
-def _nucleus_logps(model, rollout, temperature: float, top_p: float) -> torch.Tensor:
+def _nucleus_log_probs(model, rollout, temperature: float, top_p: float) -> torch.Tensor:
     """Written here from the definition: softmax(logits / T), keep the most likely tokens until their mass
     reaches top_p (a token is kept if the tokens more likely than it hold < top_p), renormalise."""
     ids = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
@@ -142,7 +142,7 @@ def test_top_p_logprobs_are_the_truncated_distribution_and_feed_the_weight(tiny_
     for r in flat:
         torch.testing.assert_close(
             torch.tensor(r.logprobs),
-            _nucleus_logps(tiny_model, r, temperature, top_p).float(),
+            _nucleus_log_probs(tiny_model, r, temperature, top_p).float(),
             atol=1e-4,
             rtol=0,
         )

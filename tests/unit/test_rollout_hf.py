@@ -45,21 +45,21 @@ def _with_eos_bias(model, eos_id: int, bias: float):
 
 
 def _manual_greedy(model, prompt_ids: list[int], steps: int, eos_id: int) -> tuple[list[int], list[float]]:
-    ids, logps = [], []
+    ids, log_probs = [], []
     x = torch.tensor([prompt_ids])
     with torch.no_grad():
         for _ in range(steps):
             logits = model(x).logits[0, -1].float()
             token = int(logits.argmax())
             ids.append(token)
-            logps.append(float(torch.log_softmax(logits, -1)[token]))
+            log_probs.append(float(torch.log_softmax(logits, -1)[token]))
             if token == eos_id:
                 break
             x = torch.cat([x, torch.tensor([[token]])], dim=1)
-    return ids, logps
+    return ids, log_probs
 
 
-def _forward_logps(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+def _forward_log_probs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     full = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
     with torch.no_grad():
         out = get_response_log_probs(model, full[:, :-1], full[:, 1:], temperature=temperature)
@@ -90,12 +90,12 @@ def test_greedy_equals_manual_loop(which, tiny_model, varied_model, tokenizer):
     for i, (prompt, group) in enumerate(zip(PROMPTS, out)):
         (r,) = group
         prompt_ids = tokenizer(prompt)["input_ids"]
-        ids, logps = _manual_greedy(model, prompt_ids, 12, tokenizer.eos_token_id)
+        ids, log_probs = _manual_greedy(model, prompt_ids, 12, tokenizer.eos_token_id)
         assert r.prompt_index == i and r.prompt_ids == prompt_ids
         assert r.completion_ids == ids
         assert r.finish_reason == "length"
         assert r.text == tokenizer.decode(ids)
-        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(logps), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(log_probs), atol=1e-4, rtol=0)
 
 
 def test_n_samples_shapes_and_prompt_order(varied_model, tokenizer):
@@ -183,7 +183,7 @@ def test_sampling_logprobs_equal_forward_pass(varied_model, tokenizer):
     rollouts = [r for group in out for r in group]
     assert {r.finish_reason for r in rollouts} == {"eos", "length"}
     for r in rollouts:
-        expected = _forward_logps(model, r, temperature)
+        expected = _forward_log_probs(model, r, temperature)
         torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-4, rtol=0)
 
 
@@ -200,7 +200,7 @@ def test_truncated_sampling_logprobs(varied_model, tokenizer):
     ((r,),) = engine.generate(
         ["cat dog red"], SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.3, seed=0)
     )
-    full = _forward_logps(varied_model, r, 1.0)
+    full = _forward_log_probs(varied_model, r, 1.0)
     assert (torch.tensor(r.logprobs) >= full - 1e-5).all()
     assert (torch.tensor(r.logprobs) > full + 1e-3).any()
 

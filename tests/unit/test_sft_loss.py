@@ -55,11 +55,11 @@ def test_all_masked_rows_and_padding():
 def test_split_invariance_with_global_counts(norm):
     """Summing micro-batch losses with global counts gives the full-batch gradient (8x1 == 4x2 == 1x8)."""
     torch.manual_seed(0)
-    logps = torch.randn(8, 6)
+    log_probs = torch.randn(8, 6)
     mask = torch.rand(8, 6) > 0.3
     grads = []
     for micro in (8, 4, 1):
-        leaf = logps.clone().requires_grad_(True)
+        leaf = log_probs.clone().requires_grad_(True)
         for start in range(0, 8, micro):
             sl = slice(start, start + micro)
             loss, _ = sft_loss(leaf[sl], mask[sl], norm, num_tokens=mask.sum().item(), num_sequences=8)
