@@ -292,6 +292,8 @@ class GRPOConfig(_ReferenceFields, _Config):
         "reward_timeout_s": POSITIVE,
         "scale_rewards": (lambda v: v in ("group", "batch", "none"), "'group', 'batch', 'none' (or a bool)"),
         "max_staleness": NON_NEGATIVE,
+        "top_entropy_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "delta": POSITIVE,
         "vllm_importance_sampling_clip_max": POSITIVE,
         "vllm_importance_sampling_clip_min": NON_NEGATIVE,
     }
@@ -332,6 +334,12 @@ class GRPOConfig(_ReferenceFields, _Config):
     num_iterations: int = arg(1, "Passes over each generation batch; > 1 is off-policy (needs a ratio).")
     epsilon: float = arg(0.2, "Lower clip range of the importance ratio.")
     epsilon_high: float | None = arg(None, "Upper clip range (DAPO's clip-higher, e.g. 0.28). None: epsilon.")
+    delta: float | None = arg(
+        None, "Two-sided clip (INTELLECT-2): ratio capped at delta (> 1 + epsilon_high)."
+    )
+    top_entropy_quantile: float = arg(
+        1.0, "Policy gradient on the top quantile of tokens by entropy (1: all)."
+    )
     importance_sampling_level: Literal["token", "sequence"] = arg(
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO)."
     )
@@ -382,6 +390,10 @@ class GRPOConfig(_ReferenceFields, _Config):
             raise ValueError(
                 f"num_iterations={self.num_iterations} is off-policy: use policy_loss='grpo_clip' (or "
                 f"grpo_no_clip), not {self.policy_loss!r}"
+            )
+        if self.delta is not None and self.policy_loss != "grpo_clip":
+            raise ValueError(
+                f"delta (two-sided clipping) needs policy_loss='grpo_clip', not {self.policy_loss!r}"
             )
         if self.importance_sampling_level == "sequence" and not ratio:
             raise ValueError("importance_sampling_level='sequence' (GSPO) needs policy_loss grpo_(no_)clip")

@@ -174,11 +174,14 @@ def reinforce_loss(log_probs_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
     return -A_B1 * log_probs_BT, {}
 
 
-def clipped_surrogate_loss(log_probs_BT, A_B1, ratio_BT, low, high) -> LossAndMetrics:
+def clipped_surrogate_loss(log_probs_BT, A_B1, ratio_BT, low, high, delta=None) -> LossAndMetrics:
     """PPO / GRPO clipped surrogate (Schulman et al. 2017, eq. 7; Shao et al. 2024, eq. 3), DAPO's clip-higher
-    (Yu et al. 2025, sec. 3.1): ``l_it = -min(r_it A_i, clip(r_it, 1 - low, 1 + high) A_i)``. Metadata: the
-    detached ``ratio``; ``clipped_high`` / ``clipped_low`` / ``clipped``: the tokens the clip gives zero gradient."""
-    loss_BT = -torch.minimum(ratio_BT * A_B1, torch.clamp(ratio_BT, 1.0 - low, 1.0 + high) * A_B1)
+    (Yu et al. 2025, sec. 3.1): ``l_it = -min(r_it A_i, clip(r_it, 1 - low, 1 + high) A_i)``; with ``delta``,
+    INTELLECT-2's two-sided clip (2025, sec. 3.2): the first ``r_it`` becomes ``min(r_it, delta)``, which bounds
+    the loss of a negative-advantage token whose ratio ran away. Metadata: the detached ``ratio``;
+    ``clipped_high`` / ``clipped_low`` / ``clipped``: the tokens the clip gives zero gradient."""
+    unclipped_BT = ratio_BT if delta is None else ratio_BT.clamp(max=delta)
+    loss_BT = -torch.minimum(unclipped_BT * A_B1, torch.clamp(ratio_BT, 1.0 - low, 1.0 + high) * A_B1)
     with torch.no_grad():
         clipped_high_BT = (ratio_BT > 1.0 + high) & (A_B1 > 0)
         clipped_low_BT = (ratio_BT < 1.0 - low) & (A_B1 < 0)
@@ -216,10 +219,12 @@ def compute_policy_gradient_loss(
     cliprange_high: float | None = None,
     ratio_level: RatioLevel = "token",
     response_mask: torch.Tensor | None = None,
+    delta: float | None = None,
 ) -> LossAndMetrics:
     """Per-token loss (B, T) and metadata of ``POLICY_GRADIENT_LOSSES[loss_type]``, given the arguments that
     table names (rewards / advantages (B,) or (B, 1); ``cliprange`` or both ``cliprange_low`` and
-    ``cliprange_high``). Ratio losses use ``RATIO_LEVELS[ratio_level]`` ("sequence" needs response_mask)."""
+    ``cliprange_high``). Ratio losses use ``RATIO_LEVELS[ratio_level]`` ("sequence" needs response_mask);
+    ``delta`` (two-sided clip) is for ``grpo_clip``."""
     if loss_type not in POLICY_GRADIENT_LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(POLICY_GRADIENT_LOSSES)}")
     if ratio_level not in RATIO_LEVELS:
@@ -242,7 +247,11 @@ def compute_policy_gradient_loss(
     if weights.shape not in ((B,), (B, 1)):
         raise ValueError(f"{required[0]} must have shape ({B},) or ({B}, 1), got {tuple(weights.shape)}")
     A_B1 = weights.reshape(B, 1).to(policy_log_probs.dtype)  # broadcasts over tokens
-    return loss_fn(policy_log_probs, A_B1, ratio_BT, low, high)
+    if delta is None:
+        return loss_fn(policy_log_probs, A_B1, ratio_BT, low, high)
+    if loss_fn is not clipped_surrogate_loss:
+        raise ValueError(f"delta (two-sided clipping) is for loss_type='grpo_clip', not {loss_type!r}")
+    return loss_fn(policy_log_probs, A_B1, ratio_BT, low, high, delta)
 
 
 def compute_naive_policy_gradient_loss(
@@ -396,6 +405,20 @@ def _ratio_metrics(meta: dict[str, torch.Tensor], mask_BT: torch.Tensor) -> dict
     return out
 
 
+def high_entropy_mask(entropy_BT, mask_BT, quantile: float, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """ "Beyond the 80/20 rule" (Wang et al. 2025): only the top ``quantile`` of valid tokens by the entropy of
+    their next-token distribution keep a policy gradient. A valid token is kept when its entropy reaches the
+    ``1 - quantile`` quantile of ``pool`` (1-D: the entropies that share the threshold, e.g. every process's
+    valid tokens as in TRL; default: this batch's valid ones). ``quantile=0``: the highest only; 1: all.
+    Returns a float (B, T) mask, 0 at invalid tokens."""
+    valid = mask_BT.bool()
+    pool = entropy_BT[valid] if pool is None else pool
+    if pool.numel() == 0:
+        return torch.zeros_like(entropy_BT)
+    threshold = torch.quantile(pool.float(), 1.0 - quantile)
+    return ((entropy_BT >= threshold) & valid).to(entropy_BT.dtype)
+
+
 def policy_loss(
     policy_log_probs_BT: torch.Tensor,
     response_mask_BT: torch.Tensor,
@@ -410,6 +433,7 @@ def policy_loss(
     cliprange_low: float | None = None,
     cliprange_high: float | None = None,
     ratio_level: RatioLevel = "token",
+    delta: float | None = None,
     beta: float = 0.0,
     is_weight_BT: torch.Tensor | None = None,
     num_sequences: Count | None = None,
@@ -420,8 +444,8 @@ def policy_loss(
     (DDP / FSDP average gradients: the caller multiplies by the world size). Metrics, detached: ``loss``,
     ``policy_loss`` (the pg part), ``kl_mean`` (given ref log-probs); for ratio losses ``ratio_mean``,
     ``ratio_max``, and for ``grpo_clip`` ``clip_fraction_low`` / ``_high`` / ``clip_fraction``.
-    ``is_weight_BT`` ((B, T) or (B, 1), from ``importance_sampling_weight``) multiplies ``l^pg`` only, not the
-    KL term (as TRL)."""
+    ``is_weight_BT`` ((B, T) or (B, 1): ``importance_sampling_weight``, ``high_entropy_mask``, or their product)
+    multiplies ``l^pg`` only, not the KL term (as TRL)."""
     if beta > 0 and ref_log_probs_BT is None:
         raise ValueError(f"beta={beta} > 0 needs ref_log_probs_BT for the KL penalty (or set beta=0)")
     pg_BT, meta = compute_policy_gradient_loss(
@@ -435,6 +459,7 @@ def policy_loss(
         cliprange_high=cliprange_high,
         ratio_level=ratio_level,
         response_mask=response_mask_BT,
+        delta=delta,
     )
     counts = (num_sequences, num_tokens, max_completion_length)
     metrics: dict[str, torch.Tensor] = {}

@@ -46,7 +46,7 @@ import torch
 
 from hf_align.config import GRPO_LOSS_TYPES, GRPOConfig
 from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
-from hf_align.losses.grpo import importance_sampling_weight, policy_loss
+from hf_align.losses.grpo import high_entropy_mask, importance_sampling_weight, policy_loss
 from hf_align.modeling import create_reference_model
 from hf_align.rollout import make_engine
 from hf_align.trainers import grpo_rollouts as R
@@ -319,13 +319,7 @@ class GRPOTrainer(AlignTrainer):
         self._signal = ((weight_B != 0) & mask_BT.any(-1)).any() | self._signal
         # on-policy: the sampling policy is this one (the same gradient as a separate no-grad pass, tested)
         old_BT = inputs.get("old_log_probs", out["log_probs"].detach())
-        is_weight_BT, is_metrics = None, {}
-        if a.vllm_importance_sampling_correction and "sampling_log_probs" in inputs:
-            level, mode = a.vllm_importance_sampling_mode.split("_")
-            is_weight_BT, is_metrics = importance_sampling_weight(
-                old_BT, inputs["sampling_log_probs"], mask_BT, level, mode,
-                a.vllm_importance_sampling_clip_max, a.vllm_importance_sampling_clip_min,
-            )  # fmt: skip
+        pg_weight_BT, is_metrics = self._policy_gradient_weight(inputs, old_BT, out["token_entropy"])
         reduction, global_counts = GRPO_LOSS_TYPES[a.loss_type]
         loss, metrics = policy_loss(
             out["log_probs"],
@@ -339,8 +333,9 @@ class GRPOTrainer(AlignTrainer):
             cliprange_low=a.epsilon,
             cliprange_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon,
             ratio_level=a.importance_sampling_level,
+            delta=a.delta,
             beta=a.beta,
-            is_weight_BT=is_weight_BT,
+            is_weight_BT=pg_weight_BT,
             num_sequences=inputs["num_sequences"] if global_counts else None,
             num_tokens=inputs["num_tokens"].clamp(min=1) if global_counts else None,  # all masked: 0 tokens
             max_completion_length=a.max_completion_length,
@@ -353,6 +348,27 @@ class GRPOTrainer(AlignTrainer):
         world = self.accelerator.num_processes
         loss = loss * world if global_counts else loss / a.gradient_accumulation_steps
         return (loss, out) if return_outputs else loss
+
+    def _policy_gradient_weight(self, inputs: dict, old_BT, entropy_BT):
+        """What multiplies each token's policy-gradient loss, or None: the importance-sampling weight (sampler vs
+        trainer) times, with ``top_entropy_quantile < 1``, the high-entropy mask (threshold over every process's
+        valid tokens, as TRL)."""
+        a, mask_BT, weight_BT, metrics = self.args, inputs["response_mask"], None, {}
+        if a.vllm_importance_sampling_correction and "sampling_log_probs" in inputs:
+            level, mode = a.vllm_importance_sampling_mode.split("_")
+            weight_BT, metrics = importance_sampling_weight(
+                old_BT, inputs["sampling_log_probs"], mask_BT, level, mode,
+                a.vllm_importance_sampling_clip_max, a.vllm_importance_sampling_clip_min,
+            )  # fmt: skip
+        if a.top_entropy_quantile < 1.0:
+            entropy_BT = entropy_BT.detach()
+            pool = entropy_BT[mask_BT.bool()]
+            if self.accelerator.num_processes > 1:  # -1 pads: entropies are >= 0
+                pool = self.accelerator.gather(self.accelerator.pad_across_processes(pool, pad_index=-1.0))
+                pool = pool[pool >= 0]
+            keep_BT = high_entropy_mask(entropy_BT, mask_BT, a.top_entropy_quantile, pool)
+            weight_BT = keep_BT if weight_BT is None else weight_BT * keep_BT
+        return weight_BT, metrics
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start, rollout_before = time.perf_counter(), self._rollout_s

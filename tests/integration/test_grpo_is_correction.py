@@ -117,3 +117,38 @@ def test_engine_without_logprobs_is_refused_only_when_the_correction_needs_them(
         assert "sampling_log_probs" not in _trainer(
             tmp_path / "b", tokenizer, engine=NoLogprobsEngine, **kw
         )._prepare_inputs(None)
+
+
+def test_top_entropy_quantile_keeps_the_policy_gradient_of_high_entropy_tokens(tmp_path, tokenizer):
+    # "Beyond the 80/20 rule" (TRL's top_entropy_quantile): on-policy dapo at top_p=1 (no IS weight), the loss is
+    # -(1/N_tok) sum A_i over the response tokens whose entropy reaches the 0.8 quantile of all of them.
+    trainer = _trainer(tmp_path, tokenizer, top_p=1.0, top_entropy_quantile=0.2)
+    inputs = trainer._prepare_inputs(None)
+    mask = inputs["response_mask"].bool()
+    loss = trainer.compute_loss(trainer.model.train(), inputs)
+    with torch.no_grad():
+        entropy_BT = trainer._log_probs(trainer.model, inputs, with_entropy=True)["token_entropy"]
+    threshold = torch.quantile(entropy_BT[mask], 0.8)
+    kept = (entropy_BT >= threshold) & mask
+    assert 0 < kept.sum() < mask.sum()
+    expected = -(inputs["advantages"][:, None] * kept).sum() / inputs["num_tokens"]
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-5, atol=1e-7)
+    everything = _trainer(tmp_path / "all", tokenizer, top_p=1.0)  # quantile 1: every token
+    all_loss = everything.compute_loss(everything.model.train(), everything._prepare_inputs(None))
+    assert not torch.allclose(loss, all_loss)
+
+
+def test_two_sided_clipping_caps_the_ratio_of_negative_advantages(tmp_path, tokenizer):
+    # INTELLECT-2's delta (TRL's field): -min(min(r, delta) A, clip(r) A). Old log-probs shifted down by 2 make
+    # r = e^2 ~ 7.4 everywhere: tokens with A < 0 weigh min(r, delta) = 3 instead of 7.4; A > 0 ones are clipped.
+    trainer = _trainer(tmp_path, tokenizer, top_p=1.0, num_iterations=2, delta=3.0)
+    inputs = trainer._prepare_inputs(None)
+    inputs = {**inputs, "old_log_probs": inputs["old_log_probs"] - 2.0}
+    loss = trainer.compute_loss(trainer.model.train(), inputs)
+    A_B1, mask = inputs["advantages"][:, None], inputs["response_mask"]
+    weight_B1 = torch.where(A_B1 < 0, torch.tensor(3.0), torch.tensor(1.2))  # delta / 1 + epsilon
+    expected = -(weight_B1 * A_B1 * mask).sum() / inputs["num_tokens"]
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-4, atol=1e-6)
+    assert (A_B1 < 0).any() and (A_B1 > 0).any()
+    with pytest.raises(ValueError, match="delta.*grpo_clip"):
+        _trainer(tmp_path / "b", tokenizer, policy_loss="reinforce_with_baseline", delta=3.0)

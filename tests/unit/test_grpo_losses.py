@@ -16,6 +16,7 @@ from hf_align.losses.grpo import (
     compute_policy_gradient_loss,
     group_normalize_rewards,
     grpo_microbatch_train_step,
+    high_entropy_mask,
     kl_k3,
     policy_loss,
     reduce_token_losses,
@@ -677,3 +678,35 @@ def test_microbatch_train_step_by_hand_and_accumulates() -> None:
     loss, _ = grpo_microbatch_train_step(lp, torch.ones(2, 2), 4, "no_baseline", raw_rewards=raw)
     # row 0: -1 * mean(-1, -2) = 1.5; row 1: 0; mean 0.75; / 4
     assert loss.item() == pytest.approx(0.1875)
+
+
+def test_two_sided_clip_by_hand() -> None:
+    # ratios 0.5, 1, 3, 6 with eps 0.2 and delta 4: A = -1 gives max(min(r, 4), clip(r, 0.8, 1.2)) = 0.8, 1, 3, 4
+    # (6 without delta); A = +1 gives -min(r, clip(r)) = -0.5, -1, -1.2, -1.2 with or without delta.
+    logp = torch.zeros(2, 4)
+    old = -torch.tensor([0.5, 1.0, 3.0, 6.0]).log().expand(2, 4)
+    A = torch.tensor([-1.0, 1.0])
+    loss, _ = compute_policy_gradient_loss(logp, "grpo_clip", None, A, old, 0.2, delta=4.0)
+    torch.testing.assert_close(loss, torch.tensor([[0.8, 1.0, 3.0, 4.0], [-0.5, -1.0, -1.2, -1.2]]))
+    loss, _ = compute_policy_gradient_loss(logp, "grpo_clip", None, A, old, 0.2)
+    torch.testing.assert_close(loss[0], torch.tensor([0.8, 1.0, 3.0, 6.0]))
+    with pytest.raises(ValueError, match="delta"):
+        compute_policy_gradient_loss(logp, "grpo_no_clip", None, A, old, delta=4.0)
+
+
+def test_high_entropy_mask_by_hand() -> None:
+    # valid entropies 0.1 0.5 0.9 0.3 | 0.7 0.2 (the 5.0s are masked out): sorted 0.1 0.2 0.3 0.5 0.7 0.9; the
+    # 0.5 quantile interpolates at position 2.5 -> 0.4, so 0.5, 0.9, 0.7 are kept. quantile 0 keeps the max only,
+    # 1 every valid token; a pool (other processes' tokens) moves the threshold.
+    entropy = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 0.2, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    torch.testing.assert_close(
+        high_entropy_mask(entropy, mask, 0.5), torch.tensor([[0.0, 1, 1, 0], [1, 0, 0, 0]])
+    )
+    torch.testing.assert_close(
+        high_entropy_mask(entropy, mask, 0.0), torch.tensor([[0.0, 0, 1, 0], [0, 0, 0, 0]])
+    )
+    torch.testing.assert_close(high_entropy_mask(entropy, mask, 1.0), mask.float())
+    pooled = high_entropy_mask(entropy, mask, 0.5, pool=torch.tensor([0.6, 0.8, 1.0]))  # threshold 0.8
+    torch.testing.assert_close(pooled, torch.tensor([[0.0, 0, 1, 0], [0, 0, 0, 0]]))
+    assert not high_entropy_mask(entropy, torch.zeros_like(mask), 0.5).any()
