@@ -28,7 +28,7 @@ from _common import load_average, machine_info, run_worker  # noqa: E402
 from grpo_e2e import REPO, _setup  # noqa: E402
 
 
-def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts: bool) -> dict:
+def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts: bool, is_mode: str) -> dict:
     from transformers import TrainerCallback
 
     from hf_align.trainers.grpo import GRPOTrainer
@@ -37,6 +37,7 @@ def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts
     cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
     cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_base_url = True, "server", url
     cfg.async_rollouts, cfg.max_staleness = async_rollouts, 1
+    cfg.vllm_importance_sampling_mode = is_mode
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     ends = [time.perf_counter()]
 
@@ -52,6 +53,7 @@ def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts
         "step_s": [b - a for a, b in zip(ends, ends[1:])],
         "reward": [h["reward"] for h in logs],
         "staleness": [h.get("sample/staleness_mean", 0.0) for h in logs],
+        "is_clipped": [h.get("sampling/importance_sampling_ratio/clipped_fraction", 0.0) for h in logs],
     }
 
 
@@ -87,13 +89,18 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--out", default="/tmp/hf_align_grpo_async")
     parser.add_argument("--worker", choices=["sync", "async"])
+    parser.add_argument("--runs", nargs="+", choices=["sync", "async"], default=["sync", "async"])
+    parser.add_argument(
+        "--is-mode", default="sequence_mask", help="vllm_importance_sampling_mode of both runs"
+    )
     a = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     server_core, trainer_core = (int(c) for c in a.cores.split(","))
     url = f"http://127.0.0.1:{a.port}"
     if a.worker:
-        result = worker(a.model, a.steps, f"{a.out}/{a.worker}", url, trainer_core, a.worker == "async")
+        out = f"{a.out}/{a.worker}"
+        result = worker(a.model, a.steps, out, url, trainer_core, a.worker == "async", a.is_mode)
         print(json.dumps(result))
         return
 
@@ -102,9 +109,9 @@ def main() -> None:
     server = _serve(a.vllm_python, a.model, a.port, server_core, f"{a.out}/server.log")
     results = {}
     try:
-        for name in ("sync", "async"):
+        for name in a.runs:
             argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out,
-                    "--cores", a.cores, "--port", str(a.port)]  # fmt: skip
+                    "--cores", a.cores, "--port", str(a.port), "--is-mode", a.is_mode]  # fmt: skip
             results[name] = run_worker(argv, env={"OMP_NUM_THREADS": "1"})
             print(f"{name}: done, load average {load_average()}", flush=True)
     finally:
@@ -116,7 +123,11 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:5s} wall per step: {', '.join(f'{x:.2f}' for x in r['step_s'])}")
         print(f"{name:5s} reward per step: {', '.join(f'{x:.3f}' for x in r['reward'])}")
-    print(f"async staleness per step: {', '.join(f'{x:.0f}' for x in results['async']['staleness'])}")
+        print(f"{name:5s} IS ({a.is_mode}) masked/clipped: {', '.join(f'{x:.2f}' for x in r['is_clipped'])}")
+    if "async" in results:
+        print(f"async staleness per step: {', '.join(f'{x:.0f}' for x in results['async']['staleness'])}")
+    if len(results) < 2:
+        return
     sync, fast = (results[k]["step_s"][1:] or results[k]["step_s"] for k in ("sync", "async"))
     print(
         f"\nmean step after the first: sync {_mean(sync):.2f} s, async {_mean(fast):.2f} s; "

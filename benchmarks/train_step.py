@@ -175,7 +175,7 @@ def setup_grpo(impl: str, model, tok, args: argparse.Namespace, out: str):
         micro = R.build_micro_batches(scored, rewards_B, advantages_B, tok.pad_token_id, B, 1)
         trainer._add_reference_log_probs(micro)  # old log-probs: rollout phase, as in _make_rollout_batch
         R.attach_global_counts(micro, trainer.accelerator, cfg.optimizer_batch_size)  # as _make_rollout_batch
-        batch = micro[0]
+        batch = micro[0] | {"policy_version": 0}  # sampled by the current weights
 
         def prepare(b):  # what _make_rollout_batch leaves for _prepare_inputs to hand out
             trainer._buffer = [b]
