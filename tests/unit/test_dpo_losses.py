@@ -378,7 +378,7 @@ def _trl_dpo(
     trainer.label_smoothing = label_smoothing
     trainer.loss_types = [loss_type]
     trainer.loss_weights = [1.0]
-    trainer.precompute_ref_log_probs = True
+    trainer.precompute_ref_logps = True
     trainer.ld_alpha = None
     trainer.f_divergence_type = "reverse_kl"
     trainer.use_weighting = False
