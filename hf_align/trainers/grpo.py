@@ -195,10 +195,9 @@ class GRPOTrainer(AlignTrainer):
         if not a.async_rollouts:
             with self._engine_ready():
                 return self.state.global_step, *self._sample_groups()
-        batches, j = (
-            math.ceil(a.max_steps / a.steps_per_rollout),
-            self.state.global_step // a.steps_per_rollout,
-        )
+        # generation batches in the run (Trainer sets state.max_steps, also for an epoch-based run) and this one
+        batches = math.ceil(self.state.max_steps / a.steps_per_rollout)
+        j = self.state.global_step // a.steps_per_rollout
         if not queue.pending:
             self._queue_batch()
         out = queue.pop()
