@@ -25,12 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, grpo_e2e
 from _common import load_average, machine_info, run_worker  # noqa: E402
-from grpo_e2e import REPO, _setup  # noqa: E402
+from grpo_e2e import REPO, _setup, _step_clock  # noqa: E402
 
 
 def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts: bool, is_mode: str) -> dict:
-    from transformers import TrainerCallback
-
     from hf_align.trainers.grpo import GRPOTrainer
 
     os.sched_setaffinity(0, {core})
@@ -39,18 +37,14 @@ def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts
     cfg.async_rollouts, cfg.max_staleness = async_rollouts, 1
     cfg.vllm_importance_sampling_mode = is_mode
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
-    ends = [time.perf_counter()]
-
-    class StepEnd(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
-    trainer.add_callback(StepEnd())
+    clock = _step_clock()
+    trainer.add_callback(clock)
+    start = time.perf_counter()
     trainer.train()
     trainer.close()
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {
-        "step_s": [b - a for a, b in zip(ends, ends[1:])],
+        "step_s": [b - a for a, b in zip([start, *clock.ends], clock.ends)],
         "reward": [h["reward"] for h in logs],
         "staleness": [h.get("sample/staleness_mean", 0.0) for h in logs],
         "is_clipped": [h.get("sampling/importance_sampling_ratio/clipped_fraction", 0.0) for h in logs],

@@ -395,8 +395,7 @@ def _ratio_metrics(meta: dict[str, torch.Tensor], mask_BT: torch.Tensor) -> dict
     ratio_BT = meta["ratio"]
     out = {
         "ratio_mean": masked_mean_or_zero(ratio_BT, mask_BT),
-        # ratios are > 0, so 0 at masked tokens leaves the max of the unmasked ones (0 if none)
-        "ratio_max": torch.where(mask_BT.bool(), ratio_BT, torch.zeros_like(ratio_BT)).max(),
+        "ratio_max": _masked_extremes(ratio_BT, mask_BT.bool())[1],  # 0 if no token counts
     }
     for key in ("clipped_low", "clipped_high", "clipped"):
         if key in meta:
