@@ -73,6 +73,15 @@ def engine_faults(trainer, engine_kind: str, action: str):
         ) from e
 
 
+def _claim(path: str) -> bool:
+    """Create ``path`` if no one has (atomic, also across nodes on a shared disk); whether this call made it."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 class UnsupportedEngineError(RuntimeError):
     """The distributed engine asked for is one hf_align cannot yet train under correctly."""
 
@@ -182,6 +191,18 @@ class SafeTrainingMixin:
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
 
+    def _save(self, output_dir=None, state_dict=None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not (self.args.should_save and self.args.process_index != 0):
+            return super()._save(output_dir, state_dict)
+        # transformers' save_pretrained writes weights only on global rank 0 once torch.distributed is up,
+        # whatever save_on_each_node says: another node's checkpoint would lack its model and fail to resume.
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.should_save_on_this_rank
+
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed into place once complete."""
         args, run_dir = self.args, self._get_output_dir(trial)
@@ -205,16 +226,27 @@ class SafeTrainingMixin:
             if args.should_save:
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its files
-        if args.should_save:
+        # With save_on_each_node, every node's main process saves. On a shared disk they all wrote the same
+        # staged folder, and exactly one of them may move it into place: an exclusive claim file picks it. On
+        # separate disks each claims its own.
+        claim = os.path.join(run_dir, PARTIAL_PREFIX + name + ".claim")
+        owner = args.should_save and _claim(claim)
+        if owner:
             if os.path.exists(final):  # the same step saved twice (e.g. a final save): replace it
                 shutil.rmtree(final)
             os.replace(staged, final)
             os.rmdir(os.path.dirname(staged))
             logger.info("checkpoint written: %s", final)
-        self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # every saver has tried its claim
+        if owner:
+            os.remove(claim)
+        elif self.accelerator.is_local_main_process and os.path.isdir(os.path.dirname(staged)):
+            # A node that does not save (no save_on_each_node) on a disk of its own: only its processes' RNG
+            # files were staged there, never to become a checkpoint; don't strand them.
+            shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
         if push:
             self._push_from_checkpoint(final)
-        if args.should_save:
+        if owner:
             rotate_checkpoints(
                 run_dir, args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )

@@ -34,14 +34,25 @@ TRAINERS = ("sft", "dpo", "grpo")
 
 
 def build_trainer(
-    kind: str, output_dir: str | Path, max_steps: int, save_steps: int, callbacks=(), tokenizer=None
+    kind: str,
+    output_dir: str | Path,
+    max_steps: int,
+    save_steps: int,
+    callbacks=(),
+    tokenizer=None,
+    **overrides,
 ):
     """The trainer of ``kind`` on its toy task, saving every ``save_steps`` steps into ``output_dir``."""
     tokenizer = tokenizer or build_tokenizer()
     out = Path(output_dir)
     model = build_model(tokenizer, attention_dropout=DROPOUT)
     common = dict(
-        output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=save_steps, seed=0
+        output_dir=str(out),
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        seed=0,
+        **overrides,
     )
     if kind == "sft":
         from hf_align.trainers.sft import SFTTrainer
@@ -98,7 +109,7 @@ class StepLog(TrainerCallback):
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"run": self.run, **record}) + "\n")
+            f.write(json.dumps({"run": self.run, "rank": int(os.environ.get("RANK", 0)), **record}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -140,11 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill_at_step", type=int)
     parser.add_argument("--kill_during_save_at_step", type=int)
+    parser.add_argument("--save_on_each_node", action="store_true")
     a = parser.parse_args(argv)
 
     log = StepLog(Path(a.output_dir) / "steps.jsonl", "resume" if a.resume else "fresh")
     callbacks = [log] + ([KillAfterSave(a.kill_at_step)] if a.kill_at_step else [])
-    trainer = build_trainer(a.trainer, a.output_dir, a.max_steps, a.save_steps, callbacks)
+    overrides = {"save_on_each_node": True} if a.save_on_each_node else {}
+    trainer = build_trainer(a.trainer, a.output_dir, a.max_steps, a.save_steps, callbacks, **overrides)
     if a.kill_during_save_at_step:
         die_while_saving(trainer, a.kill_during_save_at_step)
     Path(a.output_dir).mkdir(parents=True, exist_ok=True)
