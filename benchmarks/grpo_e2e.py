@@ -60,7 +60,7 @@ def _setup(model: str, steps: int, out: str):
     )
     cfg.stop_strings = []
     set_seed(cfg.seed)
-    policy, tokenizer = load_from_args(model_args)
+    policy, tokenizer = load_from_args(model_args, trust_remote_code=cfg.trust_remote_code)
     template = load_prompt_template(s.prompt_template)
     rows = load_dataset_rows(str(REPO / s.dataset_name), kind=s.dataset_kind, max_rows=s.max_train_samples)
     rows = [{**r, "prompt": format_prompt(template, r["question"])} for r in rows]

@@ -46,7 +46,6 @@ class ModelArguments:
         "auto", "Weights dtype. 'auto': bfloat16 on a CUDA device that supports it, float32 otherwise."
     )
     attn_implementation: str | None = arg(None, "Attention kernel: 'sdpa', 'eager', 'flash_attention_2', ...")
-    trust_remote_code: bool = arg(False, "Run modeling code shipped with a Hub repo (off: it is code).")
     use_peft: bool = arg(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA alpha (scaling = alpha / r).")
@@ -87,6 +86,10 @@ class _Config(TrainingArguments):
     logging_nan_inf_filter: bool = arg(False, "Off: a NaN loss stops training instead of being skipped.")
     remove_unused_columns: bool = arg(False, "Keep every dataset column (collators, reward functions pick).")
     model_init_kwargs: dict | str | None = arg(None, "from_pretrained kwargs for a model given by name.")
+    trust_remote_code: bool = arg(
+        False,
+        "Run modeling code shipped with a Hub repo (models, tokenizers, reward models; off: it is code).",
+    )
 
     def __post_init__(self):
         import torch
@@ -130,8 +133,15 @@ class _DatasetConfig(_Config):
 
 @dataclass
 class _ReferenceFields:
-    """hf_align's extras of the two trainers that compare the policy with a reference policy (DPO, GRPO)."""
+    """What the two trainers comparing the policy with a reference policy share (DPO, GRPO): TRL's TR-DPO
+    reference update and hf_align's reference extras."""
 
+    sync_ref_model: bool = arg(
+        False,
+        "TR-DPO: every ref_model_sync_steps optimizer steps, ref <- alpha * policy + (1 - alpha) * ref.",
+    )
+    ref_model_mixup_alpha: float = arg(0.6, "TR-DPO's alpha: the policy's share in each reference update.")
+    ref_model_sync_steps: int = arg(512, "TR-DPO's tau: optimizer steps between reference updates.")
     ref_mode: Literal["copy", "adapter_disabled"] | None = arg(
         None, "copy: a frozen copy (or ref_model); adapter_disabled: LoRA off. None: the latter under LoRA."
     )
@@ -140,6 +150,28 @@ class _ReferenceFields:
         True,
         "Forward each distinct prompt once, its answers on its KV cache (sdpa/eager, no DeepSpeed/FSDP).",
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.sync_ref_model:
+            return
+        if not 0 <= self.ref_model_mixup_alpha <= 1 or self.ref_model_sync_steps < 1:
+            raise ValueError(
+                f"sync_ref_model needs ref_model_mixup_alpha in [0, 1] and ref_model_sync_steps >= 1, got "
+                f"{self.ref_model_mixup_alpha} and {self.ref_model_sync_steps}"
+            )
+        # (refused setting, why there is no reference model to update)
+        without_reference = [
+            (self.ref_mode == "adapter_disabled", "ref_mode='adapter_disabled' (the reference is the policy "
+             "with its LoRA adapters off): set ref_mode: copy"),
+            (getattr(self, "precompute_ref_log_probs", False), "precompute_ref_log_probs (reference "
+             "log-probs fixed before training): set precompute_ref_log_probs: false"),
+            (getattr(self, "beta", 1) == 0, "beta=0 (no KL term, no reference model): set beta > 0"),
+        ]  # fmt: skip
+        for refused, why in without_reference:
+            if refused:
+                raise ValueError(f"sync_ref_model needs a reference model to update; there is none with {why}, "
+                                 "or sync_ref_model: false")  # fmt: skip
 
 
 @dataclass
@@ -283,6 +315,8 @@ class GRPOConfig(_ReferenceFields, _Config):
     _VALID_DICT_FIELDS = _Config._VALID_DICT_FIELDS + ["chat_template_kwargs", "generation_kwargs"]
     _RANGES = {
         "num_generations": (lambda v: v >= 2, ">= 2 to compare completions of a prompt"),
+        "num_generations_eval": (lambda v: v >= 1, ">= 1 (or None: num_generations)"),
+        "entropy_coef_delta": NON_NEGATIVE,
         "epsilon": OPEN_UNIT,
         "epsilon_high": OPEN_UNIT,
         "beta": NON_NEGATIVE,
@@ -303,6 +337,9 @@ class GRPOConfig(_ReferenceFields, _Config):
     disable_dropout: bool = arg(False, "Set every dropout probability to 0.")
     # --- generation (TRL)
     num_generations: int = arg(8, "Completions per prompt (the group of GRPO).")
+    num_generations_eval: int | None = arg(
+        None, "Completions per eval prompt (None: num_generations; one when eval_temperature is 0, greedy)."
+    )
     generation_batch_size: int | None = arg(None, "Completions per generation, all processes.")
     steps_per_generation: int | None = arg(None, "Micro-batches per generation (None: accumulation steps).")
     max_completion_length: int = arg(512, "Maximum new tokens per completion.")
@@ -339,6 +376,21 @@ class GRPOConfig(_ReferenceFields, _Config):
     )
     top_entropy_quantile: float = arg(
         1.0, "Policy gradient on the top quantile of tokens by entropy (1: all)."
+    )
+    entropy_coef: float = arg(
+        0.0,
+        "Entropy bonus: loss - coef x mean token entropy, the same for every loss_type (initial coef when "
+        "adaptive).",
+    )
+    use_adaptive_entropy: bool = arg(
+        False, "Skywork-OR1: each optimizer step, coef += entropy_coef_delta when the step's entropy is at or "
+        "below entropy_target, else -= (clamped); the bonus applies only while entropy is at or below it.",
+    )  # fmt: skip
+    entropy_coef_min: float = arg(0.0, "Lower bound of the adaptive entropy coefficient.")
+    entropy_coef_max: float = arg(1.0, "Upper bound of the adaptive entropy coefficient.")
+    entropy_coef_delta: float = arg(0.005, "Step of the adaptive entropy coefficient per optimizer step.")
+    entropy_target: float = arg(
+        0.2, "Target mean token entropy (nats) of adaptive control, over the tokens the policy loss uses."
     )
     importance_sampling_level: Literal["token", "sequence"] = arg(
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO)."

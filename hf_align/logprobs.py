@@ -11,7 +11,8 @@ group, a DPO pair) through the decoder once and continues each row on its key/va
 attention, and under activation checkpointing too (a cache that a layer's replay in backward reads unchanged,
 non-reentrant checkpoints); where that is not known to be exact (sharded or engine-wrapped models, other
 attention kernels or caches, checkpointing not done by transformers' layers) one pass runs, with a warning
-where the cache or the checkpointing is why. Entropy comes detached from the same logits chunk. Models without
+where the cache or the checkpointing is why. Entropy comes detached from the same logits chunk, or (asked for
+an entropy bonus) differentiable from a checkpointed chunk instead of the fused layer. Models without
 a separable decoder or ``logits_to_keep`` get full logits, still reduced by chunks. ``masked_mean`` of a fully
 masked slice is NaN (0/0, the course assignment's contract); losses use ``masked_mean_or_zero``: an empty completion must
 never poison a loss.
@@ -65,7 +66,7 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
 def log_probs_from_logits(
     logits_BTV: torch.Tensor,
     labels_BT: torch.Tensor,
-    return_token_entropy: bool = False,
+    return_token_entropy: bool | str = False,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, torch.Tensor]:
@@ -99,15 +100,19 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 def _head_chunk(head, hidden_NH, labels_N, temperature: float, entropy_out: list | None = None):
     """Log-probs of one chunk; its entropy is appended to ``entropy_out`` if that list is still empty (so the
-    recomputation in a checkpointed backward pass does not compute it again)."""
+    recomputation in a checkpointed backward pass does not compute it again). ``entropy_out=True``: returns
+    (log-probs, entropy), the entropy differentiable (an entropy bonus in the loss)."""
     logits_NV = head(hidden_NH).float()
     if temperature != 1.0:
         logits_NV = logits_NV / temperature
+    label_logit_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1)
+    log_probs_N = label_logit_N - torch.logsumexp(logits_NV, dim=-1)
+    if entropy_out is True:
+        return log_probs_N, compute_entropy(logits_NV)
     if entropy_out is not None and not entropy_out:
         with torch.no_grad():
             entropy_out.append(compute_entropy(logits_NV))
-    label_logit_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1)
-    return label_logit_N - torch.logsumexp(logits_NV, dim=-1)
+    return log_probs_N
 
 
 class _LinearHeadLogprob(torch.autograd.Function):
@@ -184,15 +189,22 @@ def _plain_linear(head: torch.nn.Module) -> bool:
     )
 
 
-def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, with_entropy: bool) -> tuple:
-    """Log-probs (N,) of ``labels_N`` under ``head(hidden_NH)``, chunk by chunk, and entropies if asked."""
+def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, with_entropy) -> tuple:
+    """Log-probs (N,) of ``labels_N`` under ``head(hidden_NH)``, chunk by chunk, and entropies if asked
+    (``with_entropy="grad"``: differentiable ones, through the checkpointed chunk, not the fused layer)."""
     log_probs, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and hidden_NH.requires_grad
-    fused = use_ckpt and _plain_linear(head)
+    entropy_grad = with_entropy == "grad" and use_ckpt
+    fused = use_ckpt and _plain_linear(head) and not entropy_grad
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         hidden_CH, labels_C = hidden_NH[start : start + chunk_tokens], labels_N[start : start + chunk_tokens]
         ent: list[torch.Tensor] | None = [] if with_entropy else None
-        if fused:
+        if entropy_grad:
+            lp, ent_C = checkpoint(
+                _head_chunk, head, hidden_CH, labels_C, temperature, True, use_reentrant=False
+            )
+            ent = [ent_C]
+        elif fused:
             # the last chunk's backward runs first, at the memory peak: it keeps its softmax, saving a matmul
             last = start + chunk_tokens >= hidden_NH.shape[0]
             lp, ent_C = _LinearHeadLogprob.apply(
@@ -463,7 +475,7 @@ def get_response_log_probs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
-    return_token_entropy: bool = False,
+    return_token_entropy: bool | str = False,
     temperature: float = 1.0,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -471,7 +483,8 @@ def get_response_log_probs(
     share_prompts: bool = False,
     **model_kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked.
+    """Per-token ``log p(labels | input_ids)`` (B, T) under ``model``, plus token entropy (B, T) if asked
+    (detached; ``return_token_entropy="grad"``: with its gradient).
 
     ``labels[:, t]`` is the token predicted at position t (``tokenize_prompt_and_output``'s layout);
     ``temperature`` divides the logits, as the sampler did. Only positions inside ``logprob_mask`` (B, T) with a

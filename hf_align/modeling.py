@@ -83,18 +83,14 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def load_from_args(model_args, device: str | torch.device | None = None):
-    """``load_model_and_tokenizer`` driven by a ``ModelArguments``, then LoRA if ``use_peft``."""
-    names = (
-        "gguf_file",
-        "dtype",
-        "trust_remote_code",
-        "attn_implementation",
-        "revision",
-        "tokenizer_name_or_path",
-    )
+def load_from_args(model_args, device: str | torch.device | None = None, trust_remote_code: bool = False):
+    """``load_model_and_tokenizer`` driven by a ``ModelArguments``, then LoRA if ``use_peft``;
+    ``trust_remote_code`` is the trainer config's (TRL 1.16 moved it there from ``ModelConfig``)."""
+    names = ("gguf_file", "dtype", "attn_implementation", "revision", "tokenizer_name_or_path")
     options = {name: getattr(model_args, name) for name in names}
-    model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, device=device, **options)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, device=device, trust_remote_code=trust_remote_code, **options
+    )
     return (wrap_lora(model, model_args) if model_args.use_peft else model), tokenizer
 
 

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     if script_args.dataset_name is None:
         raise ValueError("dataset_name is required: a .jsonl path or a Hub dataset id with preference pairs")
     set_seed(cfg.seed)  # LoRA adapters are initialised at random
-    model, tokenizer = load_from_args(model_args)  # LoRA-wrapped when use_peft (reference: adapters off)
+    # LoRA-wrapped when use_peft (reference: adapters off)
+    model, tokenizer = load_from_args(model_args, trust_remote_code=cfg.trust_remote_code)
     train = load_rows(script_args, "preference")
     evals = load_rows(script_args, "preference", evaluation=True) if script_args.eval_dataset_name else None
     trainer = DPOTrainer(model, args=cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)

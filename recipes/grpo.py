@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
             "dataset_name is required: a .jsonl path or a Hub dataset id with question/answer rows"
         )
     set_seed(cfg.seed)
-    model, tokenizer = load_from_args(model_args)
+    model, tokenizer = load_from_args(model_args, trust_remote_code=cfg.trust_remote_code)
 
     template = load_prompt_template(script_args.prompt_template)
 

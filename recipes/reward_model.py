@@ -18,14 +18,14 @@ from hf_align.trainers.reward_model import RewardTrainer
 logger = logging.getLogger(__name__)
 
 
-def load_reward_model(model_args: ModelArguments):
+def load_reward_model(model_args: ModelArguments, trust_remote_code: bool = False):
     """``AutoModelForSequenceClassification`` with one output (a fresh score head), its tokenizer, and LoRA
     (the score head fully trained) when ``use_peft``."""
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
         gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
         revision=model_args.revision,
-        trust_remote_code=model_args.trust_remote_code,
+        trust_remote_code=trust_remote_code,
     )
     kwargs = {"num_labels": 1, "dtype": resolve_dtype(model_args.dtype), "revision": model_args.revision}
     if model_args.attn_implementation:
@@ -33,7 +33,7 @@ def load_reward_model(model_args: ModelArguments):
     if model_args.gguf_file:
         kwargs["gguf_file"] = model_args.gguf_file
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **kwargs
+        model_args.model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
     if script_args.dataset_name is None:
         raise ValueError("dataset_name is required: a .jsonl path or a Hub dataset id with preference pairs")
     set_seed(cfg.seed)  # the score head is initialised at random
-    model, tokenizer = load_reward_model(model_args)
+    model, tokenizer = load_reward_model(model_args, cfg.trust_remote_code)
     train = load_rows(script_args, "preference")
     evals = load_rows(script_args, "preference", evaluation=True) if script_args.eval_dataset_name else None
     trainer = RewardTrainer(

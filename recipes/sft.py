@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     if script_args.dataset_name is None:
         raise ValueError("dataset_name is required: a .jsonl path or a Hub dataset id")
     set_seed(cfg.seed)  # LoRA adapters are initialised at random
-    model, tokenizer = load_from_args(model_args)  # LoRA-wrapped when use_peft
+    model, tokenizer = load_from_args(
+        model_args, trust_remote_code=cfg.trust_remote_code
+    )  # LoRA when use_peft
     train = load_rows(script_args, "sft", text_field=cfg.dataset_text_field)
     evals = (
         load_rows(script_args, "sft", True, cfg.dataset_text_field) if script_args.eval_dataset_name else None

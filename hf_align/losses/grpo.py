@@ -418,6 +418,32 @@ def high_entropy_mask(entropy_BT, mask_BT, quantile: float, pool: torch.Tensor |
     return ((entropy_BT >= threshold) & valid).to(entropy_BT.dtype)
 
 
+def entropy_bonus(entropy_BT, mask_BT, coef: float, num_tokens: Count | None = None) -> LossAndMetrics:
+    """Entropy regularization (TRL's ``entropy_coef``): ``L_H = -coef * (1/N_tok) sum_it m_it H_it``, added to the
+    policy loss, with ``H_it`` the entropy of token t's next-token distribution and N_tok = ``num_tokens`` (default:
+    this micro-batch's tokens in ``mask_BT``, at least 1): a token mean whatever the policy loss's reduction.
+    Metrics: ``entropy_mean`` (the detached mean)."""
+    n_tok = mask_BT.to(entropy_BT.dtype).sum().clamp(min=1.0) if num_tokens is None else num_tokens
+    mean_H = masked_normalize(entropy_BT, mask_BT, n_tok)
+    return -coef * mean_H, {"entropy_mean": mean_H.detach()}
+
+
+def adaptive_entropy_coef(
+    coef: float, entropy: float, target: float, delta: float, low: float, high: float
+) -> float:
+    """Skywork-OR1's adaptive entropy control (He et al. 2025, sec. 3.2.3), one optimizer step: ``coef + delta``
+    (at most ``high``) when the step's mean token entropy is at or below ``target``, else ``coef - delta`` (at
+    least ``low``). The bonus of the next step uses the new ``coef`` only while entropy is at or below target
+    (``applied_entropy_coef``)."""
+    return min(coef + delta, high) if entropy <= target else max(coef - delta, low)
+
+
+def applied_entropy_coef(coef: float, last_entropy: float, target: float) -> float:
+    """The coefficient adaptive control applies: ``coef`` if the last step's entropy <= ``target``, else 0 (no
+    bonus before a first measurement: ``last_entropy = inf``)."""
+    return coef if last_entropy <= target else 0.0
+
+
 def policy_loss(
     policy_log_probs_BT: torch.Tensor,
     response_mask_BT: torch.Tensor,

@@ -9,7 +9,8 @@ does: ``args=None`` gives the trainer's config with ``output_dir = "<model name>
 ``args.eos_token`` (SFT, reward) replaces the EOS token; ``peft_config`` wraps the model with LoRA;
 ``disable_dropout`` zeroes every dropout, LoRA's too. ``DatasetTrainer`` is the constructor SFT, DPO and reward
 models share: each prepares the train set and every eval set with its ``prepare_dataset`` and batches them with
-its ``default_collator``.
+its ``default_collator``. With ``sync_ref_model`` (DPO, GRPO), ``ReferenceSync`` mixes the policy into the
+reference model every ``ref_model_sync_steps`` optimizer steps (TR-DPO), and the reference goes into checkpoints.
 
 Metrics are recorded per micro-batch as detached device tensors (no sync) and merged in ``log``: averaged over
 the calls (``time/*`` keys summed: seconds spent in the step), then over processes in one collective (every
@@ -20,14 +21,17 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_align.modeling import wrap_lora
 from hf_align.trainers.safety import SafeTrainingMixin
 
 logger = logging.getLogger(__name__)
+
+REFERENCE_STATE = "reference_model.pt"
 
 
 def model_name(model, fallback: str = "model") -> str:
@@ -109,6 +113,30 @@ def weighted_mean(accelerator, values: list[float], count: int) -> list[float]:
     return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
 
 
+@torch.no_grad()
+def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, eq. 5): ``ref <- alpha * policy + (1 - alpha) * ref``,
+    parameter by parameter (the two must have the same parameters, in the same order)."""
+    for (name, ref), (other, p) in zip(ref_model.named_parameters(), policy.named_parameters(), strict=True):
+        if name != other or ref.shape != p.shape or hasattr(ref, "ds_id"):  # ds_id: a ZeRO-3 partition
+            raise ValueError(
+                f"sync_ref_model: reference parameter {name} does not match the policy's {other}"
+            )
+        ref.lerp_(p.to(ref.dtype), alpha)
+
+
+class ReferenceSync(TrainerCallback):
+    """``sync_ref_model``: after every ``ref_model_sync_steps``-th optimizer step (as TRL's SyncRefModelCallback)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            t = self.trainer
+            mix_into_reference(t.ref_model, t.accelerator.unwrap_model(t.model), args.ref_model_mixup_alpha)
+
+
 class AlignTrainer(SafeTrainingMixin, Trainer):
     """What the four trainers share: TRL's constructor conventions and per-step metrics merged at logging time.
     A subclass names its config (``config_class``, ``suffix``) and what a string ``model`` loads as
@@ -139,6 +167,32 @@ class AlignTrainer(SafeTrainingMixin, Trainer):
         if getattr(args, "disable_dropout", False):  # after LoRA, as TRL: its dropout goes too
             disable_dropout(model)
         return model, args, processing_class
+
+    def _add_reference_sync(self) -> None:
+        """With ``sync_ref_model``: refuse a policy without a separate reference to update (LoRA, as TRL), else
+        update it every ``ref_model_sync_steps`` optimizer steps; it is then checkpointed (training state)."""
+        if not getattr(self.args, "sync_ref_model", False):
+            return
+        if self.ref_model is None or hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
+            raise ValueError(
+                "sync_ref_model needs a full-weight policy and its frozen reference copy: under LoRA the reference "
+                "is the policy with adapters off (as in TRL, not supported); train without LoRA or set "
+                "sync_ref_model: false"
+            )
+        self.add_callback(ReferenceSync(self))
+
+    def _save_extra_state(self, folder: str) -> None:
+        if getattr(self.args, "sync_ref_model", False) and self.args.should_save:
+            torch.save(self.ref_model.state_dict(), Path(folder) / REFERENCE_STATE)
+
+    def _load_extra_state(self, folder: str) -> None:
+        if getattr(self.args, "sync_ref_model", False):
+            path = Path(folder) / REFERENCE_STATE
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} is missing: this checkpoint was saved without sync_ref_model"
+                )
+            self.ref_model.load_state_dict(torch.load(path, map_location=self.accelerator.device))
 
     def _init_metrics(self) -> None:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}

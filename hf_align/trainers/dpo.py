@@ -9,7 +9,8 @@ Choices:
   through the decoder once where that is exact (``share_prompt_prefix``).
 - The reference is a frozen copy of the initial model (or ``ref_model``), the policy itself with its LoRA
   adapters disabled (the default under LoRA: no second model in memory), or log-probs computed once before
-  training (``precompute_ref_log_probs``).
+  training (``precompute_ref_log_probs``); ``sync_ref_model`` moves a copy towards the policy (TR-DPO,
+  ``trainers/base.py``).
 - ``loss_type`` is a list: the loss is ``sum_k loss_weights[k] * mean_i l_k(i)``. The micro-batch mean is
   rescaled to ``sum_i l_i / N`` with N the pairs of the whole optimizer step over every accumulation micro-batch
   and process, times the number of processes (DDP averages gradients): the gradient is the same for 8x1, 4x2 or
@@ -87,6 +88,7 @@ class DPOTrainer(DatasetTrainer):
         )  # fmt: skip
         if self.ref_model is not None:
             self.ref_model = self.ref_model.to(self.args.device).eval()
+        self._add_reference_sync()
         self._precomputing = False
         if self.args.precompute_ref_log_probs:
             self.train_dataset = self._precompute_reference(self.train_dataset)

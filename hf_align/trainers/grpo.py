@@ -6,7 +6,8 @@ colocated vLLM or a vLLM server) gets the trained weights if an optimizer step h
 samples ``num_generations`` completions for each of this process's next prompts, the reward functions score them
 (hf_align/trainers/grpo_rewards.py), and hf_align/trainers/grpo_rollouts.py turns rewards into group-normalised
 advantages and the batch into micro-batches carrying their optimizer step's global counts; old and reference
-log-probs are added once per batch. ``compute_loss`` applies ``hf_align.losses.grpo.policy_loss``. A batch lasts
+log-probs are added once per batch. ``compute_loss`` applies ``hf_align.losses.grpo.policy_loss`` (and TRL's entropy
+bonus, ``entropy_bonus``, with ``entropy_coef`` / ``use_adaptive_entropy``). A batch lasts
 ``num_iterations x generation_batch_size / optimizer_batch_size`` optimizer steps.
 
 Choices:
@@ -18,7 +19,7 @@ Choices:
   (vLLM's kernels, truncated sampling: ``GRPOConfig.corrects_sampling``) the engine's log-probs give an
   importance-sampling weight old / sampler on each token's policy-gradient loss (TRL's decoupled correction).
   The KL reference is the policy with its LoRA adapters disabled when training LoRA, else a frozen copy (or
-  ``ref_model``).
+  ``ref_model``), which ``sync_ref_model`` moves towards the policy (TR-DPO, ``trainers/base.py``).
 - The rollout buffer lives on the device (no host-device copy per micro-batch) and is checkpointed with the
   prompt cursor: a resume is exact.
 - ``async_rollouts``: batch j + ``max_staleness`` is queued (``RolloutQueue``: one thread generates and scores,
@@ -46,7 +47,14 @@ import torch
 
 from hf_align.config import GRPO_LOSS_TYPES, GRPOConfig
 from hf_align.logprobs import get_response_log_probs, masked_mean_or_zero
-from hf_align.losses.grpo import high_entropy_mask, importance_sampling_weight, policy_loss
+from hf_align.losses.grpo import (
+    adaptive_entropy_coef,
+    applied_entropy_coef,
+    entropy_bonus,
+    high_entropy_mask,
+    importance_sampling_weight,
+    policy_loss,
+)
 from hf_align.modeling import create_reference_model
 from hf_align.rollout import make_engine
 from hf_align.trainers import grpo_rollouts as R
@@ -125,6 +133,7 @@ class GRPOTrainer(AlignTrainer):
         )
         self.reward_func_names = self.rewards.names
         self.ref_model = self._reference_policy(ref_model)
+        self._add_reference_sync()
         self._engine, self._synced_step = rollout_engine, -1
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._queue = R.RolloutQueue()  # async_rollouts: batches generated ahead
@@ -136,6 +145,9 @@ class GRPOTrainer(AlignTrainer):
             if args.rollout_engine == "hf" and rollout_engine is None:
                 self._refuse_dropout(self.model)
         self._signal = False  # this optimizer step has something to learn (see _step_has_learning_signal)
+        # entropy bonus: the coefficient, the last optimizer step's entropy (adaptive control; inf: none yet) and
+        # this step's [entropy sum, token count] so far
+        self._entropy_coef, self._last_entropy, self._entropy_window = args.entropy_coef, math.inf, None
         self._rollout_s = 0.0  # seconds spent making generation batches (kept out of time/training_s)
 
     def _reference_policy(self, ref_model):
@@ -293,7 +305,7 @@ class GRPOTrainer(AlignTrainer):
             model.train(was_training)
 
     def _log_probs(
-        self, model, b: dict, with_entropy: bool = False
+        self, model, b: dict, with_entropy: bool | str = False
     ) -> dict[str, torch.Tensor] | torch.Tensor:
         device = self.accelerator.device
         out = get_response_log_probs(
@@ -311,14 +323,15 @@ class GRPOTrainer(AlignTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args
-        out = self._log_probs(model, inputs, with_entropy=True)
+        bonus = a.entropy_coef != 0 or a.use_adaptive_entropy
+        out = self._log_probs(model, inputs, with_entropy="grad" if bonus else True)
         mask_BT = inputs["response_mask"]
         weight_B = inputs["raw_rewards" if a.policy_loss == "no_baseline" else "advantages"]
         # a device flag, read once per optimizer step by the no-learning guard: no sync here
         self._signal = ((weight_B != 0) & mask_BT.any(-1)).any() | self._signal
         # on-policy: the sampling policy is this one (the same gradient as a separate no-grad pass, tested)
         old_BT = inputs.get("old_log_probs", out["log_probs"].detach())
-        pg_weight_BT, is_metrics = self._policy_gradient_weight(inputs, old_BT, out["token_entropy"])
+        pg_weight_BT, is_metrics, keep_BT = self._policy_gradient_weight(inputs, old_BT, out["token_entropy"])
         reduction, global_counts = GRPO_LOSS_TYPES[a.loss_type]
         loss, metrics = policy_loss(
             out["log_probs"],
@@ -346,12 +359,44 @@ class GRPOTrainer(AlignTrainer):
         # micro-batch token mean) is averaged over accumulation steps and processes instead.
         world = self.accelerator.num_processes
         loss = loss * world if global_counts else loss / a.gradient_accumulation_steps
+        if bonus:
+            loss = loss + self._entropy_term(out["token_entropy"], keep_BT, inputs["num_tokens"])
         return (loss, out) if return_outputs else loss
+
+    def _entropy_term(self, entropy_BT, keep_BT, num_tokens):
+        """TRL's entropy bonus, a token mean over the tokens with a policy gradient: over the optimizer step's
+        (``num_tokens``, every process) when that is all of them, else (``top_entropy_quantile < 1``, kept tokens
+        known per micro-batch only) each micro-batch's mean, averaged as TRL does. With ``use_adaptive_entropy``
+        the coefficient follows ``adaptive_entropy_coef`` once per optimizer step, from the step's entropy over
+        every micro-batch and process."""
+        a, acc = self.args, self.accelerator
+        coef = self._entropy_coef
+        if a.use_adaptive_entropy:
+            coef = applied_entropy_coef(coef, self._last_entropy, a.entropy_target)
+        if a.top_entropy_quantile == 1.0:
+            term = entropy_bonus(entropy_BT, keep_BT, coef, num_tokens.clamp(min=1))[0] * acc.num_processes
+        else:
+            term = entropy_bonus(entropy_BT, keep_BT, coef)[0] / a.gradient_accumulation_steps
+        if a.use_adaptive_entropy:
+            keep_BT = keep_BT.to(entropy_BT.dtype)
+            stats = torch.stack([(entropy_BT.detach() * keep_BT).sum(), keep_BT.sum()])
+            self._entropy_window = stats if self._entropy_window is None else self._entropy_window + stats
+            if acc.sync_gradients:  # the optimizer step's last micro-batch: one sync per step
+                total, count = acc.reduce(self._entropy_window, reduction="sum").tolist()
+                self._last_entropy = total / max(count, 1.0)
+                self._entropy_coef = adaptive_entropy_coef(
+                    self._entropy_coef, self._last_entropy, a.entropy_target, a.entropy_coef_delta,
+                    a.entropy_coef_min, a.entropy_coef_max,
+                )  # fmt: skip
+                self._entropy_window = None
+        if acc.sync_gradients:
+            self.record({"entropy_coef": self._entropy_coef}, training=True)
+        return term
 
     def _policy_gradient_weight(self, inputs: dict, old_BT, entropy_BT):
         """What multiplies each token's policy-gradient loss, or None: the importance-sampling weight (sampler vs
         trainer) times, with ``top_entropy_quantile < 1``, the high-entropy mask (threshold over every process's
-        valid tokens, as TRL)."""
+        valid tokens, as TRL); its metrics; the tokens with a policy gradient (the mask, or the high-entropy one)."""
         a, mask_BT, weight_BT, metrics = self.args, inputs["response_mask"], None, {}
         if a.vllm_importance_sampling_correction and "sampling_log_probs" in inputs:
             level, mode = a.vllm_importance_sampling_mode.split("_")
@@ -367,7 +412,8 @@ class GRPOTrainer(AlignTrainer):
                 pool = pool[pool >= 0]
             keep_BT = high_entropy_mask(entropy_BT, mask_BT, a.top_entropy_quantile, pool)
             weight_BT = keep_BT if weight_BT is None else weight_BT * keep_BT
-        return weight_BT, metrics
+            return weight_BT, metrics, keep_BT
+        return weight_BT, metrics, mask_BT
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start, rollout_before = time.perf_counter(), self._rollout_s
@@ -450,9 +496,10 @@ class GRPOTrainer(AlignTrainer):
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """One completion per eval prompt (``eval_temperature``), scored by the reward functions:
-        ``eval_reward``, ``eval_rewards/<name>/mean`` and, with a built-in grader, ``eval_accuracy`` /
-        ``eval_format_rate``. Means over all prompts of all processes."""
+        """``num_generations_eval`` (None: ``num_generations``) completions per eval prompt at ``eval_temperature``
+        (one when greedy: the copies would be equal), scored by the reward functions: ``eval_reward``,
+        ``eval_rewards/<name>/mean`` and, with a built-in grader, ``eval_accuracy`` / ``eval_format_rate``. Means
+        over all completions of all processes."""
         rows = eval_dataset if eval_dataset is not None else self.eval_rows
         if rows is None or not len(rows):
             return {}
@@ -463,7 +510,8 @@ class GRPOTrainer(AlignTrainer):
             R.render_prompt(p["row"]["prompt"], self.processing_class, a.chat_template_kwargs)
             for p in prompts
         ]
-        sampling = dataclasses.replace(R.sampling_for(a), n=1, temperature=a.eval_temperature)
+        per_prompt = (a.num_generations_eval or a.num_generations) if a.eval_temperature > 0 else 1
+        sampling = dataclasses.replace(R.sampling_for(a), n=per_prompt, temperature=a.eval_temperature)
         keys = ["reward", *(f"rewards/{name}/mean" for name in self.rewards.names)]
         keys += ["accuracy", "format_rate"] if self.rewards.graders() else []
         summary: dict[str, float] = {}
@@ -484,18 +532,24 @@ class GRPOTrainer(AlignTrainer):
         return metrics
 
     def _save_extra_state(self, folder: str) -> None:
+        super()._save_extra_state(folder)
         queued = self._queue.state_dict()  # first: the thread moves the prompt cursor
         state = {**self.prompts.state_dict(), "buffer": self._buffer, "queued": queued}
+        state["entropy_control"] = (self._entropy_coef, self._last_entropy)
         torch.save(state, Path(folder) / ROLLOUT_STATE.format(rank=self.accelerator.process_index))
 
     def _load_extra_state(self, folder: str) -> None:
         path = Path(folder) / ROLLOUT_STATE.format(rank=self.accelerator.process_index)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by GRPOTrainer")
+        super()._load_extra_state(folder)
         state = torch.load(path, weights_only=False, map_location=self.accelerator.device)
         self.prompts.load_state_dict(state)
         self._buffer = state["buffer"]
         self._queue.load_state_dict(state.get("queued", []))
+        self._entropy_coef, self._last_entropy = state.get(
+            "entropy_control", (self.args.entropy_coef, math.inf)
+        )
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         try:

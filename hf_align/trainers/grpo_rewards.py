@@ -14,6 +14,7 @@ which no completion got any reward stops training with ``RewardFunctionError`` n
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import inspect
@@ -127,10 +128,11 @@ class RewardRunner:
         if isinstance(fn, str):  # TRL: any other string is a reward model id / path
             from transformers import AutoModelForSequenceClassification
 
-            kwargs = dict(args.model_init_kwargs or {})
+            kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
             fn = AutoModelForSequenceClassification.from_pretrained(fn, num_labels=1, **kwargs)
         if isinstance(fn, torch.nn.Module):
-            proc = load_processing_class(fn, proc)
+            trust = argparse.Namespace(trust_remote_code=args.trust_remote_code)  # not the policy's revision
+            proc = load_processing_class(fn, proc, trust)
             fn.config.pad_token_id = getattr(proc, "tokenizer", proc).pad_token_id
             return fn.to(device).eval(), proc
         if not callable(fn):

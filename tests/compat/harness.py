@@ -9,7 +9,8 @@ module bound to `lib` (what `from trl import X` versus `from hf_align import X` 
     (`rel`) and an absolute one (`abs`, for values that are zero by construction, like the on-policy GRPO loss);
   - `compare_calls`: the example records what its reward functions received in `env.calls`; the records must match;
   - `why`: when nothing (or only part) can be compared, the reason, printed in the assertion messages;
-  - `require`: log keys hf_align must log (TRL's metric names) where their values cannot be compared.
+  - `require`: log keys hf_align must log (TRL's metric names) where their values cannot be compared;
+  - `step`: the logged optimizer step compared (default 1; a later one where the feature acts after step 1).
 Every example must also log a finite `loss` on its first step with both libraries.
 
 The TRL result of each example is computed once per session and reused by the hf_align run (the hf_align tests
@@ -60,6 +61,7 @@ class Spec:
     require: tuple[
         str, ...
     ] = ()  # keys hf_align must log on the first step (TRL's names), values not compared
+    step: int = 1  # the optimizer step whose log entry is compared
 
     @property
     def name(self) -> str:
@@ -67,14 +69,21 @@ class Spec:
 
 
 def example(
-    compare=("loss",), rel=1e-5, abs_tol=0.0, compare_calls=False, why=None, tolerances=None, require=()
+    compare=("loss",),
+    rel=1e-5,
+    abs_tol=0.0,
+    compare_calls=False,
+    why=None,
+    tolerances=None,
+    require=(),
+    step=1,
 ):
     """Register an example. `tolerances` overrides (rel, abs) per key, e.g. {"loss": (0.0, 1e-6)}."""
 
     def wrap(fn):
         table = {key: (rel, abs_tol) for key in compare}
         table.update(tolerances or {})
-        fn.spec = Spec(fn=fn, compare=table, compare_calls=compare_calls, why=why, require=tuple(require))
+        fn.spec = Spec(fn, table, compare_calls, why, tuple(require), step)
         return fn
 
     return wrap
@@ -90,10 +99,16 @@ class Run:
     @property
     def first(self) -> dict:
         """The first log entry that holds a training loss (step 1 with logging_steps=1)."""
+        return self.at(None)
+
+    def at(self, step: int | None) -> dict:
+        """The first log entry that holds a training loss, at optimizer ``step`` (None: any)."""
         for entry in self.logs:
-            if "loss" in entry:
+            if "loss" in entry and step in (None, entry.get("step")):
                 return entry
-        raise AssertionError(f"{self.lib}: no training loss was logged; log_history = {self.logs}")
+        raise AssertionError(
+            f"{self.lib}: no training loss was logged at step {step}; log_history = {self.logs}"
+        )
 
 
 def run_example(spec: Spec, lib_name: str, env: Env, tmp_path) -> Run:
@@ -117,7 +132,7 @@ def compare_runs(spec: Spec, ref: Run, got: Run) -> None:
     """Assert `got` (hf_align) agrees with `ref` (TRL) on what the example declares comparable."""
     check_finite(got)
     note = f" ({spec.why})" if spec.why else ""
-    first_ref, first_got = ref.first, got.first
+    first_ref, first_got = ref.at(spec.step), got.at(spec.step)
     for key, (rel, abs_tol) in spec.compare.items():
         assert key in first_ref, f"the TRL run of {spec.name} did not log {key!r}: {first_ref}"
         assert key in first_got, (

@@ -156,6 +156,32 @@ def dpo_iterable_dataset(lib, env):
     return trainer
 
 
+# https://huggingface.co/docs/trl/v1.16.0/dpo_trainer (TR-DPO: sync_ref_model, ref_model_mixup_alpha,
+# ref_model_sync_steps) with another reference than the initial policy, synced after every step: step 2's loss and
+# log-probs see the mixed reference (alpha * policy after step 1 + (1 - alpha) * ref_model).
+@example(compare=LOGPS, rel=1e-4, step=2)
+def dpo_tr_dpo_sync_ref_model(lib, env):
+    from transformers import AutoModelForCausalLM
+
+    cpu = {**CPU, "max_steps": 2}
+    trainer = lib.DPOTrainer(
+        model=env.model_path,
+        ref_model=AutoModelForCausalLM.from_pretrained(env.ref_model_path),
+        args=lib.DPOConfig(
+            output_dir=env.output_dir,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            sync_ref_model=True,
+            ref_model_mixup_alpha=0.6,
+            ref_model_sync_steps=1,
+            **cpu,
+        ),  # fmt: skip
+        train_dataset=preference_standard_explicit(),
+    )
+    trainer.train()
+    return trainer
+
+
 EXAMPLES = [
     dpo_quickstart,
     dpo_standard_explicit_prompt,
@@ -165,6 +191,7 @@ EXAMPLES = [
     dpo_peft_lora,
     dpo_max_length,
     dpo_iterable_dataset,
+    dpo_tr_dpo_sync_ref_model,
 ]
 
 test_example = parametrized(EXAMPLES)

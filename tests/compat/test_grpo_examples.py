@@ -437,6 +437,21 @@ def grpo_iterable_dataset(lib, env):
     return trainer
 
 
+# https://huggingface.co/docs/trl/v1.16.0/grpo_trainer (entropy_coef: an entropy bonus on the mean token entropy,
+# whatever the loss_type). Greedy (top_k=1): equal completions in each group, advantages 0, so the first-step loss
+# is -entropy_coef x the mean token entropy of the same completions in both libraries.
+@example(compare=("loss", "entropy", "reward"), rel=1e-4)
+def grpo_entropy_bonus_greedy(lib, env):
+    trainer = lib.GRPOTrainer(
+        model=env.model_path,
+        reward_funcs=reward_function,
+        args=lib.GRPOConfig(output_dir=env.output_dir, top_k=1, loss_type="grpo", entropy_coef=0.1, **tiny()),
+        train_dataset=prompts_standard(),
+    )
+    trainer.train()
+    return trainer
+
+
 EXAMPLES = [
     grpo_quickstart,
     grpo_quickstart_greedy,
@@ -452,6 +467,7 @@ EXAMPLES = [
     grpo_gspo_sampled,
     grpo_dr_grpo_sampled,
     grpo_iterable_dataset,
+    grpo_entropy_bonus_greedy,
 ]
 
 test_example = parametrized(EXAMPLES)

@@ -205,16 +205,19 @@ def test_trl_defaults_and_aliases(tmp_path):
     assert server.rollout_engine == "vllm_server" and server.vllm_server_url == "http://0.0.0.0:8011"
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_type):
-    """One optimizer step over the same 8 rollouts, split 8x1, 4x2, 1x8: identical gradients (1e-6)."""
+@pytest.mark.parametrize(
+    "loss_type, entropy_coef", [("grpo", 0.0), ("dapo", 0.0), ("dr_grpo", 0.0), ("grpo", 0.2)]
+)
+def test_accumulation_splits_give_identical_gradients(tmp_path, tokenizer, loss_type, entropy_coef):
+    """One optimizer step over the same 8 rollouts, split 8x1, 4x2, 1x8: identical gradients (1e-6); the entropy
+    bonus is a token mean over the whole step, so it is exact too."""
     grads = {}
     for micro, accum in [(8, 1), (4, 2), (1, 8)]:
         cap = grad_capture()
         cfg = _config(
             tmp_path / f"{micro}x{accum}", max_steps=1, generation_batch_size=8,
             per_device_train_batch_size=micro, gradient_accumulation_steps=accum, loss_type=loss_type,
-            max_grad_norm=0.0, plot_curves=False, max_completion_length=6,
+            max_grad_norm=0.0, plot_curves=False, max_completion_length=6, entropy_coef=entropy_coef,
         )  # fmt: skip
         trainer = GRPOTrainer(
             build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,

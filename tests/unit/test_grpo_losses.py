@@ -10,10 +10,13 @@ import torch
 from hf_align.losses.grpo import (
     LOSS_REDUCTIONS,
     POLICY_GRADIENT_LOSSES,
+    adaptive_entropy_coef,
+    applied_entropy_coef,
     compute_group_normalized_rewards,
     compute_grpo_clip_loss,
     compute_naive_policy_gradient_loss,
     compute_policy_gradient_loss,
+    entropy_bonus,
     group_normalize_rewards,
     grpo_microbatch_train_step,
     high_entropy_mask,
@@ -710,3 +713,39 @@ def test_high_entropy_mask_by_hand() -> None:
     pooled = high_entropy_mask(entropy, mask, 0.5, pool=torch.tensor([0.6, 0.8, 1.0]))  # threshold 0.8
     torch.testing.assert_close(pooled, torch.tensor([[0.0, 0, 1, 0], [0, 0, 0, 0]]))
     assert not high_entropy_mask(entropy, torch.zeros_like(mask), 0.5).any()
+
+
+def test_entropy_bonus_by_hand() -> None:
+    # valid entropies 1, 2, 3 | 6 (the 9 is padding): mean over the 4 tokens = 3, so L_H = -0.1 * 3 = -0.3; with
+    # N_tok = 8 (the optimizer step's tokens, other micro-batches included) -0.1 * 12 / 8 = -0.15. d L_H / d H_it =
+    # -coef / N_tok on valid tokens, 0 on padding; an all-masked batch gives 0, not NaN.
+    entropy = torch.tensor([[1.0, 2.0, 3.0], [6.0, 9.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, metrics = entropy_bonus(entropy, mask, 0.1)
+    torch.testing.assert_close(loss, torch.tensor(-0.3))
+    torch.testing.assert_close(metrics["entropy_mean"], torch.tensor(3.0))
+    torch.testing.assert_close(entropy_bonus(entropy, mask, 0.1, num_tokens=8)[0], torch.tensor(-0.15))
+    loss.backward()
+    torch.testing.assert_close(entropy.grad, -0.1 / 4 * mask.float())
+    assert entropy_bonus(entropy, torch.zeros_like(mask), 0.1)[0].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "coef, entropy, want",
+    [
+        (0.1, 0.15, 0.105),  # at or below target 0.2: up by delta 0.005
+        (0.1, 0.2, 0.105),  # the target itself counts as below
+        (0.1, 0.25, 0.095),  # above: down
+        (0.498, 0.1, 0.5),  # clamped to high
+        (0.002, 0.3, 0.0),  # clamped to low
+    ],
+)
+def test_adaptive_entropy_coef_by_hand(coef, entropy, want) -> None:
+    got = adaptive_entropy_coef(coef, entropy, target=0.2, delta=0.005, low=0.0, high=0.5)
+    assert got == pytest.approx(want)
+
+
+def test_applied_entropy_coef_only_at_or_below_target() -> None:
+    assert applied_entropy_coef(0.3, 0.2, 0.2) == 0.3
+    assert applied_entropy_coef(0.3, 0.21, 0.2) == 0.0
+    assert applied_entropy_coef(0.3, math.inf, 0.2) == 0.0  # no measurement yet

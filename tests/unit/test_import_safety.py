@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from hf_align.config import ModelArguments
+from hf_align.config import SFTConfig
 
 # Runs in a fresh interpreter: every socket operation raises, then every hf_align module is imported.
 _IMPORT_EVERYTHING = textwrap.dedent(
@@ -63,7 +63,7 @@ def eval_free_list(text: str) -> list[str]:
 
 
 def test_trust_remote_code_is_off_by_default():
-    assert ModelArguments(model_name_or_path="x").trust_remote_code is False
+    assert SFTConfig(output_dir="x").trust_remote_code is False  # TRL 1.16: a trainer-config field
 
 
 def test_repository_code_is_not_run_without_trust_remote_code(tmp_path, monkeypatch):

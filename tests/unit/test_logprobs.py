@@ -158,6 +158,33 @@ def test_get_response_log_probs_gradients_match_naive(tiny_model):
         torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_entropy_with_gradient_matches_naive(tiny_model, chunk):
+    # return_token_entropy="grad" (an entropy bonus): values and gradients of sum(H) + sum(log p) over the masked
+    # positions equal autograd through full logits, at a temperature; "True" keeps the entropy detached.
+    tiny_model.train()
+    torch.manual_seed(3)
+    V = tiny_model.config.vocab_size
+    input_ids, labels = torch.randint(0, V, (2, 10)), torch.randint(0, V, (2, 10))
+    mask = torch.ones(2, 10)
+    mask[:, :3] = 0
+    out = get_response_log_probs(
+        tiny_model, input_ids, labels, "grad", temperature=0.7, logprob_mask=mask, chunk_tokens=chunk
+    )
+    (out["token_entropy"].sum() + out["log_probs"].sum()).backward()
+    ours = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    logits = tiny_model(input_ids).logits.float() / 0.7
+    log_probs = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    entropy = compute_entropy(logits)
+    ((entropy + log_probs) * mask).sum().backward()
+    torch.testing.assert_close(out["token_entropy"], (entropy * mask).detach(), atol=1e-5, rtol=1e-5)
+    for n, p in tiny_model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    detached = get_response_log_probs(tiny_model, input_ids, labels, True, logprob_mask=mask)
+    assert not detached["token_entropy"].requires_grad
+
+
 def test_padding_and_attention_mask(tiny_model):
     """Right padding with an attention mask leaves the real tokens' log-probs unchanged."""
     torch.manual_seed(3)
