@@ -30,6 +30,9 @@ class EvaluateArguments:
     device: str | None = field(
         default=None, metadata={"help": "Device for the model (default: where it loads)."}
     )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code from the model repository (off: it executes remote code)."}
+    )
     dataset: str | None = field(
         default=None, metadata={"help": "A .jsonl path or Hub dataset id (required)."}
     )
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((EvaluateArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_model_and_tokenizer(
-        args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device
-    )
+        args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
     rows = load_dataset_rows(
         args.dataset, kind=args.dataset_kind, split=args.split, max_rows=args.max_examples
     )
