@@ -206,8 +206,8 @@ def find_stop(ids: list[int], stop: list[str], min_new_tokens: int, decode) -> t
 
 class EngineBase:
     """What every engine does the same way around its generator: tokenize and check the prompts, cut and
-    decode each generated row by the rule above. `source` (a model or model folder) adds its generation
-    config's EOS ids to the tokenizer's; subclasses set `max_model_len` (None: no limit)."""
+    decode each generated row by the rule above. `source` (a model or model folder, or the ids themselves) adds
+    its generation config's EOS ids to the tokenizer's; subclasses set `max_model_len` (None: no limit)."""
 
     max_model_len: int | None = None
     max_model_len_name = "engine's max_model_len"
