@@ -277,9 +277,8 @@ class VLLMServerEngine(EngineBase):
             remote = pool.submit(self._rpc, method, [arg], what)
             try:
                 result = local()
-            except (
-                Exception
-            ) as e:  # the workers' error (they too wait at most `timeout`), when they have one, says more
+            # the workers' error, when they have one, says more (they too wait at most `timeout`)
+            except Exception as e:
                 if (remote_error := remote.exception()) is not None:
                     raise remote_error from e
                 raise RuntimeError(
