@@ -120,6 +120,49 @@ def test_only_the_main_process_pushes(remote, tokenizer, tmp_path):
     make_engine("vllm_server", url, tokenizer).sync_weights(_model(tokenizer, eos))  # base weights back
 
 
+def _length_reward(completions, **kwargs) -> list[float]:
+    return [min(len(c), 20) / 20 for c in completions]
+
+
+@vllm_test
+def test_grpo_pushes_over_the_group(remote, tokenizer, tmp_path):
+    """GRPOTrainer with vllm_weight_sync: group: before step 2's rollouts the server gets the weights of step 1."""
+    from transformers import TrainerCallback
+
+    from hf_align.config import GRPOConfig
+    from hf_align.trainers.grpo import GRPOTrainer
+
+    url, eos = remote
+    after_step_1 = {}
+
+    class Keep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                after_step_1.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_vllm=True, vllm_mode="server", vllm_server_base_url=url,
+        vllm_weight_sync="group", vllm_group_port=_free_port(), learning_rate=0.05,
+        generation_batch_size=4, num_generations=4, per_device_train_batch_size=4, max_steps=2,
+        max_completion_length=6, grader_num_workers=0, report_to="none", disable_tqdm=True, plot_curves=False,
+        save_strategy="no", seed=0,
+    )  # fmt: skip
+    rows = [{"prompt": f"Q: {q} A:", "answer": "0"} for q in ("red", "green", "cat")]
+    trainer = GRPOTrainer(
+        _model(tokenizer, eos), args=args, train_dataset=rows, processing_class=tokenizer,
+        reward_funcs=[_length_reward], callbacks=[Keep()],
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.engine.weight_sync == "group" and trainer.engine._group is not None
+    pushed = _model(tokenizer, eos)
+    pushed.load_state_dict(after_step_1)
+    want = HFEngine(pushed, tokenizer).generate(PROMPTS, GREEDY)
+    assert _ids(want) != _ids(HFEngine(_model(tokenizer, eos), tokenizer).generate(PROMPTS, GREEDY))
+    _assert_same_rollouts(trainer.engine.generate(PROMPTS, GREEDY), want)
+    trainer.engine.sync_weights(_model(tokenizer, eos))  # base weights back
+    trainer.close()
+
+
 # ------------------------------------------------------------------ servers that never answer (no vllm needed)
 
 
