@@ -49,7 +49,8 @@ test-main: setup
 	$(BIN)/python -m pytest -q
 
 test-vllm: setup-vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integration/test_vllm_cpu.py tests/integration/test_grpo_async.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integration/test_vllm_cpu.py tests/integration/test_grpo_async.py \
+		tests/integration/test_vllm_server_remote.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -330,8 +330,14 @@ class GRPOConfig(_ReferenceFields, _Config):
         "delta": POSITIVE,
         "vllm_importance_sampling_clip_max": POSITIVE,
         "vllm_importance_sampling_clip_min": NON_NEGATIVE,
+        "vllm_server_timeout": POSITIVE,
+        "vllm_request_timeout": POSITIVE,
     }
-    _CHOICES = {"loss_type": sorted(GRPO_LOSS_TYPES), "vllm_importance_sampling_mode": IS_MODES}
+    _CHOICES = {
+        "loss_type": sorted(GRPO_LOSS_TYPES),
+        "vllm_importance_sampling_mode": IS_MODES,
+        "vllm_weight_sync": ["auto", "file", "group"],
+    }
 
     learning_rate: float = arg(1e-6, "AdamW learning rate.")
     disable_dropout: bool = arg(False, "Set every dropout probability to 0.")
@@ -360,6 +366,12 @@ class GRPOConfig(_ReferenceFields, _Config):
     vllm_server_base_url: str | None = arg(None, "vLLM server URL (None: from host and port).")
     vllm_server_host: str = arg("0.0.0.0", "vLLM server host (without base URL).")
     vllm_server_port: int = arg(8000, "vLLM server port (without base URL).")
+    vllm_server_timeout: float = arg(240.0, "Seconds to wait for the vLLM server to be up (GET /health).")
+    vllm_group_port: int = arg(51216, "Port the trainer opens for the weight group with a server elsewhere.")
+    vllm_weight_sync: Literal["auto", "file", "group"] = arg(
+        "auto", "Weights to the server: file (/dev/shm), group (torch.distributed), auto (file if same host)."
+    )
+    vllm_request_timeout: float = arg(600.0, "Seconds to wait for one vLLM server generation or weight sync.")
     vllm_gpu_memory_utilization: float = arg(0.3, "Fraction of GPU memory a colocated vLLM engine may take.")
     vllm_enable_sleep_mode: bool = arg(False, "Colocated vLLM sleeps during training (GPU only).")
     async_rollouts: bool = arg(False, "Generate (and score) the next batches on a thread while training.")

@@ -149,18 +149,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def eos_token_ids(tokenizer, source: torch.nn.Module | str | None = None) -> list[int]:
-    """The tokenizer's EOS plus the generation config's, read from a model or a model folder (`source`)."""
+def eos_token_ids(tokenizer, source: torch.nn.Module | str | list[int] | None = None) -> list[int]:
+    """The tokenizer's EOS plus the generation config's, read from a model or a model folder (`source`), or
+    given as a list (a server reports its own)."""
+    gen = None
     if isinstance(source, torch.nn.Module):
         gen = getattr(unwrap(source), "generation_config", None)
-    else:
+    elif isinstance(source, str):
         from transformers import GenerationConfig
 
         try:
-            gen = GenerationConfig.from_pretrained(source) if source is not None else None
+            gen = GenerationConfig.from_pretrained(source)
         except (OSError, ValueError):  # a folder without generation_config.json
-            gen = None
-    gen_eos = getattr(gen, "eos_token_id", None)
+            pass
+    gen_eos = source if isinstance(source, list) else getattr(gen, "eos_token_id", None)
     eos = {tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos])
     eos -= {None}
     if not eos:
@@ -204,13 +206,13 @@ def find_stop(ids: list[int], stop: list[str], min_new_tokens: int, decode) -> t
 
 class EngineBase:
     """What every engine does the same way around its generator: tokenize and check the prompts, cut and
-    decode each generated row by the rule above. `source` (a model or model folder) adds its generation
-    config's EOS ids to the tokenizer's; subclasses set `max_model_len` (None: no limit)."""
+    decode each generated row by the rule above. `source` (a model or model folder, or the ids themselves) adds
+    its generation config's EOS ids to the tokenizer's; subclasses set `max_model_len` (None: no limit)."""
 
     max_model_len: int | None = None
     max_model_len_name = "engine's max_model_len"
 
-    def __init__(self, tokenizer, source: torch.nn.Module | str | None = None) -> None:
+    def __init__(self, tokenizer, source: torch.nn.Module | str | list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids: list[int] = eos_token_ids(tokenizer, source)
         self._closed = False

@@ -12,31 +12,54 @@ Choices:
 - `VLLMServerEngine.generate` sends one `/v1/completions` request per prompt (token ids in, `n` samples,
   the in-process engine's sampling fields), concurrently so the server batches them; one request per prompt
   is what lets prompt i have its own seed. Completions are cut by `rollout/base.py`'s rule.
-- `sync_weights(model)` writes the policy (LoRA merged) as one safetensors file in a directory the server can
-  read (/dev/shm by default: same machine; a server elsewhere needs `weights_dir` on a shared filesystem),
-  has the workers load it through `/collective_rpc` (whose arguments can only be strings, hence a file),
-  resets the prefix cache and deletes the file.
+- `sync_weights(model)` pushes the policy (LoRA merged) from the main process only (under DDP the others hold
+  the same weights and wait for its outcome), then resets the prefix cache. Same machine ("file", the "auto"
+  choice when the server's address is this host's): one safetensors file under /dev/shm (or `weights_dir`),
+  loaded by the workers through `/collective_rpc` (string arguments only, hence a file), then deleted. Another
+  node ("group"): the first push opens `rollout/weights.py`'s `weight_group` (this process is rank 0 and
+  listens on `group_port`, TRL's `vllm_group_port`; the workers join at the address this process reaches
+  the server from), and each push broadcasts the tensors while the workers receive and load them.
+- The EOS ids are the tokenizer's plus those of the generation config the server reads on its own filesystem
+  (asked through `/collective_rpc`): the served model's path need not exist here.
+- Every wait has a limit and its error says what was awaited: `server_timeout` (TRL's `vllm_server_timeout`)
+  for `/health` at start-up, `timeout` for each generation request, weight load and group collective.
 - The client uses only the standard library (urllib): the training environment need not have vllm.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from hf_align.rollout.base import EngineBase, Rollout, SamplingConfig, prompt_seed
 from hf_align.rollout.vllm import engine_defaults, sampling_fields
-from hf_align.rollout.weights import LOAD_METHOD, WORKER_EXTENSION, write_safetensors
+from hf_align.rollout.weights import (
+    INFO_METHOD,
+    JOIN_METHOD,
+    LOAD_METHOD,
+    RECEIVE_METHOD,
+    WORKER_EXTENSION,
+    broadcast,
+    checkpoint_weights,
+    tensor_specs,
+    weight_group,
+    write_safetensors,
+)
 
 __all__ = ["VLLMServerEngine", "launch_server", "server_command", "wait_for_server"]
 
@@ -72,7 +95,7 @@ def launch_server(
     return subprocess.Popen(server_command(model, host, port, extra), env=server_env(), **popen_kwargs)
 
 
-def _request(url: str, payload: dict | None = None, timeout: float = 600.0) -> Any:
+def _request(url: str, payload: dict | None = None, timeout: float = 600.0, what: str = "answer") -> Any:
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -82,32 +105,43 @@ def _request(url: str, payload: dict | None = None, timeout: float = 600.0) -> A
         raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError):
+            raise TimeoutError(
+                f"waited {timeout:g} s for the vLLM server at {url} to {what}, in vain: it is overloaded or stuck "
+                "(check its log), or the timeout is too short (vllm_request_timeout / vllm_server_timeout)"
+            ) from e
         raise ConnectionError(
             f"cannot reach the vLLM server at {url} ({reason}): it is not running or has died; check its log"
         ) from e
     return json.loads(body) if body else None
 
 
-def wait_for_server(base_url: str, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
+def wait_for_server(base_url: str, timeout: float = 240.0, process: subprocess.Popen | None = None) -> None:
     """Poll `/health` until the server answers 200; fail after `timeout` s or when `process` exits."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         if process is not None and process.poll() is not None:
             raise RuntimeError(
                 f"the vLLM server exited with code {process.returncode} before becoming healthy"
             )
         try:
-            return _request(base_url.rstrip("/") + "/health", timeout=5)
-        except (ConnectionError, RuntimeError):  # not listening yet, or not healthy yet
-            time.sleep(1.0)
-    raise TimeoutError(f"the vLLM server at {base_url} was not healthy after {timeout:.0f} s")
+            return _request(base_url.rstrip("/") + "/health", timeout=min(5.0, left))
+        except (ConnectionError, RuntimeError, TimeoutError):  # not listening yet, or not healthy yet
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise TimeoutError(
+        f"waited {timeout:g} s for the vLLM server at {base_url} to answer GET /health, in vain: start it "
+        "(python -m hf_align.rollout.vllm_server serve ...), check the URL and its log, or raise vllm_server_timeout"
+    )
 
 
 class VLLMServerEngine(EngineBase):
     """A `RolloutEngine` that talks to a server started by `serve` (see the module docstring).
 
     `make_engine("vllm_server", base_url, tokenizer, model_name=...)` builds one: the first argument is the
-    server's base URL, e.g. "http://127.0.0.1:8000".
+    server's base URL, e.g. "http://127.0.0.1:8000". `server_timeout` bounds the wait for the server to come
+    up, `timeout` each generation request and weight sync. `weight_sync`: "file" (a safetensors file in
+    `weights_dir`, which the server must see), "group" (a torch.distributed group from this process, rank 0,
+    listening on `group_port`) or "auto" (file when the server runs on this machine, else group).
     """
 
     def __init__(
@@ -118,19 +152,34 @@ class VLLMServerEngine(EngineBase):
         timeout: float = 600.0,
         weights_dir: str | None = None,
         max_concurrency: int = 64,
+        server_timeout: float = 240.0,
+        weight_sync: Literal["auto", "file", "group"] = "auto",
+        group_port: int = 51216,
     ) -> None:
+        if weight_sync not in ("auto", "file", "group"):
+            raise ValueError(f"weight_sync must be 'auto', 'file' or 'group', not {weight_sync!r}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.weights_dir = weights_dir
         self.max_concurrency = max_concurrency
-        models = _request(f"{self.base_url}/v1/models", timeout=timeout)["data"]
+        self.group_port = group_port
+        wait_for_server(self.base_url, server_timeout)
+        models = self._call("/v1/models", None, "list its models")["data"]
         self.model_name = model_name or models[0]["id"]
         info = next((m for m in models if m["id"] == self.model_name), None)
         if info is None:
             raise ValueError(f"the server serves {[m['id'] for m in models]}, not {model_name!r}")
         self.max_model_len: int | None = info.get("max_model_len")
-        root = info.get("root")  # the model folder, when the server shares this filesystem
-        super().__init__(tokenizer, root if os.path.isdir(str(root)) else None)
+        # one entry per worker; EOS ids from the generation config on the server's filesystem, not ours
+        workers = self._rpc(INFO_METHOD, [], "report its generation config")
+        self.num_workers = len(workers)
+        super().__init__(tokenizer, sorted({i for w in workers for i in w["eos_token_ids"] if i is not None}))
+        url = urllib.parse.urlsplit(self.base_url)
+        with socket.create_connection((url.hostname, url.port or 80), timeout=server_timeout) as conn:
+            self.local_address, peer = conn.getsockname()[0], conn.getpeername()[0]
+        same_host = ipaddress.ip_address(peer).is_loopback or peer == self.local_address
+        self.weight_sync = weight_sync if weight_sync != "auto" else ("file" if same_host else "group")
+        self._group = None
         self.last_sync_seconds: float | None = None
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Rollout]]:
@@ -141,7 +190,7 @@ class VLLMServerEngine(EngineBase):
             payload = {"model": self.model_name, "prompt": prompt_ids[i], **fields, "return_token_ids": True}
             if (seed := prompt_seed(sampling, i)) is not None:
                 payload["seed"] = seed
-            return _request(f"{self.base_url}/v1/completions", payload, self.timeout)
+            return self._call("/v1/completions", payload, "generate completions")
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(prompt_ids)))) as pool:
             responses = list(pool.map(complete, range(len(prompt_ids))))
@@ -155,21 +204,92 @@ class VLLMServerEngine(EngineBase):
             results.append(group)
         return results
 
+    def _call(self, path: str, payload: dict | None, what: str) -> Any:
+        return _request(self.base_url + path, payload, self.timeout, what)
+
+    def _rpc(self, method: str, args: list[str], what: str) -> list:
+        """`method` of `WeightSyncExtension` on every worker, through dev mode's `/collective_rpc`."""
+        payload = {"method": method, "args": args, "timeout": self.timeout}
+        return (self._call("/collective_rpc", payload, what) or {}).get("results", [])
+
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Push `model`'s weights (LoRA merged) to the server through a safetensors file it can read."""
+        """Push `model`'s weights (LoRA merged) to the server from the main process only (under DDP every process
+        holds them; the others wait for it and fail with it), then reset the server's prefix cache."""
         start = time.perf_counter()
+        error = None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                self._push_file(model) if self.weight_sync == "file" else self._push_group(model)
+                for _ in range(50):  # refused while blocks are held by requests still finishing
+                    if self._call("/reset_prefix_cache", {}, "reset its prefix cache").get("success", True):
+                        break
+                    time.sleep(0.1)
+                else:
+                    raise RuntimeError(
+                        "the vLLM server refused to reset its prefix cache after a weight sync"
+                    )
+            except Exception as e:
+                error = e
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(outcome, src=0)
+            if error is None and outcome[0] is not None:
+                raise RuntimeError(
+                    f"the main process failed to push weights to the vLLM server: {outcome[0]}"
+                )
+        if error is not None:
+            raise error
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def _push_file(self, model: torch.nn.Module) -> None:
         path = write_safetensors(model, self.weights_dir)
         try:
-            _request(f"{self.base_url}/collective_rpc", {"method": LOAD_METHOD, "args": [path]}, self.timeout)
+            self._rpc(LOAD_METHOD, [path], f"load weights from {path}")
         finally:
             os.unlink(path)
-        for _ in range(50):  # refused while blocks are held by requests still finishing
-            if _request(f"{self.base_url}/reset_prefix_cache", {}, self.timeout).get("success", True):
-                break
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("the vLLM server refused to reset its prefix cache after a weight sync")
-        self.last_sync_seconds = time.perf_counter() - start
+
+    def _push_group(self, model: torch.nn.Module) -> None:
+        weights = list(checkpoint_weights(model))
+        backend = "nccl" if weights[0][1].is_cuda else "gloo"
+        if self._group is None:
+            spec = {"address": self.local_address, "port": self.group_port, "backend": backend,
+                    "world_size": 1 + self.num_workers, "timeout": self.timeout}  # fmt: skip
+            what = (
+                f"join the weight group at {self.local_address}:{self.group_port} (is that port open to it?)"
+            )
+            self._group = self._while_rpc(
+                JOIN_METHOD, json.dumps(spec), what,
+                lambda: weight_group(self.local_address, self.group_port, 0, 1 + self.num_workers, backend,
+                                     self.timeout, self.local_address),
+            )  # fmt: skip
+
+        def send() -> None:
+            for _, tensor in weights:
+                broadcast(self._group, tensor.detach().contiguous())
+
+        self._while_rpc(
+            RECEIVE_METHOD, tensor_specs(weights), f"receive {len(weights)} tensors over {backend}", send
+        )
+
+    def _while_rpc(self, method: str, arg: str, what: str, local: Callable[[], Any]) -> Any:
+        """Run `local` (this side of a collective) while the workers run `method` (theirs); its result."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            remote = pool.submit(self._rpc, method, [arg], what)
+            try:
+                result = local()
+            # the workers' error, when they have one, says more (they too wait at most `timeout`)
+            except Exception as e:
+                if (remote_error := remote.exception()) is not None:
+                    raise remote_error from e
+                raise RuntimeError(
+                    f"the vLLM server's workers failed to {what} within {self.timeout:g} s: {e}"
+                ) from e
+            remote.result()
+        return result
+
+    def close(self) -> None:
+        super().close()
+        self._group = None
 
 
 def main(argv: list[str] | None = None) -> None:

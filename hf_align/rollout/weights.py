@@ -12,19 +12,29 @@ Choices:
   processing runs again. On CPU that is the only route that works: the processing repacks every linear layer
   and drops its parameter, so a plain `model.load_weights` fails ("'Parameter' object has no attribute
   'weight_loader'"). The "Failed to load weights" vLLM logs for RotaryEmbedding / ParallelLMHead is expected.
-- Weights travel as `(name, tensor)` pairs in process (no copy, no pickling), or as the path of one
-  safetensors file (all that a multiprocess engine or the server's string-only RPC endpoint can carry).
+- Weights travel as `(name, tensor)` pairs in process (no copy, no pickling), as the path of one safetensors
+  file (all that a multiprocess engine or the server's string-only RPC endpoint can carry: same machine), or,
+  to a server on another node, over `weight_group`: a torch.distributed group of the trainer's main process
+  (rank 0, hosting the TCPStore) and the server's workers (ranks 1..), NCCL between GPUs, gloo otherwise, made
+  from torch's own store and backend classes so it leaves both sides' default groups alone (vLLM's
+  `stateless_init_torch_distributed_process_group` does the same but would make the trainer import vllm).
+  Each tensor is broadcast from rank 0 (TRL's `update_named_param`, one tensor per broadcast: no bucketing);
+  the worker feeds them to `reload_weights` as they arrive, so it never holds a second copy of the model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from hf_align.rollout.base import unwrap
 
@@ -32,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 # vLLM's `worker_extension_cls` takes a dotted path, which it imports inside each worker: the class below.
 WORKER_EXTENSION = "hf_align.rollout.weights.WeightSyncExtension"
-LOAD_METHOD = "hf_align_load_weights"  # called by name through `collective_rpc`
+# called by name through `collective_rpc`
+LOAD_METHOD, INFO_METHOD = "hf_align_load_weights", "hf_align_server_info"
+JOIN_METHOD, RECEIVE_METHOD = "hf_align_join_weight_group", "hf_align_receive_weights"
 
 
 def _tied(model: torch.nn.Module) -> bool:
@@ -143,6 +155,36 @@ def _repack_tied_lm_head(model: torch.nn.Module) -> None:
     dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
+def weight_group(
+    address: str, port: int, rank: int, world_size: int, backend: str, timeout: float, local: str
+):
+    """Rank `rank` of a `backend` ("gloo" or "nccl") process group over a TCPStore that rank 0 serves at
+    `address:port`; `local` is this process's own address, the one gloo listens on."""
+    wait = timedelta(seconds=timeout)
+    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=wait)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = wait
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = wait
+    # gloo would pick the address this host's name resolves to, often 127.0.1.1: unreachable from another node
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=local)]
+    return dist.ProcessGroupGloo(store, rank, world_size, options)
+
+
+def broadcast(group, tensor: torch.Tensor) -> None:
+    """Rank 0's `tensor` into every other rank's `tensor` (of the same shape and dtype)."""
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
+def tensor_specs(weights: list[tuple[str, torch.Tensor]]) -> str:
+    """What a receiver allocates, in the order of the broadcasts: JSON `[[name, dtype, shape], ...]`."""
+    return json.dumps([[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in weights])
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`self` is the worker); method names are prefixed so they cannot clash
     with the worker's own."""
@@ -151,3 +193,42 @@ class WeightSyncExtension:
         """Load checkpoint-format weights in place: a safetensors file path, or `(name, tensor)` pairs."""
         self.model_runner.reload_weights(weights_iterator=_read(weights), is_checkpoint_format=True)
         _repack_tied_lm_head(self.model_runner.get_model())
+
+    def hf_align_server_info(self) -> dict:
+        """The served model's generation-config EOS ids (read on the server's filesystem) and this worker's rank."""
+        eos = self.model_config.try_get_generation_config().get("eos_token_id")
+        return {"eos_token_ids": eos if isinstance(eos, list) else [eos], "rank": self.rank}
+
+    def hf_align_join_weight_group(self, spec: str) -> None:
+        """Join the trainer's weight group; `spec` is JSON {address, port, world_size, backend, timeout}."""
+        s = json.loads(spec)
+        local = _route_address(s["address"], s["port"])
+        self.hf_align_weight_group = (
+            weight_group(
+                s["address"], s["port"], 1 + self.rank, s["world_size"], s["backend"], s["timeout"], local
+            ),
+            s["backend"],
+        )
+
+    def hf_align_receive_weights(self, specs: str) -> None:
+        """Receive the tensors `specs` (`tensor_specs`) lists, broadcast by the trainer, and load them."""
+        group, backend = self.hf_align_weight_group
+        device = self.device if backend == "nccl" else "cpu"
+
+        def received() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, dtype, shape in json.loads(specs):
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+                broadcast(group, tensor)
+                yield name, tensor
+
+        weights = received()
+        self.hf_align_load_weights(weights)
+        for _ in weights:  # had the loader stopped early, the trainer would wait on its remaining broadcasts
+            pass
+
+
+def _route_address(host: str, port: int) -> str:
+    """This machine's address on the route to `host` (a UDP "connect" sends nothing)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]

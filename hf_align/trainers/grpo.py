@@ -443,7 +443,10 @@ class GRPOTrainer(AlignTrainer):
                 kwargs = {"gpu_memory_utilization": a.vllm_gpu_memory_utilization, "seed": a.seed,
                           "enable_sleep_mode": a.vllm_enable_sleep_mode}  # fmt: skip
             elif kind != "hf":  # a server holds the model: weights are pushed before the first rollout
-                source, kwargs = a.vllm_server_url, {}
+                source, kwargs = a.vllm_server_url, {
+                    "server_timeout": a.vllm_server_timeout, "timeout": a.vllm_request_timeout,
+                    "weight_sync": a.vllm_weight_sync, "group_port": a.vllm_group_port,
+                }  # fmt: skip
             with self._faults("starting"):
                 self._engine = make_engine(kind, source, self.processing_class, **kwargs)
         return self._engine

@@ -27,6 +27,10 @@ from hf_align.rollout import HFEngine, SamplingConfig
 from hf_align.rollout.weights import checkpoint_weights
 from tests.conftest import build_model
 
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # this checkout's hf_align
+
 try:
     import vllm  # noqa: F401
 
@@ -308,8 +312,9 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def _served(model_dir, tmp_path):
-    """A real `hf_align.rollout.vllm_server` subprocess on a free port; yields (process, base URL)."""
+def _served(model_dir, tmp_path, cwd=None):
+    """A real `hf_align.rollout.vllm_server` subprocess on a free port, started in `cwd`; yields (process, base
+    URL)."""
     from hf_align.rollout.vllm_server import wait_for_server
 
     port = _free_port()
@@ -318,8 +323,9 @@ def _served(model_dir, tmp_path):
     with open(log_path, "w") as log:
         # its own process group: the server's engine-core child dies with it (no orphan holding memory)
         proc = subprocess.Popen(
-            [*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            [*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
+        )  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             try:
