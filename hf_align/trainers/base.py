@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_s
 
 from hf_align.modeling import wrap_lora
 from hf_align.trainers.safety import SafeTrainingMixin
+from hf_align.trainers.sharding import prepare_reference
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,15 @@ class AlignTrainer(SafeTrainingMixin, Trainer):
         if getattr(args, "disable_dropout", False):  # after LoRA, as TRL: its dropout goes too
             disable_dropout(model)
         return model, args, processing_class
+
+    ref_model = None
+
+    def _reference(self):
+        """``ref_model`` placed, and sharded like the policy, on first use (trainers/sharding.py)."""
+        if self.ref_model is not None and not getattr(self.ref_model, "_hf_align_prepared", False):
+            self.ref_model = prepare_reference(self.ref_model, self.accelerator)
+            self.ref_model._hf_align_prepared = True
+        return self.ref_model
 
     def _init_metrics(self) -> None:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
