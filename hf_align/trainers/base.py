@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from hf_align.modeling import wrap_lora
 from hf_align.trainers.safety import SafeTrainingMixin
+from hf_align.trainers.sharding import prepare_reference
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,15 @@ class AlignTrainer(SafeTrainingMixin, Trainer):
             disable_dropout(model)
         return model, args, processing_class
 
+    ref_model = None
+
+    def _reference(self):
+        """``ref_model`` placed, and sharded like the policy, on first use (trainers/sharding.py)."""
+        if self.ref_model is not None and not getattr(self.ref_model, "_hf_align_prepared", False):
+            self.ref_model = prepare_reference(self.ref_model, self.accelerator)
+            self.ref_model._hf_align_prepared = True
+        return self.ref_model
+
     def _add_reference_sync(self) -> None:
         """With ``sync_ref_model``: refuse a policy without a separate reference to update (LoRA, as TRL), else
         update it every ``ref_model_sync_steps`` optimizer steps; it is then checkpointed (training state)."""
@@ -178,6 +188,11 @@ class AlignTrainer(SafeTrainingMixin, Trainer):
                 "sync_ref_model needs a full-weight policy and its frozen reference copy: under LoRA the reference "
                 "is the policy with adapters off (as in TRL, not supported); train without LoRA or set "
                 "sync_ref_model: false"
+            )
+        if self.is_fsdp_enabled or getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            raise ValueError(
+                "sync_ref_model is not supported under FSDP or DeepSpeed ZeRO-3 yet (the reference is sharded by the "
+                "engine and the mix is not verified there): train with DDP or set sync_ref_model: false"
             )
         self.add_callback(ReferenceSync(self))
 
