@@ -39,4 +39,8 @@ def fsdp_on_cpu_if_asked(accelerator) -> bool:
             FullyShardedDataParallelPlugin()
         )  # reads the launcher's ACCELERATE_FSDP_* settings
         state.distributed_type = DistributedType.FSDP
+        # Every later AcceleratorState() re-reads the process state's type (MULTI_CPU) over its own: set both.
+        from accelerate.state import PartialState
+
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return state.distributed_type == DistributedType.FSDP

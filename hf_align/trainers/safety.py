@@ -212,6 +212,19 @@ class SafeTrainingMixin:
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if _internal_call or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return super().save_model(output_dir, _internal_call)
+        # Under FSDP with a sharded state dict, Trainer's save_model writes no model at all (checkpoints keep
+        # their shards through accelerate): the user's save gathers a full one that from_pretrained loads.
+        sharded = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            plugin.set_state_dict_type(sharded)
+
     def _save(self, output_dir=None, state_dict=None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not (self.args.should_save and self.args.process_index != 0):

@@ -10,7 +10,7 @@ logged step. ``<variant>+resume`` trains 4 steps with a checkpoint at step 2, th
 it (its steps logged as run "resume"). ``grpo_uneven``: dynamic sampling (processes draw different numbers of
 rounds) and an eval set of 3 prompts (processes evaluate 2 and 1), evaluated every step. ``sft_cut``: SFT with
 the vocabulary read as 0, as the fused output layer once read it from a ZeRO-3 partition (every log-prob 0, loss and
-gradient exactly 0): the run must stop with NoLearningError.
+gradient exactly 0): the run must stop with NoLearningError. ``sft`` ends with ``trainer.save_model(OUT/sft/final)``.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ def run(out: Path, name: str) -> None:
             overrides |= {"eval_dataset": ROWS[:3], "reward_funcs": [rank_skewed_reward]}
         trainer = build_trainer(kind, folder, steps, save, [log], dropout=0.0, **overrides)
         trainer.train(resume_from_checkpoint=str(folder / "checkpoint-2") if run_name == "resume" else None)
+        if (
+            base == "sft" and not resume
+        ):  # the user's final save: a model from_pretrained loads, whatever the engine
+            trainer.save_model(str(folder / "final"))
         trainer.accelerator.wait_for_everyone()
 
 
