@@ -13,7 +13,9 @@ non-reentrant checkpoints); where that is not known to be exact (sharded or engi
 attention kernels or caches, checkpointing not done by transformers' layers) one pass runs, with a warning
 where the cache or the checkpointing is why. Entropy comes detached from the same logits chunk, or (asked for
 an entropy bonus) differentiable from a checkpointed chunk instead of the fused layer. Models without
-a separable decoder or ``logits_to_keep`` get full logits, still reduced by chunks. ``masked_mean`` of a fully
+a separable decoder or ``logits_to_keep`` get full logits, still reduced by chunks, and so do sharded models (FSDP,
+DeepSpeed ZeRO-3: ``_sharded``), said once in the log: there the output layer holds a shard outside the wrapped
+forward, so it must run inside it (B x T x V logits instead of chunk x V). ``masked_mean`` of a fully
 masked slice is NaN (0/0, the course assignment's contract); losses use ``masked_mean_or_zero``: an empty completion must
 never poison a loss.
 """
@@ -23,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import warnings
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 256
+logger = logging.getLogger(__name__)
 
 
 def masked_normalize(
@@ -88,8 +92,28 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are split over processes (FSDP1 / FSDP2 modules, DeepSpeed ZeRO-3 parameters).
+    Decided by module type and ``ds_id``, not by a weight's current type or shape: FSDP2 leaves the output layer
+    unsharded after a forward until the next backward, and ZeRO-3 leaves an empty partition."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()) or any(
+        hasattr(p, "ds_id") for p in model.parameters()
+    )
+
+
+@functools.cache
+def _full_logits_instead(why: str) -> None:
+    logger.warning("fused log-prob output layer off: %s; log-probs come from the model's full logits", why)
+
+
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(decoder, output layer) of a transformers causal LM, or None where the model does not separate them."""
+    """(decoder, output layer) of a transformers causal LM, or None where the model does not separate them or
+    its weights are sharded (the output layer must then run inside the wrapped forward; said once)."""
+    if _sharded(model):
+        _full_logits_instead("the parameters are sharded (FSDP / DeepSpeed ZeRO-3)")
+        return None
     inner = _unwrap(model)
     try:
         decoder, head = inner.get_decoder(), inner.get_output_embeddings()
@@ -495,7 +519,9 @@ def get_response_log_probs(
     found = _decoder_and_head(model)
     if found is not None:
         decoder, head = found
-        vocab = head.weight.shape[0] if hasattr(head, "weight") else None
+        vocab = getattr(
+            head, "out_features", None
+        )  # a plain nn.Linear here (never a shard: _decoder_and_head)
         valid_N, labels_N = _scored_positions(labels, vocab, logprob_mask)
         # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
         keep_K = None

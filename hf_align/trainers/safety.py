@@ -90,29 +90,44 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def refuse_unsupported_sharding(state) -> None:
-    """Stop before training under FSDP or DeepSpeed ZeRO-3, which would train wrongly or crash.
-
-    The fused log-prob output layer runs the LM head outside the wrapped forward and reads the head's weight
-    shape: under ZeRO-3 that weight is an empty partition (every log-prob 0, so loss and gradient are 0 and the
-    run "succeeds" without learning); under FSDP it is a shard (a size mismatch, or a segfault with FSDP2).
-    Reference copies and rollout weight syncs do not gather shards either. The launcher's environment is read
-    too: on a machine without CUDA, accelerate drops an FSDP plugin without a word and would run plain DDP.
-    """
-    fsdp = getattr(state, "fsdp_plugin", None) is not None or _env_flag("ACCELERATE_USE_FSDP")
+def sharded_engine(state) -> str | None:
+    """ "FSDP2" or "DeepSpeed ZeRO-3" when the accelerator shards the model's parameters over processes, else None."""
     plugin = getattr(state, "deepspeed_plugin", None)
-    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-    if stage is None and _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
-    if not fsdp and stage != 3:
-        return
-    engine = "FSDP" if fsdp else "DeepSpeed ZeRO stage 3"
-    raise UnsupportedEngineError(
-        f"{engine} is not supported by hf_align yet: its parameters are sharded, and the log-prob output layer, "
-        "the reference model and the rollout weight sync would read shards (a silent zero loss under ZeRO-3, "
-        "a crash under FSDP). Launch with DDP (accelerate_configs/multi_gpu.yaml or multi_cpu.yaml) or "
-        "DeepSpeed ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) instead."
-    )
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return f"FSDP{state.fsdp_plugin.fsdp_version}"
+    return "DeepSpeed ZeRO-3" if plugin is not None and plugin.zero_stage == 3 else None
+
+
+def refuse_unsupported_sharding(state) -> None:
+    """Stop before training under an engine hf_align cannot train under correctly, or one the launcher asked for
+    and accelerate silently dropped.
+
+    FSDP2 and DeepSpeed ZeRO-3 train (log-probs step aside from the fused output layer, references are sharded
+    like the policy, HF rollouts gather the weights: tests/integration/test_sharding_matrix.py). FSDP1 is refused:
+    untested here (its flat parameters gave size mismatches). Without CUDA, accelerate drops an FSDP plugin (and,
+    with ``use_cpu``, DeepSpeed) without a word and would run plain DDP: the launcher's environment is compared
+    with the state, and a dropped engine is refused, pointing at the CPU launch helper (hf_align/launch.py).
+    """
+    name = sharded_engine(state)
+    if name is None and _env_flag("ACCELERATE_USE_FSDP"):  # the launch's FSDP version, dropped by accelerate or not
+        name = f"FSDP{os.environ.get('FSDP_VERSION', '1')}"
+    if name is not None and name.startswith("FSDP") and name != "FSDP2":
+        raise UnsupportedEngineError(
+            f"{name} is not supported by hf_align (its flat parameters are not handled): use FSDP2 "
+            "(fsdp_version: 2 in the accelerate config), DeepSpeed ZeRO-3 or DDP."
+        )
+    if _env_flag("ACCELERATE_USE_FSDP") and getattr(state, "fsdp_plugin", None) is None:
+        raise UnsupportedEngineError(
+            "the launcher asked for FSDP but accelerate dropped it (it does on a machine without CUDA) and would "
+            "train plain DDP. On CPU, launch with HF_ALIGN_FSDP_ON_CPU=1 and accelerate_configs/fsdp2_cpu.yaml "
+            "(hf_align/launch.py); on GPUs, check that CUDA is visible."
+        )
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and getattr(state, "deepspeed_plugin", None) is None:
+        raise UnsupportedEngineError(
+            "the launcher asked for DeepSpeed but accelerate dropped it (it does with use_cpu: true) and would "
+            "train plain DDP: set use_cpu false (a machine without CUDA still runs on CPU), see "
+            "accelerate_configs/deepspeed_zero3_cpu.yaml."
+        )
 
 
 class NoLearningError(RuntimeError):
@@ -131,7 +146,11 @@ class SafeTrainingMixin:
     _staging_dir: str | None = None  # Trainer's run folder while a checkpoint is being written
 
     def create_accelerator_and_postprocess(self) -> None:
+        from hf_align.launch import fsdp_on_cpu_if_asked
+
         super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu_if_asked(self.accelerator):  # HF_ALIGN_FSDP_ON_CPU=1; Trainer prepares the model later
+            self.is_fsdp_enabled = True
         refuse_unsupported_sharding(self.accelerator.state)
 
     # ------------------------------------------------------------------ non-finite loss / gradient

@@ -34,25 +34,16 @@ TRAINERS = ("sft", "dpo", "grpo")
 
 
 def build_trainer(
-    kind: str,
-    output_dir: str | Path,
-    max_steps: int,
-    save_steps: int,
-    callbacks=(),
-    tokenizer=None,
-    **overrides,
-):
-    """The trainer of ``kind`` on its toy task, saving every ``save_steps`` steps into ``output_dir``."""
+    kind: str, output_dir: str | Path, max_steps: int, save_steps: int, callbacks=(), tokenizer=None,
+    dropout: float = DROPOUT, eval_dataset=None, reward_funcs=None, **overrides,
+):  # fmt: skip
+    """The trainer of ``kind`` on its toy task, saving every ``save_steps`` steps into ``output_dir``; ``overrides``
+    replace config fields (tests/integration/_sharding_driver.py: batch sizes per process, engine settings)."""
     tokenizer = tokenizer or build_tokenizer()
     out = Path(output_dir)
-    model = build_model(tokenizer, attention_dropout=DROPOUT)
+    model = build_model(tokenizer, attention_dropout=dropout)
     common = dict(
-        output_dir=str(out),
-        max_steps=max_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        seed=0,
-        **overrides,
+        output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=save_steps, seed=0
     )
     if kind == "sft":
         from hf_align.trainers.sft import SFTTrainer
@@ -60,7 +51,7 @@ def build_trainer(
 
         # 8 examples in batches of 3: steps 1-3 are epoch 0 (3 + 3 + 2), step 4 starts a reshuffled epoch 1, and
         # checkpoint-2 is in the middle of an epoch.
-        cfg = _config(out, per_device_train_batch_size=3, **common)
+        cfg = _config(out, **{"per_device_train_batch_size": 3, **common, **overrides})
         return SFTTrainer(
             model, cfg, train_dataset=TOY, processing_class=tokenizer, callbacks=list(callbacks)
         )
@@ -69,9 +60,8 @@ def build_trainer(
         from tests.integration.test_dpo_trainer import TOY, _config
 
         # 8 pairs, 2 x 2 per step: two steps per epoch, checkpoint-2 at an epoch boundary.
-        cfg = _config(
-            out, per_device_train_batch_size=2, gradient_accumulation_steps=2, disable_dropout=False, **common
-        )
+        cfg = _config(out, **{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                              "disable_dropout": False, **common, **overrides})  # fmt: skip
         return DPOTrainer(
             model,
             args=cfg,
@@ -86,15 +76,14 @@ def build_trainer(
         # A generation batch of 48 lasts 3 optimizer steps of 16: checkpoint-2 holds one unused step of rollouts, and
         # step 4 samples a new batch (temperature 1) from where the prompt stream stopped. The reward is continuous,
         # so every group carries a gradient.
-        cfg = _config(
-            out, generation_batch_size=48, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-            plot_curves=False, **common,
-        )  # fmt: skip
+        cfg = _config(out, **{"generation_batch_size": 48, "per_device_train_batch_size": 8,
+                              "gradient_accumulation_steps": 2, "plot_curves": False, **common, **overrides})  # fmt: skip
         return GRPOTrainer(
             model,
-            [letter_e_reward],
+            reward_funcs or [letter_e_reward],
             cfg,
             train_dataset=ROWS,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             callbacks=list(callbacks),
         )
@@ -114,7 +103,7 @@ class StepLog(TrainerCallback):
             os.fsync(f.fileno())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
+        if logs and "loss" in logs and state.is_world_process_zero:
             self.write({"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm")})
 
 
