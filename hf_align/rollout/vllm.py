@@ -144,8 +144,13 @@ class VLLMEngine(EngineBase):
             raise RuntimeError("this VLLMEngine was closed")
         start = time.perf_counter()
         if self.in_process:
+            weights = checkpoint_weights(model)
             with torch.no_grad():
-                self.llm.collective_rpc(LOAD_METHOD, args=(checkpoint_weights(model),))
+                self.llm.collective_rpc(LOAD_METHOD, args=(weights,))
+            for (
+                _
+            ) in weights:  # were the loader to stop early: under FSDP2 / ZeRO-3 the other ranks wait in it
+                pass
         else:  # tensors cannot be pickled to the engine's worker processes: hand them over through RAM-backed files
             path = write_safetensors(model)
             try:
