@@ -35,6 +35,7 @@ def main(
 
     from hf_align.rollout.weights import checkpoint_weights
     from hf_align.trainers.grpo import GRPOTrainer
+    from hf_align.trainers.safety import sharded_engine
     from tests.integration._train_driver import StepLog
     from tests.integration.test_grpo_trainer import ROWS, _config, letter_e_reward
     from tests.integration.test_vllm_cpu import GREEDY, PROMPTS
@@ -56,6 +57,7 @@ def main(
         model, [letter_e_reward], config, train_dataset=ROWS, processing_class=tokenizer,
         callbacks=[StepLog(out / "steps.jsonl", "fresh")],
     )  # fmt: skip
+    print("SHARDED BY", sharded_engine(trainer.accelerator.state), flush=True)
     trainer.train()
     with trainer._engine_ready() as rollout_engine:  # syncs step 1's weights (every rank takes part)
         groups = rollout_engine.generate(PROMPTS, GREEDY)

@@ -44,6 +44,8 @@ def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and output.count("DONE") == (2 if sharding else 1), output[-5000:]
+    engine_name = {None: "None", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}[sharding]
+    assert output.count(f"SHARDED BY {engine_name}\n") == (2 if sharding else 1), output[-5000:]
     from safetensors.torch import load_file
 
     return {
