@@ -225,6 +225,9 @@ class HFEngine(EngineBase):
             generation_config=self._generation_config(sampling),
             logits_processor=self._processors(sampling, recorder),
             stopping_criteria=self._stopping_criteria(sampling, width),
+            # generate would keep sharded processes in lockstep, but they call it different numbers of times;
+            # under FSDP2 / ZeRO-3 the trainer gathers the weights around rollouts instead (trainers/sharding.py)
+            synced_gpus=False,
         )
         new_tokens_RT = out.sequences[:, width:]  # (len(batch) * n, T_new), rows grouped by prompt
         log_probs_RT = recorder.finish(new_tokens_RT).cpu().tolist()

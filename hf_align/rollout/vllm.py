@@ -11,7 +11,8 @@ Choices:
 - `sync_weights(model)` sends `rollout/weights.py`'s checkpoint tensors (LoRA merged) to the workers through
   `collective_rpc`: as they are in process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, our default when unset), as
   one safetensors file under /dev/shm to a multiprocess engine; then the prefix cache is reset (its KV blocks
-  were computed with the old weights). The model must be whole on this process (gather FSDP / ZeRO-3 first).
+  were computed with the old weights). Under FSDP2 / ZeRO-3 every process syncs its own engine, gathering the
+  policy one tensor at a time (`checkpoint_weights`; a collective, so all processes sync together).
 - CPU (no CUDA): fp32 (these CPUs lack bf16 instructions), an explicit KV-cache size (vLLM's default refuses
   to start here), `enforce_eager=True`; sleep mode is GPU only. An in-process engine runs in the trainer's
   OpenMP pool, unbound: on shared cores start the process with `OMP_NUM_THREADS=1` (it must be set before

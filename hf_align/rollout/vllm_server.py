@@ -13,7 +13,8 @@ Choices:
   the in-process engine's sampling fields), concurrently so the server batches them; one request per prompt
   is what lets prompt i have its own seed. Completions are cut by `rollout/base.py`'s rule.
 - `sync_weights(model)` pushes the policy (LoRA merged) from the main process only (under DDP the others hold
-  the same weights and wait for its outcome), then resets the prefix cache. Same machine ("file", the "auto"
+  the same weights and wait for its outcome; under FSDP2 / ZeRO-3 they also take part in gathering each tensor,
+  `checkpoint_weights`), then resets the prefix cache; over the group, each tensor is sent as soon as it is whole. Same machine ("file", the "auto"
   choice when the server's address is this host's): one safetensors file under /dev/shm (or `weights_dir`),
   loaded by the workers through `/collective_rpc` (string arguments only, hence a file), then deleted. Another
   node ("group"): the first push opens `rollout/weights.py`'s `weight_group` (this process is rank 0 and

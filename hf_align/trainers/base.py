@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from hf_align.modeling import wrap_lora
 from hf_align.trainers.safety import SafeTrainingMixin
+from hf_align.trainers.sharding import prepare_reference
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,15 @@ class AlignTrainer(SafeTrainingMixin, Trainer):
                     f"{path} is missing: this checkpoint was saved without sync_ref_model"
                 )
             self.ref_model.load_state_dict(torch.load(path, map_location=self.accelerator.device))
+
+    ref_model = None
+
+    def _reference(self):
+        """``ref_model`` placed, and sharded like the policy, on first use (trainers/sharding.py)."""
+        if self.ref_model is not None and not getattr(self.ref_model, "_hf_align_prepared", False):
+            self.ref_model = prepare_reference(self.ref_model, self.accelerator)
+            self.ref_model._hf_align_prepared = True
+        return self.ref_model
 
     def _init_metrics(self) -> None:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}

@@ -86,8 +86,6 @@ class DPOTrainer(DatasetTrainer):
             model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
             callbacks, optimizers, quantization_config=quantization_config,
         )  # fmt: skip
-        if self.ref_model is not None:
-            self.ref_model = self.ref_model.to(self.args.device).eval()
         self._add_reference_sync()
         self._precomputing = False
         if self.args.precompute_ref_log_probs:
@@ -143,8 +141,9 @@ class DPOTrainer(DatasetTrainer):
     def _reference_log_probs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if all(key in inputs for key in REF_KEYS):
             return inputs[REF_KEYS[0]], inputs[REF_KEYS[1]]
-        if self.ref_model is not None:
-            return self._pair_log_probs(self.ref_model, inputs)
+        if self.ref_model is not None:  # precomputing: before training, the reference is not sharded yet
+            ref = self.ref_model.to(self.args.device).eval() if self._precomputing else self._reference()
+            return self._pair_log_probs(ref, inputs)
         policy = self.accelerator.unwrap_model(self.model)
         if hasattr(policy, "disable_adapter"):
             with policy.disable_adapter():
@@ -154,23 +153,29 @@ class DPOTrainer(DatasetTrainer):
         return self._pair_log_probs(policy, inputs)  # before any step the policy is its own reference
 
     def _precompute_reference(self, dataset):
+        """The rows of ``dataset`` with their reference log-probs; each process computes every ``world``-th row
+        (on the model before it is wrapped: no collective) and all processes get every row."""
         if dataset is None:
             return None
-        rows = [dict(row) for row in dataset]
-        policy = self.accelerator.unwrap_model(self.model)
+        from accelerate.utils import gather_object
+
+        acc, rows = self.accelerator, [dict(row) for row in dataset]
+        policy = acc.unwrap_model(self.model)
         was_training, self._precomputing = policy.training, True
         policy.eval()
         size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
+        mine, values = list(range(acc.process_index, len(rows), acc.num_processes)), []
+        for start in range(0, len(mine), size):
+            chunk = [rows[i] for i in mine[start : start + size]]
             batch = {k: v.to(self.args.device) for k, v in self.data_collator(chunk).items()}
             with self.compute_loss_context_manager():
                 chosen_B, rejected_B = self._reference_log_probs(batch)
-            for row, c, r in zip(chunk, chosen_B.tolist(), rejected_B.tolist()):
-                row[REF_KEYS[0]], row[REF_KEYS[1]] = c, r
+            values += zip(mine[start : start + size], chosen_B.tolist(), rejected_B.tolist())
+        for i, c, r in gather_object(values) if acc.num_processes > 1 else values:
+            rows[i][REF_KEYS[0]], rows[i][REF_KEYS[1]] = c, r
         policy.train(was_training)
         self._precomputing = False
-        logger.info("precomputed reference log-probs for %d pairs", len(rows))
+        logger.info("precomputed reference log-probs for %d pairs (%d here)", len(rows), len(mine))
         return rows
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:

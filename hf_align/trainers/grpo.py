@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -60,7 +60,8 @@ from hf_align.rollout import make_engine
 from hf_align.trainers import grpo_rollouts as R
 from hf_align.trainers.base import AlignTrainer, weighted_mean
 from hf_align.trainers.grpo_rewards import RewardRunner
-from hf_align.trainers.safety import engine_faults, resume_hint
+from hf_align.trainers.safety import UnsupportedEngineError, engine_faults, resume_hint, sharded_engine
+from hf_align.trainers.sharding import full_weights
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,12 @@ class GRPOTrainer(AlignTrainer):
             optimizers=optimizers,
         )
         self._init_metrics()
+        sharded = sharded_engine(self.accelerator.state)
+        if sharded and args.async_rollouts:  # vLLM engines gather it: rollout/weights.py checkpoint_weights
+            raise UnsupportedEngineError(
+                f"GRPO under {sharded} cannot use async_rollouts: the rollout thread's copy of the policy would be a "
+                "shard, and its weight pushes would run collectives off the main thread. Use DDP or ZeRO-2."
+            )
         self.prompts = R.PromptStream(
             rows, processing_class, args.max_prompt_length, args.seed, args.shuffle_dataset,
             args.chat_template_kwargs,
@@ -297,7 +304,7 @@ class GRPOTrainer(AlignTrainer):
                 if need_old:
                     b["old_log_probs"] = self._log_probs(model, b)
                 if a.beta > 0 and self.ref_model is not None:
-                    b["ref_log_probs"] = self._log_probs(self.ref_model, b)
+                    b["ref_log_probs"] = self._log_probs(self._reference(), b)
                 elif a.beta > 0:
                     with self.accelerator.unwrap_model(model).disable_adapter():
                         b["ref_log_probs"] = self._log_probs(model, b)
@@ -480,7 +487,9 @@ class GRPOTrainer(AlignTrainer):
                     self.engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._synced_step = self.state.global_step
                 self.record({"time/weight_sync_s": time.perf_counter() - start}, training=True)
-            yield self.engine
+            # HF engine: the policy itself generates; sharded, it is gathered once for all of this batch's rounds
+            with full_weights(self.model) if self.args.rollout_engine == "hf" else nullcontext():
+                yield self.engine
         finally:
             if sleepy:
                 with self._faults("going to sleep"):
@@ -520,9 +529,13 @@ class GRPOTrainer(AlignTrainer):
         summary: dict[str, float] = {}
         self.rewards.hint = resume_hint(self)
         self._queue.state_dict()  # async: queued batches finished, so the engine is free
+        with (
+            self._engine_ready() as engine
+        ):  # every process, with prompts or not: sharded weights gather here
+            if prompts:
+                with self._faults("generating for evaluation"):
+                    groups = engine.generate(texts, sampling)
         if prompts:
-            with self._engine_ready() as engine, self._faults("generating for evaluation"):
-                groups = engine.generate(texts, sampling)
             rewards_NF, totals, _ = self.rewards.score_groups(prompts, groups, self.state, strict=False)
             means = [torch.tensor(totals).nan_to_num(0.0).mean(), *rewards_NF.nan_to_num(0.0).mean(dim=0)]
             summary = {**dict(zip(keys, map(float, means))), **self.rewards.grader_metrics()}

@@ -109,7 +109,9 @@ def refuse_unsupported_sharding(state) -> None:
     with the state, and a dropped engine is refused, pointing at the CPU launch helper (hf_align/launch.py).
     """
     name = sharded_engine(state)
-    if name is None and _env_flag("ACCELERATE_USE_FSDP"):  # the launch's FSDP version, dropped by accelerate or not
+    if name is None and _env_flag(
+        "ACCELERATE_USE_FSDP"
+    ):  # the launch's FSDP version, dropped by accelerate or not
         name = f"FSDP{os.environ.get('FSDP_VERSION', '1')}"
     if name is not None and name.startswith("FSDP") and name != "FSDP2":
         raise UnsupportedEngineError(

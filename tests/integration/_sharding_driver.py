@@ -8,7 +8,9 @@ batch whatever the number of processes (per-process batch = global / processes),
 depend on the process layout); ``OUT/<variant>/steps.jsonl`` gets ``{"run", "step", "loss", "grad_norm"}`` per
 logged step. ``<variant>+resume`` trains 4 steps with a checkpoint at step 2, then a second trainer resumes from
 it (its steps logged as run "resume"). ``grpo_uneven``: dynamic sampling (processes draw different numbers of
-rounds) and an eval set of 3 prompts (processes evaluate 2 and 1), evaluated every step.
+rounds) and an eval set of 3 prompts (processes evaluate 2 and 1), evaluated every step. ``sft_cut``: SFT with
+the vocabulary read as 0, as the fused output layer once read it from a ZeRO-3 partition (every log-prob 0, loss and
+gradient exactly 0): the run must stop with NoLearningError.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def variant(name: str) -> tuple[str, dict]:
     grpo = {"per_device_train_batch_size": 8 // WORLD, "generation_batch_size": 32}
     table = {
         "sft": ("sft", sft),
+        "sft_cut": ("sft", sft),
         "dpo": ("dpo", {**dpo, "ref_mode": "copy"}),
         "dpo_pre": ("dpo", {**dpo, "precompute_ref_log_probs": True, "precompute_ref_batch_size": 3}),
         "grpo": ("grpo", {**grpo, "beta": 0.0}),
@@ -71,6 +74,11 @@ def run(out: Path, name: str) -> None:
     base, _, resume = name.partition("+")
     kind, overrides = variant(base)
     folder = out / name
+    if base == "sft_cut":
+        import hf_align.logprobs as logprobs
+
+        scored = logprobs._scored_positions
+        logprobs._scored_positions = lambda labels, vocab, mask: scored(labels, 0, mask)
     folder.mkdir(parents=True, exist_ok=True)
     steps, save = (4, 2) if resume else (STEPS, 100)
     for run_name in ("fresh", "resume") if resume else ("fresh",):

@@ -2,12 +2,15 @@
 set up (FSDP2 on CPU, DeepSpeed ZeRO-3) or in one plain process (the reference).
 
     PYTHONPATH=. HF_ALIGN_FSDP_ON_CPU=1 python -m accelerate.commands.launch --config_file CONFIG --num_processes 2 \
-        tests/integration/_vllm_sharded_driver.py OUT MODEL_DIR vllm|vllm_server [SERVER_URL GROUP_PORT]
+        tests/integration/_vllm_sharded_driver.py OUT MODEL_DIR vllm|vllm_server even|uneven [SERVER_URL GROUP_PORT]
 
 The global batch is the same whatever the number of processes (per-process batch = 16 / processes). Writes
 ``OUT/steps.jsonl`` (loss, grad_norm of each step), ``OUT/rollouts.<rank>.json`` (greedy completion ids of
 test_vllm_cpu.PROMPTS, by the trainer's engine after it synced step 1's weights) and, on rank 0,
-``OUT/weights.safetensors`` (``checkpoint_weights`` of the trained policy: what the engine was sent).
+``OUT/weights.safetensors`` (``checkpoint_weights`` of the trained policy: what the engine was sent). ``uneven``:
+2 steps of _sharding_driver.py's ``grpo_uneven`` (dynamic sampling with a reward that makes the processes draw
+different numbers of rounds, an eval set of 3 prompts that processes split 2 / 1, evaluated every step); prints
+``EVALS n``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def main(
-    out: Path, model_dir: str, engine: str, url: str | None = None, group_port: str | None = None
-) -> None:
+    out: Path, model_dir: str, engine: str, mode: str, url: str | None = None, group_port: str | None = None
+):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_align.rollout.weights import checkpoint_weights
     from hf_align.trainers.grpo import GRPOTrainer
     from hf_align.trainers.safety import sharded_engine
+    from tests.integration._sharding_driver import rank_skewed_reward
     from tests.integration._train_driver import StepLog
     from tests.integration.test_grpo_trainer import ROWS, _config, letter_e_reward
     from tests.integration.test_vllm_cpu import GREEDY, PROMPTS
@@ -43,22 +47,30 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    server = {
-        "vllm_server_base_url": url,
-        "vllm_weight_sync": "group",
-        "vllm_group_port": int(group_port or 0),
-    }
-    config = _config(
-        out, generation_batch_size=16, num_generations=4, per_device_train_batch_size=16 // WORLD,
+    fields = dict(
+        generation_batch_size=16, num_generations=4, per_device_train_batch_size=16 // WORLD,
         gradient_accumulation_steps=1, max_steps=1, beta=0.0, learning_rate=5e-2, use_vllm=True, plot_curves=False,
-        vllm_mode="colocate" if engine == "vllm" else "server", **(server if engine == "vllm_server" else {}),
+        vllm_mode="colocate" if engine == "vllm" else "server",
     )  # fmt: skip
+    if engine == "vllm_server":
+        fields |= {
+            "vllm_server_base_url": url,
+            "vllm_weight_sync": "group",
+            "vllm_group_port": int(group_port),
+        }
+    if mode == "uneven":
+        fields |= {"dynamic_sampling": True, "max_dynamic_sampling_rounds": 3, "eval_strategy": "steps",
+                   "eval_steps": 1, "max_steps": 2}  # fmt: skip
+    config = _config(out, **fields)
+    reward = rank_skewed_reward if mode == "uneven" else letter_e_reward
     trainer = GRPOTrainer(
-        model, [letter_e_reward], config, train_dataset=ROWS, processing_class=tokenizer,
+        model, [reward], config, train_dataset=ROWS, processing_class=tokenizer,
+        eval_dataset=ROWS[:3] if mode == "uneven" else None,
         callbacks=[StepLog(out / "steps.jsonl", "fresh")],
     )  # fmt: skip
     print("SHARDED BY", sharded_engine(trainer.accelerator.state), flush=True)
     trainer.train()
+    print("EVALS", sum("eval_reward" in h for h in trainer.state.log_history), flush=True)
     with trainer._engine_ready() as rollout_engine:  # syncs step 1's weights (every rank takes part)
         groups = rollout_engine.generate(PROMPTS, GREEDY)
     (out / f"rollouts.{RANK}.json").write_text(json.dumps([[r.completion_ids for r in g] for g in groups]))

@@ -32,8 +32,8 @@ TIMEOUT_S = 600
 LR = 5e-2  # _vllm_sharded_driver.py's learning rate
 
 
-def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str | None) -> dict:
-    args = [str(DRIVER), str(out), str(model_dir), engine]
+def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str | None, mode="even") -> dict:
+    args = [str(DRIVER), str(out), str(model_dir), engine, mode]
     args += [url, str(_free_port())] if engine == "vllm_server" else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *args]
@@ -46,6 +46,8 @@ def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str
     assert result.returncode == 0 and output.count("DONE") == (2 if sharding else 1), output[-5000:]
     engine_name = {None: "None", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}[sharding]
     assert output.count(f"SHARDED BY {engine_name}\n") == (2 if sharding else 1), output[-5000:]
+    if mode == "uneven":
+        return {"output": output}
     from safetensors.torch import load_file
 
     return {
@@ -109,3 +111,15 @@ def test_rollouts_follow_the_sharded_policy(sharding, engine, tiny_model_dir, re
     assert want == ref["rollouts"][0]
     assert ref["rollouts"] == [_hf_greedy(tiny_model_dir, ref["weights"])]
     assert want != _hf_greedy(tiny_model_dir, {}), "one step should change the greedy rollouts"
+
+
+@vllm_test
+@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server")])
+def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, request, tmp_path):
+    """Processes draw different numbers of dynamic-sampling rounds and evaluate 2 and 1 prompts: the weight sync
+    (a collective under sharding) happens once per generation batch and evaluation, where every process comes."""
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed in this environment (scripts/setup_vllm_env.sh installs it)")
+    url = request.getfixturevalue("server_url") if engine == "vllm_server" else None
+    output = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode="uneven")["output"]
+    assert output.count("EVALS 2\n") == 2, output[-5000:]  # one evaluation per step, on every process
