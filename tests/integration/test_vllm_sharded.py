@@ -4,10 +4,11 @@ DeepSpeed ZeRO-3): one optimizer step, then the engine's greedy rollouts.
 Run: `.venv-vllm/bin/python -m pytest -q tests/integration/test_vllm_sharded.py` (`make test-vllm`). Each case
 launches _vllm_sharded_driver.py with `accelerate launch` (a timeout turns a hang into a failure) and compares it
 with the same driver in one plain process at the same global batch: the step's loss and gradient norm, the weights
-the engine was sent (gathered by `checkpoint_weights`), and the greedy rollouts of every process's engine
-(in-process: one engine per process; server: one server, the weights pushed by rank 0 over the torch.distributed
-weight group), which must be transformers' greedy generation from those weights and differ from the initial
-model's (the engine did follow the step).
+the engine was sent (gathered by `checkpoint_weights`; LoRA merged), and the greedy rollouts of every process's
+engine (in-process: one engine per process; server: one server, the weights pushed by rank 0 over the
+torch.distributed weight group or a file), which must be transformers' greedy generation from those weights and
+differ from the initial model's (the engine did follow the step). With uneven dynamic-sampling rounds and eval sets
+the run must finish.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ TIMEOUT_S = 600
 LR = 5e-2  # _vllm_sharded_driver.py's learning rate
 
 
-def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str | None, mode="even") -> dict:
+def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str | None, mode="full") -> dict:
     args = [str(DRIVER), str(out), str(model_dir), engine, mode]
-    args += [url, str(_free_port())] if engine == "vllm_server" else []
+    args += [url, str(_free_port())] if engine.startswith("vllm_server") else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *args]
     if sharding is not None:
@@ -68,10 +69,11 @@ def references(tiny_model_dir, tmp_path_factory):
     """engine kind -> the one-process run (computed once per module)."""
     cache: dict[str, dict] = {}
 
-    def get(engine: str, url: str | None) -> dict:
-        if engine not in cache:
-            cache[engine] = _run(tmp_path_factory.mktemp(f"ref_{engine}"), tiny_model_dir, engine, url, None)
-        return cache[engine]
+    def get(engine: str, url: str | None, mode: str) -> dict:
+        if (engine, mode) not in cache:
+            out = tmp_path_factory.mktemp(f"ref_{engine.replace(':', '_')}_{mode}")
+            cache[engine, mode] = _run(out, tiny_model_dir, engine, url, None, mode)
+        return cache[engine, mode]
 
     return get
 
@@ -87,15 +89,23 @@ def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor]) -> list:
     return _ids(HFEngine(model, AutoTokenizer.from_pretrained(model_dir)).generate(PROMPTS, GREEDY))
 
 
+CASES = [  # every engine under both shardings; LoRA and the server's file sync once each (under different shardings)
+    *[(sharding, engine, "full") for sharding in CONFIGS for engine in ("vllm", "vllm_server:group")],
+    ("fsdp2", "vllm", "lora"),
+    ("zero3", "vllm_server:file", "lora"),
+]
+
+
 @vllm_test
-@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
-@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
-def test_rollouts_follow_the_sharded_policy(sharding, engine, tiny_model_dir, references, request, tmp_path):
+@pytest.mark.parametrize(("sharding", "engine", "mode"), CASES)
+def test_rollouts_follow_the_sharded_policy(
+    sharding, engine, mode, tiny_model_dir, references, request, tmp_path
+):
     if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed in this environment (scripts/setup_vllm_env.sh installs it)")
-    url = request.getfixturevalue("server_url") if engine == "vllm_server" else None
-    ref = references(engine, url)
-    got = _run(tmp_path, tiny_model_dir, engine, url, sharding)
+    url = request.getfixturevalue("server_url") if engine.startswith("vllm_server") else None
+    ref = references(engine, url, mode)
+    got = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode)
     assert [s["step"] for s in got["steps"]] == [s["step"] for s in ref["steps"]] == [1]
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(got["steps"][0][key], ref["steps"][0][key], rtol=1e-4, atol=1e-6)
@@ -114,12 +124,12 @@ def test_rollouts_follow_the_sharded_policy(sharding, engine, tiny_model_dir, re
 
 
 @vllm_test
-@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server")])
+@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server:group")])
 def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, request, tmp_path):
     """Processes draw different numbers of dynamic-sampling rounds and evaluate 2 and 1 prompts: the weight sync
     (a collective under sharding) happens once per generation batch and evaluation, where every process comes."""
     if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed in this environment (scripts/setup_vllm_env.sh installs it)")
-    url = request.getfixturevalue("server_url") if engine == "vllm_server" else None
+    url = request.getfixturevalue("server_url") if engine.startswith("vllm_server") else None
     output = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode="uneven")["output"]
     assert output.count("EVALS 2\n") == 2, output[-5000:]  # one evaluation per step, on every process
