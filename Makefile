@@ -50,7 +50,7 @@ test-main: setup
 
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integration/test_vllm_cpu.py tests/integration/test_grpo_async.py \
-		tests/integration/test_vllm_server_remote.py
+		tests/integration/test_vllm_server_remote.py tests/integration/test_vllm_sharded.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

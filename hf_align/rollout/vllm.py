@@ -11,7 +11,8 @@ Choices:
 - `sync_weights(model)` sends `rollout/weights.py`'s checkpoint tensors (LoRA merged) to the workers through
   `collective_rpc`: as they are in process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, our default when unset), as
   one safetensors file under /dev/shm to a multiprocess engine; then the prefix cache is reset (its KV blocks
-  were computed with the old weights). The model must be whole on this process (gather FSDP / ZeRO-3 first).
+  were computed with the old weights). Under FSDP2 / ZeRO-3 every process syncs its own engine, gathering the
+  policy one tensor at a time (`checkpoint_weights`; a collective, so all processes sync together).
 - CPU (no CUDA): fp32 (these CPUs lack bf16 instructions), an explicit KV-cache size (vLLM's default refuses
   to start here), `enforce_eager=True`; sleep mode is GPU only. An in-process engine runs in the trainer's
   OpenMP pool, unbound: on shared cores start the process with `OMP_NUM_THREADS=1` (it must be set before
@@ -144,8 +145,13 @@ class VLLMEngine(EngineBase):
             raise RuntimeError("this VLLMEngine was closed")
         start = time.perf_counter()
         if self.in_process:
+            weights = checkpoint_weights(model)
             with torch.no_grad():
-                self.llm.collective_rpc(LOAD_METHOD, args=(checkpoint_weights(model),))
+                self.llm.collective_rpc(LOAD_METHOD, args=(weights,))
+            for (
+                _
+            ) in weights:  # were the loader to stop early: under FSDP2 / ZeRO-3 the other ranks wait in it
+                pass
         else:  # tensors cannot be pickled to the engine's worker processes: hand them over through RAM-backed files
             path = write_safetensors(model)
             try:

@@ -13,7 +13,8 @@ Choices:
   the in-process engine's sampling fields), concurrently so the server batches them; one request per prompt
   is what lets prompt i have its own seed. Completions are cut by `rollout/base.py`'s rule.
 - `sync_weights(model)` pushes the policy (LoRA merged) from the main process only (under DDP the others hold
-  the same weights and wait for its outcome), then resets the prefix cache. Same machine ("file", the "auto"
+  the same weights and wait for its outcome; under FSDP2 / ZeRO-3 they also take part in gathering each tensor,
+  `checkpoint_weights`), then resets the prefix cache; over the group, each tensor is sent as soon as it is whole. Same machine ("file", the "auto"
   choice when the server's address is this host's): one safetensors file under /dev/shm (or `weights_dir`),
   loaded by the workers through `/collective_rpc` (string arguments only, hence a file), then deleted. Another
   node ("group"): the first push opens `rollout/weights.py`'s `weight_group` (this process is rank 0 and
@@ -46,7 +47,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from hf_align.rollout.base import EngineBase, Rollout, SamplingConfig, prompt_seed
+from hf_align.rollout.base import EngineBase, Rollout, SamplingConfig, prompt_seed, unwrap
 from hf_align.rollout.vllm import engine_defaults, sampling_fields
 from hf_align.rollout.weights import (
     INFO_METHOD,
@@ -55,6 +56,7 @@ from hf_align.rollout.weights import (
     RECEIVE_METHOD,
     WORKER_EXTENSION,
     broadcast,
+    checkpoint_specs,
     checkpoint_weights,
     tensor_specs,
     weight_group,
@@ -213,8 +215,9 @@ class VLLMServerEngine(EngineBase):
         return (self._call("/collective_rpc", payload, what) or {}).get("results", [])
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Push `model`'s weights (LoRA merged) to the server from the main process only (under DDP every process
-        holds them; the others wait for it and fail with it), then reset the server's prefix cache."""
+        """Push `model`'s weights (LoRA merged) to the server from the main process only, then reset the server's
+        prefix cache. The other processes wait for its outcome and fail with it; under FSDP2 / ZeRO-3 they first
+        run `checkpoint_weights` to its end alongside it (each tensor is gathered by all), then throw it away."""
         start = time.perf_counter()
         error = None
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -230,6 +233,9 @@ class VLLMServerEngine(EngineBase):
                     )
             except Exception as e:
                 error = e
+        else:
+            for _ in checkpoint_weights(model):  # the main process's gathers are collectives
+                pass
         if dist.is_initialized() and dist.get_world_size() > 1:
             outcome = [None if error is None else f"{type(error).__name__}: {error}"]
             dist.broadcast_object_list(outcome, src=0)
@@ -249,27 +255,31 @@ class VLLMServerEngine(EngineBase):
             os.unlink(path)
 
     def _push_group(self, model: torch.nn.Module) -> None:
-        weights = list(checkpoint_weights(model))
-        backend = "nccl" if weights[0][1].is_cuda else "gloo"
-        if self._group is None:
-            spec = {"address": self.local_address, "port": self.group_port, "backend": backend,
-                    "world_size": 1 + self.num_workers, "timeout": self.timeout}  # fmt: skip
-            what = (
-                f"join the weight group at {self.local_address}:{self.group_port} (is that port open to it?)"
+        specs = checkpoint_specs(model)
+        # streamed: each tensor is broadcast as soon as `checkpoint_weights` has it (gathered, under sharding)
+        weights = checkpoint_weights(model)
+        backend = "nccl" if next(unwrap(model).parameters()).is_cuda else "gloo"
+        try:
+            if self._group is None:
+                spec = {"address": self.local_address, "port": self.group_port, "backend": backend,
+                        "world_size": 1 + self.num_workers, "timeout": self.timeout}  # fmt: skip
+                what = f"join the weight group at {self.local_address}:{self.group_port} (is that port open to it?)"
+                self._group = self._while_rpc(
+                    JOIN_METHOD, json.dumps(spec), what,
+                    lambda: weight_group(self.local_address, self.group_port, 0, 1 + self.num_workers, backend,
+                                         self.timeout, self.local_address),
+                )  # fmt: skip
+
+            def send() -> None:
+                for _, tensor in weights:
+                    broadcast(self._group, tensor.contiguous())
+
+            self._while_rpc(
+                RECEIVE_METHOD, tensor_specs(specs), f"receive {len(specs)} tensors over {backend}", send
             )
-            self._group = self._while_rpc(
-                JOIN_METHOD, json.dumps(spec), what,
-                lambda: weight_group(self.local_address, self.group_port, 0, 1 + self.num_workers, backend,
-                                     self.timeout, self.local_address),
-            )  # fmt: skip
-
-        def send() -> None:
-            for _, tensor in weights:
-                broadcast(self._group, tensor.detach().contiguous())
-
-        self._while_rpc(
-            RECEIVE_METHOD, tensor_specs(weights), f"receive {len(weights)} tensors over {backend}", send
-        )
+        finally:
+            for _ in weights:  # after a failure too: the other processes wait in this stream's gathers
+                pass
 
     def _while_rpc(self, method: str, arg: str, what: str, local: Callable[[], Any]) -> Any:
         """Run `local` (this side of a collective) while the workers run `method` (theirs); its result."""

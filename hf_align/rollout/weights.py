@@ -31,6 +31,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -52,59 +53,105 @@ def _tied(model: torch.nn.Module) -> bool:
     return config is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
 
 
-def _lora_deltas(base: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Module name -> summed `get_delta_weight` of its active, not yet merged LoRA adapters."""
+@contextmanager
+def _zero3_gathered(params: Iterable[torch.nn.Parameter]):
+    """DeepSpeed ZeRO-3 partitions among `params` gathered whole for the block (a collective of every rank)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: an FSDP2 shard (DTensor) by `full_tensor()`, a ZeRO-3 partition by gathering it, both new
+    tensors (collectives: every rank calls this for the same tensors in the same order); else a detached view."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor()
+    if hasattr(tensor, "ds_id"):
+        with _zero3_gathered([tensor]):
+            return tensor.detach().clone()  # the gathered storage is freed when the block ends
+    return tensor.detach()
+
+
+def _lora_layers(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Module name -> LoRA layer with active, not yet merged adapters (plain LoRA only)."""
     from peft.tuners.lora import LoraLayer
 
-    deltas: dict[str, torch.Tensor] = {}
+    layers = {}
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer) or module.disable_adapters:
             continue
-        for adapter in module.active_adapters:
-            if adapter in module.merged_adapters or adapter not in module.scaling:
+        adapters = [
+            a for a in module.active_adapters if a not in module.merged_adapters and a in module.scaling
+        ]
+        if any(module.use_dora.get(a) or module.lora_bias.get(a) for a in adapters):
+            raise NotImplementedError(
+                f"sync_weights merges plain LoRA only; {name} uses DoRA or lora_bias: give the engine a merged "
+                "copy (peft's merge_and_unload on a deepcopy) instead"
+            )
+        if adapters:
+            layers[name] = module
+    return layers
+
+
+def _lora_delta(module: torch.nn.Module) -> torch.Tensor:
+    """The summed `get_delta_weight` of `module`'s active adapters, whole (under ZeRO-3 its adapters are gathered
+    for it; under FSDP2 peft's matmul runs on the DTensor shards and the product is gathered)."""
+    adapters = [a for a in module.active_adapters if a not in module.merged_adapters and a in module.scaling]
+    lora = [p for n, p in module.named_parameters() if "lora_" in n]
+    with torch.no_grad(), _zero3_gathered(lora):
+        return _whole(sum(module.get_delta_weight(a) for a in adapters))
+
+
+def _entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.nn.Module | None]]:
+    """`(checkpoint name, live tensor or its shard, LoRA layer whose delta it gets or None)`, a tied `lm_head`
+    left out; peft's names mapped back to the plain transformers ones."""
+    model = unwrap(model)
+    peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    base = model.get_base_model() if peft else model
+    tied, layers = _tied(base), _lora_layers(base) if peft else {}
+    for key, tensor in base.state_dict(keep_vars=True).items():  # keep_vars: ZeRO-3's partition attributes
+        if peft:
+            # the adapters themselves; a module that `modules_to_save` replaces by its trained copy
+            if "lora_" in key or ".original_module." in key:
                 continue
-            if module.use_dora.get(adapter) or module.lora_bias.get(adapter):
-                raise NotImplementedError(
-                    f"sync_weights merges plain LoRA only; {name} uses DoRA or lora_bias: give the engine a merged "
-                    "copy (peft's merge_and_unload on a deepcopy) instead"
-                )
-            delta = module.get_delta_weight(adapter).detach()
-            deltas[name] = delta if name not in deltas else deltas[name] + delta
-    return deltas
-
-
-def _merged_peft_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The merged model's tensors under the plain transformers names, one at a time (no copy of the model)."""
-    base = model.get_base_model()
-    deltas = _lora_deltas(base)
-    for key, tensor in base.state_dict().items():
-        # the adapters themselves; a module that `modules_to_save` replaces by its trained copy
-        if "lora_" in key or ".original_module." in key:
+            if "trainable_tokens_" in key or "token_adapter" in key:
+                raise NotImplementedError(f"sync_weights does not merge peft trainable tokens ({key})")
+            if ".modules_to_save." in key:
+                prefix, rest = key.split(".modules_to_save.", 1)
+                adapter, param = rest.split(".", 1)
+                if adapter not in model.active_adapters:
+                    continue
+                key = f"{prefix}.{param}"
+            key = key.replace(".base_layer.", ".")
+        if tied and key == "lm_head.weight":
             continue
-        if "trainable_tokens_" in key or "token_adapter" in key:
-            raise NotImplementedError(f"sync_weights does not merge peft trainable tokens ({key})")
-        if ".modules_to_save." in key:
-            prefix, rest = key.split(".modules_to_save.", 1)
-            adapter, param = rest.split(".", 1)
-            if adapter not in model.active_adapters:
-                continue
-            key = f"{prefix}.{param}"
-        key = key.replace(".base_layer.", ".")
         module_name, _, param_name = key.rpartition(".")
-        if param_name == "weight" and module_name in deltas:
-            tensor = tensor + deltas[module_name].to(tensor.dtype)  # a new tensor: the policy is not modified
-        yield key, tensor
+        yield key, tensor, layers.get(module_name) if param_name == "weight" else None
 
 
 def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(name, tensor)` pairs of `model` in Hugging Face checkpoint format, as vLLM's `load_weights` wants:
-    detached views of the live parameters (no copy) except merged LoRA weights; a tied `lm_head` left out."""
-    model = unwrap(model)
-    peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-    tied = _tied(model.get_base_model() if peft else model)
-    for name, tensor in _merged_peft_weights(model) if peft else model.state_dict().items():
-        if not (tied and name == "lm_head.weight"):
-            yield name, tensor.detach()
+    """`(name, tensor)` pairs of `model` in Hugging Face checkpoint format, as vLLM's `load_weights` wants, one at a
+    time: detached views of the live parameters (no copy) except merged LoRA weights (new tensors: the policy is
+    untouched); a tied `lm_head` left out.
+
+    Under FSDP2 / DeepSpeed ZeRO-3 each tensor is gathered whole when its turn comes (`_whole`: a collective), so
+    at most one parameter (one LoRA layer) is held beyond the shard, and every rank must run the stream to its end
+    in the same order, also the ranks that throw the tensors away."""
+    for name, tensor, lora in _entries(model):
+        tensor = _whole(tensor)
+        yield name, tensor if lora is None else tensor + _lora_delta(lora).to(tensor.dtype)
+
+
+def checkpoint_specs(model: torch.nn.Module) -> list[tuple[str, torch.dtype, list[int]]]:
+    """`(name, dtype, full shape)` of each tensor `checkpoint_weights` yields, in order, without gathering any."""
+    return [(n, t.dtype, list(getattr(t, "ds_shape", t.shape))) for n, t, _ in _entries(model)]
 
 
 def write_safetensors(model: torch.nn.Module, directory: str | None = None) -> str:
@@ -180,9 +227,10 @@ def broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], options).wait()
 
 
-def tensor_specs(weights: list[tuple[str, torch.Tensor]]) -> str:
-    """What a receiver allocates, in the order of the broadcasts: JSON `[[name, dtype, shape], ...]`."""
-    return json.dumps([[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in weights])
+def tensor_specs(specs: list[tuple[str, torch.dtype, list[int]]]) -> str:
+    """What a receiver allocates, in the order of the broadcasts (`checkpoint_specs`): JSON `[[name, dtype, shape],
+    ...]`."""
+    return json.dumps([[name, str(dtype).removeprefix("torch."), shape] for name, dtype, shape in specs])
 
 
 class WeightSyncExtension:

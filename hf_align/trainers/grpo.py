@@ -126,11 +126,10 @@ class GRPOTrainer(AlignTrainer):
         )
         self._init_metrics()
         sharded = sharded_engine(self.accelerator.state)
-        if sharded and (args.rollout_engine != "hf" or args.async_rollouts):
+        if sharded and args.async_rollouts:  # vLLM engines gather it: rollout/weights.py checkpoint_weights
             raise UnsupportedEngineError(
-                f"GRPO under {sharded} generates only with rollout_engine 'hf' and without async_rollouts: the "
-                "weight sync to vLLM and the rollout thread's copy do not gather sharded weights yet. Use DDP or "
-                "ZeRO-2 with vLLM."
+                f"GRPO under {sharded} cannot use async_rollouts: the rollout thread's copy of the policy would be a "
+                "shard, and its weight pushes would run collectives off the main thread. Use DDP or ZeRO-2."
             )
         self.prompts = R.PromptStream(
             rows, processing_class, args.max_prompt_length, args.seed, args.shuffle_dataset,
