@@ -146,12 +146,12 @@ class VLLMEngine(EngineBase):
         start = time.perf_counter()
         if self.in_process:
             weights = checkpoint_weights(model)
-            with torch.no_grad():
-                self.llm.collective_rpc(LOAD_METHOD, args=(weights,))
-            for (
-                _
-            ) in weights:  # were the loader to stop early: under FSDP2 / ZeRO-3 the other ranks wait in it
-                pass
+            try:
+                with torch.no_grad():
+                    self.llm.collective_rpc(LOAD_METHOD, args=(weights,))
+            finally:  # had the loader stopped early (or failed): under FSDP2 / ZeRO-3 the other ranks wait in it
+                for _ in weights:
+                    pass
         else:  # tensors cannot be pickled to the engine's worker processes: hand them over through RAM-backed files
             path = write_safetensors(model)
             try:

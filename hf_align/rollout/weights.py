@@ -18,8 +18,15 @@ Choices:
   (rank 0, hosting the TCPStore) and the server's workers (ranks 1..), NCCL between GPUs, gloo otherwise, made
   from torch's own store and backend classes so it leaves both sides' default groups alone (vLLM's
   `stateless_init_torch_distributed_process_group` does the same but would make the trainer import vllm).
-  Each tensor is broadcast from rank 0 (TRL's `update_named_param`, one tensor per broadcast: no bucketing);
+  Each tensor is broadcast from rank 0 (TRL's `update_named_param`, one tensor per broadcast: no bucketing) as
+  soon as it is whole, after the list of names and full shapes (`checkpoint_specs`, read without gathering);
   the worker feeds them to `reload_weights` as they arrive, so it never holds a second copy of the model.
+- Sharded policies (FSDP2, DeepSpeed ZeRO-3): each tensor is made whole when its turn comes, FSDP2's by
+  `DTensor.full_tensor()`, ZeRO-3's by `deepspeed.zero.GatheredParameters` (one all-gather per parameter: simple,
+  more collectives than per module); a LoRA delta is peft's `get_delta_weight` on the gathered adapters (ZeRO-3) or
+  on the DTensor shards, its product gathered (FSDP2). These are collectives: every rank runs `checkpoint_weights`
+  to its end, in the same order, also a rank that throws the tensors away (the server's non-main ranks). The
+  file route still holds the whole model on rank 0 (one safetensors file).
 """
 
 from __future__ import annotations

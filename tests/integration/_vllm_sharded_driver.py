@@ -33,6 +33,12 @@ WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
 
 
+def say(line: str) -> None:
+    """One line in one write: the processes share the test's pipe (print writes the newline apart)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main(
     out: Path, model_dir: str, engine: str, mode: str, url: str | None = None, group_port: str | None = None
 ):
@@ -74,9 +80,9 @@ def main(
         eval_dataset=ROWS[:3] if mode == "uneven" else None, peft_config=lora if mode == "lora" else None,
         callbacks=[StepLog(out / "steps.jsonl", "fresh")],
     )  # fmt: skip
-    print("SHARDED BY", sharded_engine(trainer.accelerator.state), flush=True)
+    say(f"SHARDED BY {sharded_engine(trainer.accelerator.state)}")
     trainer.train()
-    print("EVALS", sum("eval_reward" in h for h in trainer.state.log_history), flush=True)
+    say(f"EVALS {sum('eval_reward' in h for h in trainer.state.log_history)}")
     with trainer._engine_ready() as rollout_engine:  # syncs step 1's weights (every rank takes part)
         groups = rollout_engine.generate(PROMPTS, GREEDY)
     (out / f"rollouts.{RANK}.json").write_text(json.dumps([[r.completion_ids for r in g] for g in groups]))
@@ -85,7 +91,7 @@ def main(
         save_file(weights, str(out / "weights.safetensors"))
     trainer.accelerator.wait_for_everyone()
     trainer.close()
-    print("DONE", flush=True)
+    say("DONE")
 
 
 if __name__ == "__main__":
