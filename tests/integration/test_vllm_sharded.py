@@ -89,8 +89,10 @@ def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor]) -> list:
     return _ids(HFEngine(model, AutoTokenizer.from_pretrained(model_dir)).generate(PROMPTS, GREEDY))
 
 
-CASES = [  # every engine under both shardings; LoRA and the server's file sync once each (under different shardings)
-    *[(sharding, engine, "full") for sharding in CONFIGS for engine in ("vllm", "vllm_server:group")],
+# Every engine under both shardings, LoRA once per sharding. The server's group push is refused under sharding
+# (hf_align/trainers/grpo.py: an FSDP2 run hung once in CI), so the server runs with the file sync here.
+CASES = [
+    *[(sharding, engine, "full") for sharding in CONFIGS for engine in ("vllm", "vllm_server:file")],
     ("fsdp2", "vllm", "lora"),
     ("zero3", "vllm_server:file", "lora"),
 ]
@@ -124,7 +126,7 @@ def test_rollouts_follow_the_sharded_policy(
 
 
 @vllm_test
-@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server:group")])
+@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server:file")])
 def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, request, tmp_path):
     """Processes draw different numbers of dynamic-sampling rounds and evaluate 2 and 1 prompts: the weight sync
     (a collective under sharding) happens once per generation batch and evaluation, where every process comes."""
@@ -133,3 +135,16 @@ def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, re
     url = request.getfixturevalue("server_url") if engine.startswith("vllm_server") else None
     output = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode="uneven")["output"]
     assert output.count("EVALS 2\n") == 2, output[-5000:]  # one evaluation per step, on every process
+
+
+@vllm_test
+def test_group_push_under_sharding_is_refused_at_construction(tiny_model_dir, request, tmp_path):
+    url = request.getfixturevalue("server_url")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
+           CONFIGS["fsdp2"]), "--num_processes", "2", "--main_process_port", str(_free_port()), str(DRIVER),
+           str(tmp_path), str(tiny_model_dir), "vllm_server:group", "full", url, str(_free_port())]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_ALIGN_FSDP_ON_CPU": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "UnsupportedEngineError" in output, output[-3000:]
+    assert "over the distributed group" in output and "DONE" not in output, output[-3000:]
