@@ -19,7 +19,8 @@ import os
 FLAG = "HF_ALIGN_FSDP_ON_CPU"
 
 
-def _env_true(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to 1 / true / yes (how accelerate's launcher writes flags)."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
@@ -28,8 +29,8 @@ def fsdp_on_cpu_if_asked(accelerator) -> bool:
     whether it did. Call before anything is prepared (our trainers do, in ``create_accelerator_and_postprocess``)."""
     import torch
 
-    fsdp2 = _env_true("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2"
-    if not (_env_true(FLAG) and fsdp2) or torch.cuda.is_available():  # FSDP1: refused by safety.py
+    fsdp2 = env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "2"
+    if not (env_flag(FLAG) and fsdp2) or torch.cuda.is_available():  # FSDP1: refused by safety.py
         return False
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 

@@ -8,6 +8,7 @@ Attention head size is 32, the smallest vLLM's CPU backend accepts.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -46,6 +47,13 @@ _CORPUS = [
     "Question: Answer: Instruction: Response: Below is an instruction that describes a task.",
     "+ - * / = ( ) [ ] { } < > ^ _ . , ; : ! ? ' \" # $ % & @ ~ ` |",
 ]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a launcher's rendezvous or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_tokenizer():

@@ -30,6 +30,7 @@ import torch
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from hf_align.launch import env_flag
 from hf_align.rollout.base import RolloutEngineError
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,6 @@ class UnsupportedEngineError(RuntimeError):
     """The distributed engine asked for is one hf_align cannot yet train under correctly."""
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
 def sharded_engine(state) -> str | None:
     """ "FSDP2" or "DeepSpeed ZeRO-3" when the accelerator shards the model's parameters over processes, else None."""
     plugin = getattr(state, "deepspeed_plugin", None)
@@ -109,7 +106,7 @@ def refuse_unsupported_sharding(state) -> None:
     with the state, and a dropped engine is refused, pointing at the CPU launch helper (hf_align/launch.py).
     """
     name = sharded_engine(state)
-    if name is None and _env_flag(
+    if name is None and env_flag(
         "ACCELERATE_USE_FSDP"
     ):  # the launch's FSDP version, dropped by accelerate or not
         name = f"FSDP{os.environ.get('FSDP_VERSION', '1')}"
@@ -118,13 +115,13 @@ def refuse_unsupported_sharding(state) -> None:
             f"{name} is not supported by hf_align (its flat parameters are not handled): use FSDP2 "
             "(fsdp_version: 2 in the accelerate config), DeepSpeed ZeRO-3 or DDP."
         )
-    if _env_flag("ACCELERATE_USE_FSDP") and getattr(state, "fsdp_plugin", None) is None:
+    if env_flag("ACCELERATE_USE_FSDP") and getattr(state, "fsdp_plugin", None) is None:
         raise UnsupportedEngineError(
             "the launcher asked for FSDP but accelerate dropped it (it does on a machine without CUDA) and would "
             "train plain DDP. On CPU, launch with HF_ALIGN_FSDP_ON_CPU=1 and accelerate_configs/fsdp2_cpu.yaml "
             "(hf_align/launch.py); on GPUs, check that CUDA is visible."
         )
-    if _env_flag("ACCELERATE_USE_DEEPSPEED") and getattr(state, "deepspeed_plugin", None) is None:
+    if env_flag("ACCELERATE_USE_DEEPSPEED") and getattr(state, "deepspeed_plugin", None) is None:
         raise UnsupportedEngineError(
             "the launcher asked for DeepSpeed but accelerate dropped it (it does with use_cpu: true) and would "
             "train plain DDP: set use_cpu false (a machine without CUDA still runs on CPU), see "

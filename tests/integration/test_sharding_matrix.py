@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "integration" / "_sharding_driver.py"
@@ -33,12 +34,6 @@ ENGINES = {  # config, extra environment
 }
 TIMEOUT_S = 480
 _runs: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -68,7 +63,7 @@ def _launch(engine: str, out: Path, variants: list[str]) -> subprocess.Completed
         "--num_processes",
         "2",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(DRIVER),
         str(out),
         *variants,

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ import torch
 from hf_align.logprobs import get_response_log_probs
 from hf_align.rollout import HFEngine, SamplingConfig
 from hf_align.rollout.weights import checkpoint_weights
-from tests.conftest import build_model
+from tests.conftest import build_model, free_port
 
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,12 +297,6 @@ def test_lora_model_syncs_merged_weights(engine, base_model, tokenizer):
 # ------------------------------------------------------------------ server mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -317,7 +310,7 @@ def _served(model_dir, tmp_path, cwd=None):
     URL)."""
     from hf_align.rollout.vllm_server import wait_for_server
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "hf_align.rollout.vllm_server", "serve", "--model", str(model_dir)]
     with open(log_path, "w") as log:

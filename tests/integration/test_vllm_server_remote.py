@@ -19,12 +19,11 @@ import torch
 
 from hf_align.rollout import HFEngine, make_engine
 from hf_align.rollout.vllm_server import VLLMServerEngine
-from tests.conftest import build_model, build_tokenizer
+from tests.conftest import build_model, build_tokenizer, free_port
 from tests.integration.test_vllm_cpu import (
     GREEDY,
     PROMPTS,
     _assert_same_rollouts,
-    _free_port,
     _ids,
     _perturb,
     _served,
@@ -71,7 +70,7 @@ def test_group_push_equals_file_push(remote, tokenizer):
     """Greedy completions after a push over the gloo group follow the pushed weights, exactly as after a push
     through /dev/shm; the server is back on the base weights at the end."""
     url, eos = remote
-    group = make_engine("vllm_server", url, tokenizer, weight_sync="group", group_port=_free_port())
+    group = make_engine("vllm_server", url, tokenizer, weight_sync="group", group_port=free_port())
     shm = make_engine("vllm_server", url, tokenizer)
     assert shm.weight_sync == "file"  # auto: the server is on this machine
     base, trained = _model(tokenizer, eos), _model(tokenizer, eos, perturb_seed=7)
@@ -111,7 +110,7 @@ def _ddp_rank(rank: int, url: str, eos: list[int], ports: tuple[int, int], out: 
 def test_only_the_main_process_pushes(remote, tokenizer, tmp_path):
     url, eos = remote
     torch.multiprocessing.spawn(
-        _ddp_rank, args=(url, eos, (_free_port(), _free_port()), str(tmp_path / "rank")), nprocs=2
+        _ddp_rank, args=(url, eos, (free_port(), free_port()), str(tmp_path / "rank")), nprocs=2
     )
     ranks = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in range(2)]
     assert [r["opened_group"] for r in ranks] == [True, False]
@@ -142,7 +141,7 @@ def test_grpo_pushes_over_the_group(remote, tokenizer, tmp_path):
 
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), use_vllm=True, vllm_mode="server", vllm_server_base_url=url,
-        vllm_weight_sync="group", vllm_group_port=_free_port(), learning_rate=0.05,
+        vllm_weight_sync="group", vllm_group_port=free_port(), learning_rate=0.05,
         generation_batch_size=4, num_generations=4, per_device_train_batch_size=4, max_steps=2,
         max_completion_length=6, grader_num_workers=0, report_to="none", disable_tqdm=True, plot_curves=False,
         save_strategy="no", seed=0,
@@ -219,7 +218,7 @@ def test_a_stuck_server_fails_generation_and_weight_syncs_with_a_timeout(stuck_s
     with pytest.raises(TimeoutError, match=r"waited 1 s .*/collective_rpc to load weights from /"):
         client.sync_weights(model)
     group = make_engine(
-        "vllm_server", stuck_server, tokenizer, timeout=1.0, weight_sync="group", group_port=_free_port()
+        "vllm_server", stuck_server, tokenizer, timeout=1.0, weight_sync="group", group_port=free_port()
     )
     with pytest.raises(
         TimeoutError, match=r"waited 1 s .*/collective_rpc to join the weight group at 127\.0\.0\.1:"

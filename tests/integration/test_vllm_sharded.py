@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from hf_align.rollout import HFEngine
-from tests.integration.test_vllm_cpu import GREEDY, PROMPTS, _free_port, _ids, _served, vllm_test
+from tests.conftest import free_port
+from tests.integration.test_vllm_cpu import GREEDY, PROMPTS, _ids, _served, vllm_test
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "integration" / "_vllm_sharded_driver.py"
@@ -35,12 +36,12 @@ LR = 5e-2  # _vllm_sharded_driver.py's learning rate
 
 def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str | None, mode="full") -> dict:
     args = [str(DRIVER), str(out), str(model_dir), engine, mode]
-    args += [url, str(_free_port())] if engine.startswith("vllm_server") else []
+    args += [url, str(free_port())] if engine.startswith("vllm_server") else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *args]
     if sharding is not None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
-               CONFIGS[sharding]), "--num_processes", "2", "--main_process_port", str(_free_port()), *args]  # fmt: skip
+               CONFIGS[sharding]), "--num_processes", "2", "--main_process_port", str(free_port()), *args]  # fmt: skip
         env["HF_ALIGN_FSDP_ON_CPU"] = "1"
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
@@ -141,8 +142,8 @@ def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, re
 def test_group_push_under_sharding_is_refused_at_construction(tiny_model_dir, request, tmp_path):
     url = request.getfixturevalue("server_url")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
-           CONFIGS["fsdp2"]), "--num_processes", "2", "--main_process_port", str(_free_port()), str(DRIVER),
-           str(tmp_path), str(tiny_model_dir), "vllm_server:group", "full", url, str(_free_port())]  # fmt: skip
+           CONFIGS["fsdp2"]), "--num_processes", "2", "--main_process_port", str(free_port()), str(DRIVER),
+           str(tmp_path), str(tiny_model_dir), "vllm_server:group", "full", url, str(free_port())]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_ALIGN_FSDP_ON_CPU": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
