@@ -220,6 +220,11 @@ class VLLMServerEngine(EngineBase):
         run `checkpoint_weights` to its end alongside it (each tensor is gathered by all), then throw it away."""
         start = time.perf_counter()
         error = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # A weight RPC holds the server's engine loop until every tensor has arrived, and under sharding the
+            # main process gathers each tensor with the others: were another process still waiting on the server
+            # (its start-up RPCs, a last generation request), all three would wait on each other.
+            dist.barrier()
         if not dist.is_initialized() or dist.get_rank() == 0:
             try:
                 self._push_file(model) if self.weight_sync == "file" else self._push_group(model)

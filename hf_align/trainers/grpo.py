@@ -85,14 +85,6 @@ def _loader_batch(indices: list[int]) -> dict[str, torch.Tensor]:
     return {"index": torch.tensor(indices)}  # what Trainer's loader yields: _prepare_inputs replaces it
 
 
-# FSDP2 + the server's group push hung once in a full CI run (after the policy was sharded, before any step),
-# though it passes alone and ZeRO-3's did not hang: refused until that is understood.
-_GROUP_PUSH_UNDER_SHARDING = (
-    "GRPO under {} cannot push weights to the vLLM server over the distributed group yet (an intermittent hang "
-    "is not understood): run the server on this machine with vllm_weight_sync: file, or train with DDP / ZeRO-2."
-)
-
-
 class GRPOTrainer(AlignTrainer):
     config_class, suffix = GRPOConfig, "GRPO"
 
@@ -139,8 +131,6 @@ class GRPOTrainer(AlignTrainer):
                 f"GRPO under {sharded} cannot use async_rollouts: the rollout thread's copy of the policy would be a "
                 "shard, and its weight pushes would run collectives off the main thread. Use DDP or ZeRO-2."
             )
-        if sharded and args.rollout_engine not in ("hf", "vllm") and args.vllm_weight_sync == "group":
-            raise UnsupportedEngineError(_GROUP_PUSH_UNDER_SHARDING.format(sharded))
         self.prompts = R.PromptStream(
             rows, processing_class, args.max_prompt_length, args.seed, args.shuffle_dataset,
             args.chat_template_kwargs,
@@ -466,9 +456,6 @@ class GRPOTrainer(AlignTrainer):
                 }  # fmt: skip
             with self._faults("starting"):
                 self._engine = make_engine(kind, source, self.processing_class, **kwargs)
-            sharded = sharded_engine(self.accelerator.state)
-            if sharded and getattr(self._engine, "weight_sync", None) == "group":  # "auto", the server remote
-                raise UnsupportedEngineError(_GROUP_PUSH_UNDER_SHARDING.format(sharded))
         return self._engine
 
     @staticmethod

@@ -5,7 +5,9 @@ set up (FSDP2 on CPU, DeepSpeed ZeRO-3) or in one plain process (the reference).
         tests/integration/_vllm_sharded_driver.py OUT MODEL_DIR ENGINE MODE [SERVER_URL GROUP_PORT]
 
 ENGINE: vllm (in-process), vllm_server:group or vllm_server:file (the server's weight sync). MODE: full (all
-weights trained), lora (LoRA adapters on every linear layer: the engine gets them merged) or uneven.
+weights trained), late (full, with rank 1 starting training 5 s after rank 0: the server's first weight push
+begins while rank 1 still has requests to make), lora (LoRA adapters on every linear layer: the engine gets them
+merged) or uneven.
 
 The global batch is the same whatever the number of processes (per-process batch = 16 / processes). Writes
 ``OUT/steps.jsonl`` (loss, grad_norm of each step), ``OUT/rollouts.<rank>.json`` (greedy completion ids of
@@ -23,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -68,6 +71,7 @@ def main(
             "vllm_server_base_url": url,
             "vllm_weight_sync": weight_sync,
             "vllm_group_port": int(group_port),
+            "vllm_request_timeout": 120.0,  # a deadlock with the server fails in minutes, not at the test's timeout
         }
     if mode == "uneven":
         fields |= {"dynamic_sampling": True, "max_dynamic_sampling_rounds": 3, "eval_strategy": "steps",
@@ -81,6 +85,10 @@ def main(
         callbacks=[StepLog(out / "steps.jsonl", "fresh")],
     )  # fmt: skip
     say(f"SHARDED BY {sharded_engine(trainer.accelerator.state)}")
+    if (
+        mode == "late" and RANK == 1
+    ):  # the main process starts its first weight push before this one reached it
+        time.sleep(5)
     trainer.train()
     say(f"EVALS {sum('eval_reward' in h for h in trainer.state.log_history)}")
     with trainer._engine_ready() as rollout_engine:  # syncs step 1's weights (every rank takes part)
@@ -91,6 +99,8 @@ def main(
         save_file(weights, str(out / "weights.safetensors"))
     trainer.accelerator.wait_for_everyone()
     trainer.close()
+    if torch.distributed.is_initialized():  # joins gloo's threads now: once in ~30 runs, exit aborted in them
+        torch.distributed.destroy_process_group()
     say("DONE")
 
 

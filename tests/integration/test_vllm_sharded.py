@@ -71,6 +71,7 @@ def references(tiny_model_dir, tmp_path_factory):
     cache: dict[str, dict] = {}
 
     def get(engine: str, url: str | None, mode: str) -> dict:
+        mode = "full" if mode == "late" else mode  # the same run in one process
         if (engine, mode) not in cache:
             out = tmp_path_factory.mktemp(f"ref_{engine.replace(':', '_')}_{mode}")
             cache[engine, mode] = _run(out, tiny_model_dir, engine, url, None, mode)
@@ -90,12 +91,14 @@ def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor]) -> list:
     return _ids(HFEngine(model, AutoTokenizer.from_pretrained(model_dir)).generate(PROMPTS, GREEDY))
 
 
-# Every engine under both shardings, LoRA once per sharding. The server's group push is refused under sharding
-# (hf_align/trainers/grpo.py: an FSDP2 run hung once in CI), so the server runs with the file sync here.
+# Every engine under both shardings (the server with its distributed-group weight push), the server's file push
+# and LoRA once per sharding, and the group push begun while rank 1 still had requests to make of the server.
 CASES = [
-    *[(sharding, engine, "full") for sharding in CONFIGS for engine in ("vllm", "vllm_server:file")],
+    *[(sharding, engine, "full") for sharding in CONFIGS for engine in ("vllm", "vllm_server:group")],
+    ("fsdp2", "vllm_server:file", "full"),
     ("fsdp2", "vllm", "lora"),
     ("zero3", "vllm_server:file", "lora"),
+    ("fsdp2", "vllm_server:group", "late"),
 ]
 
 
@@ -113,10 +116,13 @@ def test_rollouts_follow_the_sharded_policy(
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(got["steps"][0][key], ref["steps"][0][key], rtol=1e-4, atol=1e-6)
     assert list(got["weights"]) == list(ref["weights"])
-    # Adam's first step is +-lr wherever the gradient is not ~0, and turns float noise in a ~0 gradient (another
-    # reduction order) into up to lr: a few elements differ, by < 1% of the step
+    # Adam's first step is lr * g / (|g| + eps): +-lr wherever the gradient is not ~0, but float noise in a ~0
+    # gradient (another reduction order) can flip it: a few elements may differ by up to 2 lr, the count below
+    # keeps them few
     for name, tensor in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][name], tensor, rtol=0, atol=LR / 100, msg=name)
+        torch.testing.assert_close(
+            got["weights"][name], tensor, rtol=0, atol=2 * LR, msg=lambda m, name=name: f"{name}: {m}"
+        )
     off = sum(int((got["weights"][n] - t).abs().gt(1e-5).sum()) for n, t in ref["weights"].items())
     assert off < 1e-3 * sum(t.numel() for t in ref["weights"].values()), off
     want = _hf_greedy(tiny_model_dir, got["weights"])
@@ -127,7 +133,7 @@ def test_rollouts_follow_the_sharded_policy(
 
 
 @vllm_test
-@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server:file")])
+@pytest.mark.parametrize(("sharding", "engine"), [("fsdp2", "vllm"), ("zero3", "vllm_server:group")])
 def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, request, tmp_path):
     """Processes draw different numbers of dynamic-sampling rounds and evaluate 2 and 1 prompts: the weight sync
     (a collective under sharding) happens once per generation batch and evaluation, where every process comes."""
@@ -136,16 +142,3 @@ def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, re
     url = request.getfixturevalue("server_url") if engine.startswith("vllm_server") else None
     output = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode="uneven")["output"]
     assert output.count("EVALS 2\n") == 2, output[-5000:]  # one evaluation per step, on every process
-
-
-@vllm_test
-def test_group_push_under_sharding_is_refused_at_construction(tiny_model_dir, request, tmp_path):
-    url = request.getfixturevalue("server_url")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
-           CONFIGS["fsdp2"]), "--num_processes", "2", "--main_process_port", str(free_port()), str(DRIVER),
-           str(tmp_path), str(tiny_model_dir), "vllm_server:group", "full", url, str(free_port())]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_ALIGN_FSDP_ON_CPU": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and "UnsupportedEngineError" in output, output[-3000:]
-    assert "over the distributed group" in output and "DONE" not in output, output[-3000:]
