@@ -60,11 +60,12 @@ lint: setup
 	$(BIN)/ruff check hf_align recipes tests benchmarks scripts
 
 # The CPU benchmark set (budget 30 min on the 2-core machine; results in BENCHMARKS.md). The three algorithms'
-# training steps run at 4 x (32 + 64) tokens to fit the budget (override with BENCH_TRAIN_FLAGS); GRPO on
+# training steps run at 4 x (32 + 64) tokens to fit the budget (override with BENCH_TRAIN_FLAGS), 3 interleaved
+# rounds per library with the median kept (one run at that shape drifts by +-15% with the machine); GRPO on
 # SmolLM2 also runs at a GRPO-sized rollout batch, one group of 8 x (128 prompt + 256 completion) tokens, with
 # and without the shared-prompt forward (BENCH_GRPO_FLAGS). JSON lines of the training-step and rollout runs go
 # to outputs/bench/.
-BENCH_TRAIN_FLAGS ?= --batch 4 --prompt-len 32 --completion-len 64 --warmup 1 --steps 2
+BENCH_TRAIN_FLAGS ?= --batch 4 --prompt-len 32 --completion-len 64 --warmup 2 --steps 4 --rounds 3
 BENCH_GRPO_FLAGS ?= --batch 8 --prompt-len 128 --completion-len 256 --warmup 1 --steps 1
 bench: setup model setup-vllm
 	mkdir -p outputs/bench

@@ -453,6 +453,17 @@ def batch_tokens(algo: str, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One result for several runs of a worker: the run of median tokens/s (the lower middle one for an even
+    count), with the largest memory peaks of all runs and every run's tokens/s under ``tokens_per_s_runs``."""
+    speeds = [r["tokens_per_s"] for r in runs]
+    r = dict(sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2])
+    r["tokens_per_s_runs"] = speeds
+    for key in ("step_peak_mib", "total_peak_mib"):
+        r[key] = max(run[key] for run in runs)
+    return r
+
+
 def _fmt_ratio(x: float) -> str:
     return f"{x:.2f}x" if math.isfinite(x) else "n/a"
 
@@ -488,6 +499,13 @@ def main() -> None:
         type=float,
         help="peak FLOP/s (in TFLOP/s) for MFU; default: the bf16 peak of a known CUDA GPU, none on CPU",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every library's worker this many times, interleaved (A B A B ...), and report the median "
+        "tokens/s and the largest memory: at small shapes one run's timing drifts with the machine by +-15%%",
+    )
     p.add_argument("--json", type=Path, help="append each result as a JSON line to this file")
     p.add_argument(
         "--profile",
@@ -517,6 +535,7 @@ def main() -> None:
         f"model {args.model} on {args.device}, {args.batch} sequences x ({args.prompt_len} prompt + "
         f"{args.completion_len} completion), {args.warmup} warm-up + {args.steps} timed steps, "
         f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+        + (f", {args.rounds} interleaved rounds (median tokens/s)" if args.rounds > 1 else "")
     )
     header = f"{'algo':>5} {'impl':>15} {'tok/s':>9} {'step MiB':>9} {'total MiB':>10} {'grad norm':>10} {'load':>15}"
     algos = ALGOS if args.algo == "all" else (args.algo,)
@@ -532,13 +551,22 @@ def main() -> None:
     summary = []
     for algo in algos:
         print(header)
+        impls = [i for i in args.impls if algo == "grpo" or i != "hf_align_one_pass"]
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for _ in range(
+            max(1, args.rounds)
+        ):  # interleaved, so a drift in machine speed hits every library alike
+            for impl in impls:
+                runs[impl].append(run_worker([__file__, "--worker", impl, algo, *flags], env=env))
         res = {}
-        for impl in [i for i in args.impls if algo == "grpo" or i != "hf_align_one_pass"]:
-            res[impl] = r = run_worker([__file__, "--worker", impl, algo, *flags], env=env)
+        for impl in impls:
+            res[impl] = r = _median_run(runs[impl])
             print(
                 f"{algo:>5} {impl:>15} {r['tokens_per_s']:9.1f} {r['step_peak_mib']:9.0f} "
                 f"{r['total_peak_mib']:10.0f} {r['first_grad_norm']:10.4f} {r['load_avg']:>15}"
             )
+            if len(runs[impl]) > 1:
+                print(f"{'':>21} tok/s of each round: {' '.join(f'{x:.1f}' for x in r['tokens_per_s_runs'])}")
             if r["checkpointing"] != args.gradient_checkpointing:
                 print(
                     f"{'':>21} activation checkpointing is {'on' if r['checkpointing'] else 'off'}, not as asked"
