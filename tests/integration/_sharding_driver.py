@@ -39,6 +39,7 @@ def variant(name: str) -> tuple[str, dict]:
     sft = {"per_device_train_batch_size": 4 // WORLD, **cpu}
     dpo = {"per_device_train_batch_size": 2 // WORLD, "gradient_accumulation_steps": 2, "beta": 0.5, **cpu}
     grpo = {"per_device_train_batch_size": 8 // WORLD, "generation_batch_size": 32}
+    rm = {"per_device_train_batch_size": 4 // WORLD, "gradient_accumulation_steps": 2, **cpu}
     table = {
         "sft": ("sft", sft),
         "sft_cut": ("sft", sft),
@@ -46,6 +47,7 @@ def variant(name: str) -> tuple[str, dict]:
         "dpo_pre": ("dpo", {**dpo, "precompute_ref_log_probs": True, "precompute_ref_batch_size": 3}),
         "grpo": ("grpo", {**grpo, "beta": 0.0}),
         "grpo_kl": ("grpo", {**grpo, "beta": 0.1}),
+        "rm": ("rm", rm),
         "grpo_uneven": (
             "grpo",
             {

@@ -30,7 +30,7 @@ from hf_align.cli import resume_target
 from tests.conftest import build_model, build_tokenizer
 
 DROPOUT = 0.1
-TRAINERS = ("sft", "dpo", "grpo")
+TRAINERS = ("sft", "dpo", "grpo", "rm")
 
 
 def build_trainer(
@@ -84,6 +84,26 @@ def build_trainer(
             cfg,
             train_dataset=ROWS,
             eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
+    if kind == "rm":
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        from hf_align.trainers.reward_model import RewardTrainer
+        from tests.integration.test_reward_model_trainer import SUBJECTS, _config, _pairs, _reward_model
+
+        # 16 pairs, 4 x 2 per step: two steps per epoch. Under ZeRO-3 an earlier config leaves deepspeed.zero.Init on,
+        # inside which transformers cannot initialize a model built from a config (its padded embedding row is a
+        # partition): the toy model is built outside it, then partitioned by the trainer as any loaded model is.
+        unset_hf_deepspeed_config()
+        reward_model = _reward_model(tokenizer)
+        cfg = _config(out, **{"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
+                              **common, **overrides})  # fmt: skip
+        return RewardTrainer(
+            reward_model,
+            args=cfg,
+            train_dataset=_pairs(SUBJECTS),
             processing_class=tokenizer,
             callbacks=list(callbacks),
         )

@@ -4,7 +4,8 @@ trains the variants; one launch per engine runs them all).
 
 Tolerance: 1e-5 relative, plus 1e-6 absolute for GRPO losses that are 0 up to rounding (on-policy, advantages
 summing to 0 in each group: a relative comparison of two ~1e-8 residues means nothing). Resume from a mid-run
-checkpoint is exact under each engine (SFT). Dynamic sampling with processes drawing different numbers of rounds,
+checkpoint is exact under each engine (SFT, DPO, GRPO with a KL reference: policy, optimizer, reference and rollout
+state all restored). Dynamic sampling with processes drawing different numbers of rounds,
 plus an eval set that does not split evenly, finishes under FSDP2 and ZeRO-3: a hang fails through the launch's
 timeout, which kills the whole process group. The silent zero the fused output layer once gave under ZeRO-3 (the
 vocabulary read from a partition as 0) stops the run with NoLearningError.
@@ -26,7 +27,8 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "integration" / "_sharding_driver.py"
-VARIANTS = ["sft", "dpo", "dpo_pre", "grpo", "grpo_kl"]
+VARIANTS = ["sft", "dpo", "dpo_pre", "grpo", "grpo_kl", "rm"]
+RESUMED = ["sft", "dpo", "grpo_kl"]  # resumed from a mid-run checkpoint under each engine
 ENGINES = {  # config, extra environment
     "ddp": ("multi_cpu.yaml", {}),
     "fsdp2": ("fsdp2_cpu.yaml", {"HF_ALIGN_FSDP_ON_CPU": "1"}),
@@ -83,7 +85,7 @@ def _matrix(name: str, tmp_path_factory) -> Path:
         if name == "one":
             result = _run([sys.executable, str(DRIVER), str(out), *VARIANTS], {})
         else:
-            extra = ["sft+resume"] + (["grpo_uneven"] if name != "ddp" else [])
+            extra = [f"{v}+resume" for v in RESUMED] + (["grpo_uneven"] if name != "ddp" else [])
             result = _launch(name, out, VARIANTS + extra)
         _runs[name] = out, result
     out, result = _runs[name]
@@ -122,8 +124,9 @@ def test_final_save_is_a_loadable_whole_model(tmp_path_factory, engine):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_resume_is_exact(tmp_path_factory, engine):
-    runs = _matrix(engine, tmp_path_factory) / "sft+resume"
+@pytest.mark.parametrize("variant", RESUMED)
+def test_resume_is_exact(tmp_path_factory, engine, variant):
+    runs = _matrix(engine, tmp_path_factory) / f"{variant}+resume"
     fresh, resumed = _steps(runs), _steps(runs, "resume")
     assert [r["step"] for r in resumed] == [3, 4]
     assert resumed == [dict(r, run="resume") for r in fresh[2:]]

@@ -1,5 +1,5 @@
-"""GRPO with a vLLM engine while the policy is sharded over 2 processes on CPU (FSDP2 through hf_align/launch.py,
-DeepSpeed ZeRO-3): one optimizer step, then the engine's greedy rollouts.
+"""GRPO with a vLLM engine while the policy is replicated (DDP) or sharded over 2 processes on CPU (FSDP2 through
+hf_align/launch.py, DeepSpeed ZeRO-3): one optimizer step, then the engine's greedy rollouts.
 
 Run: `.venv-vllm/bin/python -m pytest -q tests/integration/test_vllm_sharded.py` (`make test-vllm`). Each case
 launches _vllm_sharded_driver.py with `accelerate launch` (a timeout turns a hang into a failure) and compares it
@@ -29,7 +29,7 @@ from tests.integration.test_vllm_cpu import GREEDY, PROMPTS, _ids, _served, vllm
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "integration" / "_vllm_sharded_driver.py"
-CONFIGS = {"fsdp2": "fsdp2_cpu.yaml", "zero3": "deepspeed_zero3_cpu.yaml"}
+CONFIGS = {"ddp": "multi_cpu.yaml", "fsdp2": "fsdp2_cpu.yaml", "zero3": "deepspeed_zero3_cpu.yaml"}
 TIMEOUT_S = 600
 LR = 5e-2  # _vllm_sharded_driver.py's learning rate
 
@@ -46,7 +46,7 @@ def _run(out: Path, model_dir: Path, engine: str, url: str | None, sharding: str
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and output.count("DONE") == (2 if sharding else 1), output[-5000:]
-    engine_name = {None: "None", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}[sharding]
+    engine_name = {None: "None", "ddp": "None", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}[sharding]
     assert output.count(f"SHARDED BY {engine_name}\n") == (2 if sharding else 1), output[-5000:]
     if mode == "uneven":
         return {"output": output}
@@ -91,8 +91,8 @@ def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor]) -> list:
     return _ids(HFEngine(model, AutoTokenizer.from_pretrained(model_dir)).generate(PROMPTS, GREEDY))
 
 
-# Every engine under both shardings (the server with its distributed-group weight push), the server's file push
-# and LoRA once per sharding, and the group push begun while rank 1 still had requests to make of the server.
+# Every engine under DDP and both shardings (the server with its distributed-group weight push), the server's file
+# push and LoRA once per sharding, and the group push begun while rank 1 still had requests to make of the server.
 CASES = [
     *[(sharding, engine, "full") for sharding in CONFIGS for engine in ("vllm", "vllm_server:group")],
     ("fsdp2", "vllm_server:file", "full"),
@@ -114,7 +114,7 @@ def test_rollouts_follow_the_sharded_policy(
     got = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode)
     assert [s["step"] for s in got["steps"]] == [s["step"] for s in ref["steps"]] == [1]
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(got["steps"][0][key], ref["steps"][0][key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["steps"][0][key], ref["steps"][0][key], rtol=1e-5, atol=1e-6)
     assert list(got["weights"]) == list(ref["weights"])
     # Adam's first step is lr * g / (|g| + eps): +-lr wherever the gradient is not ~0, but float noise in a ~0
     # gradient (another reduction order) can flip it: a few elements may differ by up to 2 lr, the count below
