@@ -49,6 +49,20 @@ def engine_defaults() -> dict[str, Any]:
     return defaults
 
 
+def colocated_gpu_problem(local_processes: int, visible_gpus: int) -> str | None:
+    """Why in-process engines cannot run in this layout, or None. vLLM's single-process executor takes its device
+    index from vLLM's device config ("cuda", index 0), not from torch's current device, so when several training
+    processes on a node each see every GPU, all their engines would load onto cuda:0 (read from vLLM 0.32's
+    UniProcExecutor; not run on GPUs here). One GPU visible per process (CUDA_VISIBLE_DEVICES) is fine."""
+    if local_processes > 1 and visible_gpus > 1:
+        return (
+            f"in-process vLLM with {local_processes} processes on this node, each seeing {visible_gpus} GPUs: vLLM's "
+            "single-process executor would put every process's engine on cuda:0. Use vllm_mode: server, or give "
+            "each process its own GPU with CUDA_VISIBLE_DEVICES"
+        )
+    return None
+
+
 def sampling_fields(sampling: SamplingConfig, eos_token_ids: list[int]) -> dict[str, Any]:
     """vLLM's sampling parameters for `sampling` (the server takes the same names); the seed is added per prompt."""
     return {

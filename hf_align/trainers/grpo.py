@@ -57,6 +57,7 @@ from hf_align.losses.grpo import (
 )
 from hf_align.modeling import create_reference_model
 from hf_align.rollout import make_engine
+from hf_align.rollout.vllm import colocated_gpu_problem
 from hf_align.trainers import grpo_rollouts as R
 from hf_align.trainers.base import AlignTrainer, weighted_mean
 from hf_align.trainers.grpo_rewards import RewardRunner
@@ -126,6 +127,10 @@ class GRPOTrainer(AlignTrainer):
         )
         self._init_metrics()
         sharded = sharded_engine(self.accelerator.state)
+        if args.rollout_engine == "vllm" and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if (problem := colocated_gpu_problem(local, torch.cuda.device_count())) is not None:
+                raise UnsupportedEngineError(problem)
         if sharded and args.async_rollouts:  # vLLM engines gather it: rollout/weights.py checkpoint_weights
             raise UnsupportedEngineError(
                 f"GRPO under {sharded} cannot use async_rollouts: the rollout thread's copy of the policy would be a "
