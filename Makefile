@@ -61,7 +61,7 @@ lint: setup
 
 # The CPU benchmark set (budget 30 min on the 2-core machine; results in BENCHMARKS.md). The three algorithms'
 # training steps run at 4 x (32 + 64) tokens to fit the budget (override with BENCH_TRAIN_FLAGS), 3 interleaved
-# rounds per library with the median kept (one run at that shape drifts by +-15% with the machine); GRPO on
+# rounds per library with the median kept (one run at that shape drifts by up to +-25% with the machine); GRPO on
 # SmolLM2 also runs at a GRPO-sized rollout batch, one group of 8 x (128 prompt + 256 completion) tokens, with
 # and without the shared-prompt forward (BENCH_GRPO_FLAGS). JSON lines of the training-step and rollout runs go
 # to outputs/bench/.

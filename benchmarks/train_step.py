@@ -504,7 +504,7 @@ def main() -> None:
         type=int,
         default=1,
         help="run every library's worker this many times, interleaved (A B A B ...), and report the median "
-        "tokens/s and the largest memory: at small shapes one run's timing drifts with the machine by +-15%%",
+        "tokens/s and the largest memory: at small shapes one run's timing drifts with the machine by up to +-25%%",
     )
     p.add_argument("--json", type=Path, help="append each result as a JSON line to this file")
     p.add_argument(
@@ -553,9 +553,8 @@ def main() -> None:
         print(header)
         impls = [i for i in args.impls if algo == "grpo" or i != "hf_align_one_pass"]
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-        for _ in range(
-            max(1, args.rounds)
-        ):  # interleaved, so a drift in machine speed hits every library alike
+        # interleaved, so a drift in machine speed hits every library alike
+        for _ in range(max(1, args.rounds)):
             for impl in impls:
                 runs[impl].append(run_worker([__file__, "--worker", impl, algo, *flags], env=env))
         res = {}

@@ -85,9 +85,8 @@ def main(
         callbacks=[StepLog(out / "steps.jsonl", "fresh")],
     )  # fmt: skip
     say(f"SHARDED BY {sharded_engine(trainer.accelerator.state)}")
-    if (
-        mode == "late" and RANK == 1
-    ):  # the main process starts its first weight push before this one reached it
+    # late: the main process starts its first weight push before this one has reached it
+    if mode == "late" and RANK == 1:
         time.sleep(5)
     trainer.train()
     say(f"EVALS {sum('eval_reward' in h for h in trainer.state.log_history)}")
