@@ -232,11 +232,12 @@ class GRPOTrainer(AlignTrainer):
     def _queue_batch(self) -> None:
         """Queue a generation batch sampled from the current weights: pushed now if the engine is idle, else a copy
         pushed by the queue's thread after the batches ahead of it (training changes the live weights meanwhile)."""
-        step, policy, push = self.state.global_step, self.accelerator.unwrap_model(self.model), None
+        step, push, engine = self.state.global_step, None, self.engine
+        policy = self.accelerator.unwrap_model(self.model)
         if self._synced_step != step:
             if self._queue.idle():
                 with self._faults("syncing weights"):
-                    self.engine.sync_weights(policy)
+                    engine.sync_weights(policy)
             else:
                 push = copy.deepcopy(policy)
             self._synced_step = step
@@ -461,6 +462,8 @@ class GRPOTrainer(AlignTrainer):
                 }  # fmt: skip
             with self._faults("starting"):
                 self._engine = make_engine(kind, source, self.processing_class, **kwargs)
+            if kind != "vllm_server":  # built from the live weights: already in sync
+                self._synced_step = self.state.global_step
         return self._engine
 
     @staticmethod
@@ -486,15 +489,16 @@ class GRPOTrainer(AlignTrainer):
             with self._faults("waking up"):
                 self.engine.wake_up()
         try:
+            engine = self.engine  # (built now, it already holds the current weights)
             if self._synced_step != self.state.global_step:
                 start = time.perf_counter()
                 with self._faults("syncing weights"):
-                    self.engine.sync_weights(self.accelerator.unwrap_model(self.model))
+                    engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._synced_step = self.state.global_step
                 self.record({"time/weight_sync_s": time.perf_counter() - start}, training=True)
             # HF engine: the policy itself generates; sharded, it is gathered once for all of this batch's rounds
             with full_weights(self.model) if self.args.rollout_engine == "hf" else nullcontext():
-                yield self.engine
+                yield engine
         finally:
             if sleepy:
                 with self._faults("going to sleep"):

@@ -6,8 +6,9 @@
 Also runs as plain ``python`` (one process). Each variant trains on _train_driver.py's toy task at the same global
 batch whatever the number of processes (per-process batch = global / processes), without dropout (its masks
 depend on the process layout); ``OUT/<variant>/steps.jsonl`` gets ``{"run", "step", "loss", "grad_norm"}`` per
-logged step. ``<variant>+resume`` trains 4 steps with a checkpoint at step 2, then a second trainer resumes from
-it (its steps logged as run "resume"). ``grpo_uneven``: dynamic sampling (processes draw different numbers of
+logged step; every trainer built prints ``ENGINE <accelerate's distributed type>[ <ZeRO stage>]``.
+``<variant>+resume`` trains 4 steps with a checkpoint at step 2, then a second trainer resumes from it (its steps
+logged as run "resume"). ``grpo_uneven``: dynamic sampling (processes draw different numbers of
 rounds) and an eval set of 3 prompts (processes evaluate 2 and 1), evaluated every step. ``sft_cut``: SFT with
 the vocabulary read as 0, as the fused output layer once read it from a ZeRO-3 partition (every log-prob 0, loss and
 gradient exactly 0): the run must stop with NoLearningError. ``sft`` ends with ``trainer.save_model(OUT/sft/final)``.
@@ -90,6 +91,13 @@ def run(out: Path, name: str) -> None:
 
             overrides |= {"eval_dataset": ROWS[:3], "reward_funcs": [rank_skewed_reward]}
         trainer = build_trainer(kind, folder, steps, save, [log], dropout=0.0, **overrides)
+        state = trainer.accelerator.state
+        plugin = getattr(state, "deepspeed_plugin", None)
+        # one write per line: the processes share the test's pipe (print writes the newline apart)
+        sys.stdout.write(
+            f"ENGINE {state.distributed_type.value}{f' {plugin.zero_stage}' if plugin else ''}\n"
+        )
+        sys.stdout.flush()
         trainer.train(resume_from_checkpoint=str(folder / "checkpoint-2") if run_name == "resume" else None)
         if (
             base == "sft" and not resume

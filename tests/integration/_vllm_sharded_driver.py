@@ -7,7 +7,8 @@ set up (FSDP2 on CPU, DeepSpeed ZeRO-3) or in one plain process (the reference).
 ENGINE: vllm (in-process), vllm_server:group or vllm_server:file (the server's weight sync). MODE: full (all
 weights trained), late (full, with rank 1 starting training 5 s after rank 0: the server's first weight push
 begins while rank 1 still has requests to make), lora (LoRA adapters on every linear layer: the engine gets them
-merged) or uneven.
+merged), save (full, 2 steps, a checkpoint after each), resume (the same 2 steps, resumed from
+``OUT/out/checkpoint-1``, in a new launch as a user resumes) or uneven.
 
 The global batch is the same whatever the number of processes (per-process batch = 16 / processes). Writes
 ``OUT/steps.jsonl`` (loss, grad_norm of each step), ``OUT/rollouts.<rank>.json`` (greedy completion ids of
@@ -73,6 +74,8 @@ def main(
             "vllm_group_port": int(group_port),
             "vllm_request_timeout": 120.0,  # a deadlock with the server fails in minutes, not at the test's timeout
         }
+    if mode in ("save", "resume"):
+        fields |= {"max_steps": 2, "save_strategy": "steps", "save_steps": 1}
     if mode == "uneven":
         fields |= {"dynamic_sampling": True, "max_dynamic_sampling_rounds": 3, "eval_strategy": "steps",
                    "eval_steps": 1, "max_steps": 2}  # fmt: skip
@@ -82,15 +85,17 @@ def main(
     trainer = GRPOTrainer(
         model, [reward], config, train_dataset=ROWS, processing_class=tokenizer,
         eval_dataset=ROWS[:3] if mode == "uneven" else None, peft_config=lora if mode == "lora" else None,
-        callbacks=[StepLog(out / "steps.jsonl", "fresh")],
+        callbacks=[StepLog(out / "steps.jsonl", "resume" if mode == "resume" else "fresh")],
     )  # fmt: skip
     say(f"SHARDED BY {sharded_engine(trainer.accelerator.state)}")
     # late: the main process starts its first weight push before this one has reached it
     if mode == "late" and RANK == 1:
         time.sleep(5)
-    trainer.train()
+    trainer.train(
+        resume_from_checkpoint=str(Path(config.output_dir) / "checkpoint-1") if mode == "resume" else None
+    )
     say(f"EVALS {sum('eval_reward' in h for h in trainer.state.log_history)}")
-    with trainer._engine_ready() as rollout_engine:  # syncs step 1's weights (every rank takes part)
+    with trainer._engine_ready() as rollout_engine:  # syncs the last step's weights (every rank takes part)
         groups = rollout_engine.generate(PROMPTS, GREEDY)
     (out / f"rollouts.{RANK}.json").write_text(json.dumps([[r.completion_ids for r in g] for g in groups]))
     weights = {n: t.clone() for n, t in checkpoint_weights(trainer.accelerator.unwrap_model(trainer.model))}

@@ -1,4 +1,4 @@
-"""Every trainer under DDP, FSDP2 and DeepSpeed ZeRO-3 (every parameter partitioned), 2 processes on CPU over gloo,
+"""Every trainer under DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned), 2 processes on CPU over gloo,
 equals 1 process at the same global batch: per-step loss and gradient norm (tests/integration/_sharding_driver.py
 trains the variants; one launch per engine runs them all).
 
@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "integration" / "_sharding_driver.py"
 VARIANTS = ["sft", "dpo", "dpo_pre", "grpo", "grpo_kl", "rm"]
 RESUMED = ["sft", "dpo", "grpo_kl"]  # resumed from a mid-run checkpoint under each engine
-ENGINES = {  # config, extra environment
-    "ddp": ("multi_cpu.yaml", {}),
-    "fsdp2": ("fsdp2_cpu.yaml", {"HF_ALIGN_FSDP_ON_CPU": "1"}),
-    "zero3": ("deepspeed_zero3_cpu.yaml", {}),
+ENGINES = {  # config, extra environment, extra launch arguments, what the driver prints of the engine it got
+    "ddp": ("multi_cpu.yaml", {}, [], "ENGINE MULTI_CPU\n"),
+    "fsdp2": ("fsdp2_cpu.yaml", {"HF_ALIGN_FSDP_ON_CPU": "1"}, [], "ENGINE FSDP\n"),
+    # the shipped GPU config (8 processes, bf16), as a CPU user would launch it: 2 processes in float32
+    "zero2": ("deepspeed_zero2.yaml", {}, ["--mixed_precision", "no"], "ENGINE DEEPSPEED 2\n"),
+    "zero3": ("deepspeed_zero3_cpu.yaml", {}, [], "ENGINE DEEPSPEED 3\n"),
 }
 TIMEOUT_S = 480
 _runs: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
@@ -53,23 +55,9 @@ def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def _launch(engine: str, out: Path, variants: list[str]) -> subprocess.CompletedProcess:
-    config, env = ENGINES[engine]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / config),
-    ]
-    cmd += [
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        str(DRIVER),
-        str(out),
-        *variants,
-    ]
+    config, env, extra, _ = ENGINES[engine]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+           "--num_processes", "2", "--main_process_port", str(free_port()), *extra, str(DRIVER), str(out), *variants]  # fmt: skip
     return _run(cmd, env)
 
 
@@ -85,11 +73,14 @@ def _matrix(name: str, tmp_path_factory) -> Path:
         if name == "one":
             result = _run([sys.executable, str(DRIVER), str(out), *VARIANTS], {})
         else:
-            extra = [f"{v}+resume" for v in RESUMED] + (["grpo_uneven"] if name != "ddp" else [])
+            extra = [f"{v}+resume" for v in RESUMED] + (["grpo_uneven"] if name in ("fsdp2", "zero3") else [])
             result = _launch(name, out, VARIANTS + extra)
         _runs[name] = out, result
     out, result = _runs[name]
     assert result.returncode == 0 and "DONE" in result.stdout, result.stdout[-4000:]
+    want = "ENGINE NO\n" if name == "one" else ENGINES[name][3]
+    built = result.stdout.count("ENGINE ")
+    assert built > 0 and result.stdout.count(want) == built, f"not every trainer ran under {want!r}"
     return out
 
 

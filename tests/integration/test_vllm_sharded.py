@@ -7,7 +7,8 @@ with the same driver in one plain process at the same global batch: the step's l
 the engine was sent (gathered by `checkpoint_weights`; LoRA merged), and the greedy rollouts of every process's
 engine (in-process: one engine per process; server: one server, the weights pushed by rank 0 over the
 torch.distributed weight group or a file), which must be transformers' greedy generation from those weights and
-differ from the initial model's (the engine did follow the step). With uneven dynamic-sampling rounds and eval sets
+differ from the initial model's (the engine did follow the step). A run resumed from its step-1 checkpoint in a new
+launch repeats step 2 exactly (the engine is sent the restored weights before it samples). With uneven dynamic-sampling rounds and eval sets
 the run must finish.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +144,27 @@ def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, re
     url = request.getfixturevalue("server_url") if engine.startswith("vllm_server") else None
     output = _run(tmp_path, tiny_model_dir, engine, url, sharding, mode="uneven")["output"]
     assert output.count("EVALS 2\n") == 2, output[-5000:]  # one evaluation per step, on every process
+
+
+# The in-process engine under each sharding and the server's group push under ZeRO-3: a run saves after steps 1 and 2;
+# a new launch, in its own folder holding a copy of checkpoint-1, resumes from it and must repeat step 2 exactly:
+# its rollouts come from the engine synced with the restored weights, sampled with the restored prompt stream.
+RESUMED = [("fsdp2", "vllm"), ("zero3", "vllm"), ("zero3", "vllm_server:group")]
+
+
+@vllm_test
+@pytest.mark.parametrize(("sharding", "engine"), RESUMED)
+def test_resume_is_exact(sharding, engine, tiny_model_dir, request, tmp_path):
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed in this environment (scripts/setup_vllm_env.sh installs it)")
+    url = request.getfixturevalue("server_url") if engine.startswith("vllm_server") else None
+    fresh = _run(tmp_path / "fresh", tiny_model_dir, engine, url, sharding, mode="save")
+    checkpoint = Path("out") / "checkpoint-1"
+    shutil.copytree(tmp_path / "fresh" / checkpoint, tmp_path / "resumed" / checkpoint)
+    resumed = _run(tmp_path / "resumed", tiny_model_dir, engine, url, sharding, mode="resume")
+    assert [s["step"] for s in fresh["steps"]] == [1, 2] and [s["step"] for s in resumed["steps"]] == [2]
+    assert resumed["steps"][0] == dict(fresh["steps"][1], run="resume")
+    assert resumed["rollouts"] == fresh["rollouts"] and len(fresh["rollouts"]) == 2
+    assert list(resumed["weights"]) == list(fresh["weights"])
+    for name, tensor in fresh["weights"].items():
+        assert torch.equal(resumed["weights"][name], tensor), name
