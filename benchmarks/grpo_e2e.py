@@ -14,7 +14,8 @@ given over steps 2 onwards, for every run).
 No stop strings for either: TRL's ``model.generate`` path does not hand the tokenizer to ``generate``, which
 transformers needs for ``stop_strings``, so the default's stop at ``</answer>`` is turned off in both runs.
 
-Per step: wall time split into generation / grading / training (loss + backward + optimizer) / weight sync,
+Per step: wall time split into generation / grading / training (loss + backward + optimizer) / weight sync (and
+the engine's start-up, in step 1),
 read from hf_align's own step timers and, for TRL, from timers wrapped around its generation and reward
 methods (training = the rest of its ``training_step``). Reward per step for both: learning must be real.
 Each run is a fresh process; peak RSS above the loaded model is reported too.
@@ -106,6 +107,7 @@ def worker_ours(model: str, steps: int, out: str, engine: str = "hf") -> dict:
         "grading_s": [h.get("time/grading_s", 0.0) for h in steps_log],
         "training_s": [h.get("time/training_s", 0.0) for h in steps_log],
         "sync_s": [h.get("time/weight_sync_s", 0.0) for h in steps_log],
+        "start_s": [h.get("time/engine_start_s", 0.0) for h in steps_log],
         "completion_tokens": [h["completions/mean_length"] * cfg.generation_batch_size for h in steps_log],
     }
 
@@ -235,14 +237,15 @@ def main() -> None:
         print(f"{name}: done, load average {load_average()}", flush=True)
     print(f"\nGRPO end to end, {a.steps} steps of 1 prompt x 8 completions (means per step; seconds)")
     print(
-        "| trainer | wall/step | steps 2+ | generation | grading | training | sync | completion tok/step "
-        "| completion tok/s | peak RSS MiB |"
+        "| trainer | wall/step | steps 2+ | generation | grading | training | sync | engine start (step 1) "
+        "| completion tok/step | completion tok/s | peak RSS MiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(
             f"| {name} | {r['wall_s'] / a.steps:.1f} | {_later_steps_s(r):.1f} | {_mean(r['generation_s']):.1f} "
             f"| {_mean(r['grading_s']):.2f} | {_mean(r['training_s']):.1f} | {_mean(r['sync_s']):.2f} "
+            f"| {sum(r.get('start_s', [])):.1f} "
             f"| {_mean(r['completion_tokens']):.0f} | {_tokens_per_s(r):.1f} | {r['peak_rss_mib']:.0f} |"
         )
     for name, r in results.items():

@@ -126,16 +126,7 @@ class GRPOTrainer(AlignTrainer):
             optimizers=optimizers,
         )
         self._init_metrics()
-        sharded = sharded_engine(self.accelerator.state)
-        if args.rollout_engine == "vllm" and torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            if (problem := colocated_gpu_problem(local, torch.cuda.device_count())) is not None:
-                raise UnsupportedEngineError(problem)
-        if sharded and args.async_rollouts:  # vLLM engines gather it: rollout/weights.py checkpoint_weights
-            raise UnsupportedEngineError(
-                f"GRPO under {sharded} cannot use async_rollouts: the rollout thread's copy of the policy would be a "
-                "shard, and its weight pushes would run collectives off the main thread. Use DDP or ZeRO-2."
-            )
+        self._check_rollout_layout(rollout_engine)
         self.prompts = R.PromptStream(
             rows, processing_class, args.max_prompt_length, args.seed, args.shuffle_dataset,
             args.chat_template_kwargs,
@@ -149,18 +140,32 @@ class GRPOTrainer(AlignTrainer):
         self._engine, self._synced_step = rollout_engine, -1
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._queue = R.RolloutQueue()  # async_rollouts: batches generated ahead
-        if args.async_rollouts:
-            logger.warning(
-                "async_rollouts: reward functions run on the rollout thread, where reward_timeout_s cannot "
-                "interrupt them (built-in graders keep their per-item limit), and see trainer_state as it is then"
-            )
-            if args.rollout_engine == "hf" and rollout_engine is None:
-                self._refuse_dropout(self.model)
         self._signal = False  # this optimizer step has something to learn (see _step_has_learning_signal)
         # entropy bonus: the coefficient, the last optimizer step's entropy (adaptive control; inf: none yet) and
         # this step's [entropy sum, token count] so far
         self._entropy_coef, self._last_entropy, self._entropy_window = args.entropy_coef, math.inf, None
         self._rollout_s = 0.0  # seconds spent making generation batches (kept out of time/training_s)
+
+    def _check_rollout_layout(self, rollout_engine) -> None:
+        """Refuse the rollout layouts that cannot work (README, distributed engines); say what async gives up."""
+        a, sharded = self.args, sharded_engine(self.accelerator.state)
+        if a.rollout_engine == "vllm" and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if (problem := colocated_gpu_problem(local, torch.cuda.device_count())) is not None:
+                raise UnsupportedEngineError(problem)
+        if not a.async_rollouts:
+            return
+        if sharded:  # vLLM engines gather it: rollout/weights.py checkpoint_weights
+            raise UnsupportedEngineError(
+                f"GRPO under {sharded} cannot use async_rollouts: the rollout thread's copy of the policy would be a "
+                "shard, and its weight pushes would run collectives off the main thread. Use DDP or ZeRO-2."
+            )
+        logger.warning(
+            "async_rollouts: reward functions run on the rollout thread, where reward_timeout_s cannot "
+            "interrupt them (built-in graders keep their per-item limit), and see trainer_state as it is then"
+        )
+        if a.rollout_engine == "hf" and rollout_engine is None:
+            self._refuse_dropout(self.model)
 
     def _reference_policy(self, ref_model):
         """The frozen model for the KL term, or None when the LoRA policy with adapters off serves (or beta = 0)."""
@@ -460,10 +465,12 @@ class GRPOTrainer(AlignTrainer):
                     "server_timeout": a.vllm_server_timeout, "timeout": a.vllm_request_timeout,
                     "weight_sync": a.vllm_weight_sync, "group_port": a.vllm_group_port,
                 }  # fmt: skip
+            start = time.perf_counter()
             with self._faults("starting"):
                 self._engine = make_engine(kind, source, self.processing_class, **kwargs)
             if kind != "vllm_server":  # built from the live weights: already in sync
                 self._synced_step = self.state.global_step
+            self.record({"time/engine_start_s": time.perf_counter() - start}, training=True)
         return self._engine
 
     @staticmethod

@@ -4,7 +4,7 @@ trains the variants; one launch per engine runs them all).
 
 Tolerance: 1e-5 relative, plus 1e-6 absolute for GRPO losses that are 0 up to rounding (on-policy, advantages
 summing to 0 in each group: a relative comparison of two ~1e-8 residues means nothing). Resume from a mid-run
-checkpoint is exact under each engine (SFT, DPO, GRPO with a KL reference: policy, optimizer, reference and rollout
+checkpoint is exact under each engine (SFT, DPO with a copied and a precomputed reference, GRPO with a KL reference: policy, optimizer, reference and rollout
 state all restored). Dynamic sampling with processes drawing different numbers of rounds,
 plus an eval set that does not split evenly, finishes under FSDP2 and ZeRO-3: a hang fails through the launch's
 timeout, which kills the whole process group. The silent zero the fused output layer once gave under ZeRO-3 (the
@@ -28,7 +28,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "integration" / "_sharding_driver.py"
 VARIANTS = ["sft", "dpo", "dpo_pre", "grpo", "grpo_kl", "rm"]
-RESUMED = ["sft", "dpo", "grpo_kl"]  # resumed from a mid-run checkpoint under each engine
+RESUMED = ["sft", "dpo", "dpo_pre", "grpo_kl"]  # resumed from a mid-run checkpoint under each engine
 ENGINES = {  # config, extra environment, extra launch arguments, what the driver prints of the engine it got
     "ddp": ("multi_cpu.yaml", {}, [], "ENGINE MULTI_CPU\n"),
     "fsdp2": ("fsdp2_cpu.yaml", {"HF_ALIGN_FSDP_ON_CPU": "1"}, [], "ENGINE FSDP\n"),
