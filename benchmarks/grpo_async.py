@@ -18,14 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, grpo_e2e
-from _common import load_average, machine_info, run_worker  # noqa: E402
+from _common import load_average, machine_info, run_worker, serve_vllm  # noqa: E402
 from grpo_e2e import REPO, _setup, _step_clock  # noqa: E402
+
+TIMERS = (
+    "generation_s",
+    "grading_s",
+    "training_s",
+    "weight_sync_s",
+    "engine_start_s",
+)  # the trainer's time/* logs
 
 
 def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts: bool, is_mode: str) -> dict:
@@ -48,26 +55,8 @@ def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts
         "reward": [h["reward"] for h in logs],
         "staleness": [h.get("sample/staleness_mean", 0.0) for h in logs],
         "is_clipped": [h.get("sampling/importance_sampling_ratio/clipped_fraction", 0.0) for h in logs],
+        **{key: [h.get(f"time/{key}", 0.0) for h in logs] for key in TIMERS},
     }
-
-
-def _serve(python: str, model: str, port: int, core: int, log_path: str) -> subprocess.Popen:
-    from hf_align.rollout.vllm_server import wait_for_server
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
-           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # fmt: skip
-    cmd = [python, "-m", "hf_align.rollout.vllm_server", "serve", "--model", model, "--port", str(port)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, {core}),
-        )  # fmt: skip
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}", timeout=600, process=proc)
-    except BaseException:
-        proc.terminate()
-        raise
-    return proc
 
 
 def _mean(values: list[float]) -> float:
@@ -100,7 +89,7 @@ def main() -> None:
 
     print(json.dumps(machine_info()), f"load average before: {load_average()}", flush=True)
     os.makedirs(a.out, exist_ok=True)
-    server = _serve(a.vllm_python, a.model, a.port, server_core, f"{a.out}/server.log")
+    server = serve_vllm(a.vllm_python, a.model, a.port, server_core, f"{a.out}/server.log")
     results = {}
     try:
         for name in a.runs:
@@ -118,6 +107,8 @@ def main() -> None:
         print(f"{name:5s} wall per step: {', '.join(f'{x:.2f}' for x in r['step_s'])}")
         print(f"{name:5s} reward per step: {', '.join(f'{x:.3f}' for x in r['reward'])}")
         print(f"{name:5s} IS ({a.is_mode}) masked/clipped: {', '.join(f'{x:.2f}' for x in r['is_clipped'])}")
+    for name, r in results.items():  # async: generation and grading ran on the rollout thread, overlapped
+        print(f"{name:5s} means per step: " + ", ".join(f"{k} {_mean(r[k]):.2f}" for k in TIMERS if k in r))
     if "async" in results:
         print(f"async staleness per step: {', '.join(f'{x:.0f}' for x in results['async']['staleness'])}")
     if len(results) < 2:

