@@ -35,7 +35,16 @@ TIMERS = (
 )  # the trainer's time/* logs
 
 
-def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts: bool, is_mode: str) -> dict:
+def worker(
+    model: str,
+    steps: int,
+    out: str,
+    url: str,
+    core: int,
+    async_rollouts: bool,
+    is_mode: str,
+    seed: int | None = None,
+) -> dict:
     from hf_align.trainers.grpo import GRPOTrainer
 
     os.sched_setaffinity(0, {core})
@@ -43,6 +52,8 @@ def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts
     cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_base_url = True, "server", url
     cfg.async_rollouts, cfg.max_staleness = async_rollouts, 1
     cfg.vllm_importance_sampling_mode = is_mode
+    if seed is not None:  # the prompt order and the sampling seeds
+        cfg.seed = seed
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     clock = _step_clock()
     trainer.add_callback(clock)
@@ -55,6 +66,10 @@ def worker(model: str, steps: int, out: str, url: str, core: int, async_rollouts
         "reward": [h["reward"] for h in logs],
         "staleness": [h.get("sample/staleness_mean", 0.0) for h in logs],
         "is_clipped": [h.get("sampling/importance_sampling_ratio/clipped_fraction", 0.0) for h in logs],
+        **{
+            f"is_{k}": [h.get(f"sampling/importance_sampling_ratio/{k}", 1.0) for h in logs]
+            for k in ("min", "mean", "max")
+        },
         **{key: [h.get(f"time/{key}", 0.0) for h in logs] for key in TIMERS},
     }
 
@@ -76,6 +91,7 @@ def main() -> None:
     parser.add_argument(
         "--is-mode", default="sequence_mask", help="vllm_importance_sampling_mode of both runs"
     )
+    parser.add_argument("--seed", type=int, help="both runs' seed (default: the recipe's)")
     a = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,7 +99,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{a.port}"
     if a.worker:
         out = f"{a.out}/{a.worker}"
-        result = worker(a.model, a.steps, out, url, trainer_core, a.worker == "async", a.is_mode)
+        result = worker(a.model, a.steps, out, url, trainer_core, a.worker == "async", a.is_mode, a.seed)
         print(json.dumps(result))
         return
 
@@ -95,6 +111,7 @@ def main() -> None:
         for name in a.runs:
             argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out,
                     "--cores", a.cores, "--port", str(a.port), "--is-mode", a.is_mode]  # fmt: skip
+            argv += [] if a.seed is None else ["--seed", str(a.seed)]
             results[name] = run_worker(argv, env={"OMP_NUM_THREADS": "1"})
             print(f"{name}: done, load average {load_average()}", flush=True)
     finally:
@@ -107,6 +124,8 @@ def main() -> None:
         print(f"{name:5s} wall per step: {', '.join(f'{x:.2f}' for x in r['step_s'])}")
         print(f"{name:5s} reward per step: {', '.join(f'{x:.3f}' for x in r['reward'])}")
         print(f"{name:5s} IS ({a.is_mode}) masked/clipped: {', '.join(f'{x:.2f}' for x in r['is_clipped'])}")
+        for k in ("min", "mean", "max"):
+            print(f"{name:5s} IS ratio {k} (before the cap): {', '.join(f'{x:.3g}' for x in r[f'is_{k}'])}")
     for name, r in results.items():  # async: generation and grading ran on the rollout thread, overlapped
         print(f"{name:5s} means per step: " + ", ".join(f"{k} {_mean(r[k]):.2f}" for k in TIMERS if k in r))
     if "async" in results:

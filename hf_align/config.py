@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from hf_align.losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES
+
+logger = logging.get_logger(__name__)
 
 
 def arg(default, help: str, **metadata):
@@ -467,6 +470,14 @@ class GRPOConfig(_ReferenceFields, _Config):
                 f"and one process (got engine {self.rollout_engine!r}, {self.world_size} processes): a colocated "
                 "vLLM shares the training device, and several processes would need their collectives ordered "
                 "across threads; set async_rollouts: false"
+            )
+        stale = self.async_rollouts and self.max_staleness > 0 and self.vllm_importance_sampling_correction
+        if stale and self.vllm_importance_sampling_mode.startswith("sequence"):
+            logger.warning(
+                "async_rollouts with vllm_importance_sampling_mode=%r: each sequence is weighted by the product of its "
+                "token ratios to a policy one update older; in benchmarks/grpo_async.py (BENCHMARKS.md) this stalled "
+                "learning in 1 of 3 seeds, while token_truncate learned as fast as synchronous training per second",
+                self.vllm_importance_sampling_mode,
             )
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         if low is not None and high is not None and low >= high:

@@ -8,6 +8,7 @@ vLLM server test runs in .venv-vllm (`.venv-vllm/bin/python -m pytest tests/inte
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -124,6 +125,17 @@ def test_async_resume_is_exact(tmp_path, tokenizer, generation_batch_size, save_
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
     for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, msg=n)
+
+
+def test_async_with_a_sequence_level_correction_warns_when_built(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_align.config"):
+        GRPOConfig(output_dir=str(tmp_path), async_rollouts=True)  # TRL's default mode: sequence_mask
+        GRPOConfig(
+            output_dir=str(tmp_path), async_rollouts=True, vllm_importance_sampling_mode="token_truncate"
+        )
+        GRPOConfig(output_dir=str(tmp_path), vllm_importance_sampling_mode="sequence_truncate")  # not stale
+    warned = [r.getMessage() for r in caplog.records if "token_truncate learned as fast" in r.getMessage()]
+    assert len(warned) == 1 and "'sequence_mask'" in warned[0], warned
 
 
 def test_async_config_refusals_and_is_correction(tmp_path, tokenizer):
