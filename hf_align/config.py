@@ -24,6 +24,14 @@ from hf_align.losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 logger = logging.get_logger(__name__)
 
 
+def sampling_correction_default(stale: bool) -> str:
+    """GRPO's ``vllm_importance_sampling_mode`` when unset: TRL's ``sequence_mask``, but ``token_truncate`` for
+    batches sampled by older weights (async_rollouts). Against a stale sampler a sequence's ratio is a product of
+    T token ratios; in benchmarks/grpo_async.py it stalled learning in 1 of 3 seeds, token-level truncation in none
+    (BENCHMARKS.md), and TRL's own async trainer weighs tokens, not sequences."""
+    return "token_truncate" if stale else "sequence_mask"
+
+
 def arg(default, help: str, **metadata):
     """A dataclass field with its ``--help`` text; a list default is copied for each instance."""
     if isinstance(default, list):
@@ -419,10 +427,11 @@ class GRPOConfig(_ReferenceFields, _Config):
         "Weigh each token's loss by trainer / sampler probability (truncated or masked) where the sampler "
         "is not the trainer's forward: vLLM, or generate with top_p/top_k/min_p/penalty/min length/kwargs.",
     )
-    vllm_importance_sampling_mode: str = arg(
-        "sequence_mask",
+    vllm_importance_sampling_mode: str | None = arg(
+        None,
         "token_ or sequence_ ratio (a sequence's is exp of its summed log-ratio), then _truncate (clamp to "
-        "[clip_min, clip_max]) or _mask (0 outside it).",
+        "[clip_min, clip_max]) or _mask (0 outside it). None: sequence_mask (TRL's), token_truncate with "
+        "async_rollouts (see sampling_correction_default).",
     )
     vllm_importance_sampling_clip_max: float | None = arg(3.0, "Upper bound C_max of the ratio (None: open).")
     vllm_importance_sampling_clip_min: float | None = arg(
@@ -450,6 +459,9 @@ class GRPOConfig(_ReferenceFields, _Config):
         bools = {True: "group", False: "none", "true": "group", "false": "none"}
         self.scale_rewards = bools.get(self.scale_rewards, self.scale_rewards)
         self._fold_generation_kwargs()
+        if self.vllm_importance_sampling_mode is None:
+            stale = self.async_rollouts and self.max_staleness > 0
+            self.vllm_importance_sampling_mode = sampling_correction_default(stale)
         super().__post_init__()  # the tables above, then TrainingArguments (which sets world_size)
         self._resolve_generation_batch()
         ratio = self.policy_loss in ("grpo_clip", "grpo_no_clip")
@@ -476,7 +488,8 @@ class GRPOConfig(_ReferenceFields, _Config):
             logger.warning(
                 "async_rollouts with vllm_importance_sampling_mode=%r: each sequence is weighted by the product of its "
                 "token ratios to a policy one update older; in benchmarks/grpo_async.py (BENCHMARKS.md) this stalled "
-                "learning in 1 of 3 seeds, while token_truncate learned as fast as synchronous training per second",
+                "learning in 1 of 3 seeds, while token_truncate (the async default) learned as fast as synchronous "
+                "training per second",
                 self.vllm_importance_sampling_mode,
             )
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max

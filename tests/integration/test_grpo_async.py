@@ -127,14 +127,18 @@ def test_async_resume_is_exact(tmp_path, tokenizer, generation_batch_size, save_
         torch.testing.assert_close(p, q, msg=n)
 
 
-def test_async_with_a_sequence_level_correction_warns_when_built(tmp_path, caplog):
+def test_async_defaults_to_token_truncation_and_warns_of_a_sequence_level_mode(tmp_path, caplog):
+    def mode(**kw):
+        return GRPOConfig(output_dir=str(tmp_path), **kw).vllm_importance_sampling_mode
+
     with caplog.at_level(logging.WARNING, logger="hf_align.config"):
-        GRPOConfig(output_dir=str(tmp_path), async_rollouts=True)  # TRL's default mode: sequence_mask
-        GRPOConfig(
-            output_dir=str(tmp_path), async_rollouts=True, vllm_importance_sampling_mode="token_truncate"
-        )
-        GRPOConfig(output_dir=str(tmp_path), vllm_importance_sampling_mode="sequence_truncate")  # not stale
-    warned = [r.getMessage() for r in caplog.records if "token_truncate learned as fast" in r.getMessage()]
+        assert mode() == mode(async_rollouts=True, max_staleness=0) == "sequence_mask"  # TRL's default
+        assert mode(async_rollouts=True) == "token_truncate"
+        assert (
+            mode(vllm_importance_sampling_mode="sequence_truncate") == "sequence_truncate"
+        )  # not stale: quiet
+        assert mode(async_rollouts=True, vllm_importance_sampling_mode="sequence_mask") == "sequence_mask"
+    warned = [r.getMessage() for r in caplog.records if "stalled learning in 1 of 3 seeds" in r.getMessage()]
     assert len(warned) == 1 and "'sequence_mask'" in warned[0], warned
 
 
