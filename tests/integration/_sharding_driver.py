@@ -119,4 +119,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for name in sys.argv[2:]:
         run(Path(sys.argv[1]), name)
+    if torch.distributed.is_initialized():  # joins gloo's threads now: left to exit, one once aborted in them
+        torch.distributed.destroy_process_group()
     print("DONE", flush=True)

@@ -146,10 +146,10 @@ def test_uneven_rounds_and_eval_do_not_hang(sharding, engine, tiny_model_dir, re
     assert output.count("EVALS 2\n") == 2, output[-5000:]  # one evaluation per step, on every process
 
 
-# The in-process engine under DDP and each sharding, the server's group push under ZeRO-3: a run saves after steps 1
-# and 2; a new launch, in its own folder holding a copy of checkpoint-1, resumes from it and must repeat step 2
-# exactly: its rollouts come from the engine synced with the restored weights, sampled with the restored prompt stream.
-RESUMED = [("ddp", "vllm"), ("fsdp2", "vllm"), ("zero3", "vllm"), ("zero3", "vllm_server:group")]
+# Both engines (the server through its group push) under DDP and each sharding: a run saves after steps 1 and 2; a
+# new launch, in its own folder holding a copy of checkpoint-1, resumes from it and must repeat step 2 exactly: its
+# rollouts come from the engine synced with the restored weights, sampled with the restored prompt stream.
+RESUMED = [(sharding, engine) for sharding in CONFIGS for engine in ("vllm", "vllm_server:group")]
 
 
 @vllm_test
