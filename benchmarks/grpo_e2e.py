@@ -20,8 +20,8 @@ transformers needs for ``stop_strings``, so the default's stop at ``</answer>`` 
 
 Per step: wall time split into generation / grading / training (loss + backward + optimizer) / weight sync (and
 the engine's start-up, in step 1), read from hf_align's own step timers and, for TRL, from timers wrapped around
-its generation and reward methods (training = the rest of its ``training_step``). Reward per step for both: learning must be real.
-Each run is a fresh process; peak RSS above the loaded model is reported too.
+its generation and reward methods (training = the rest of its ``training_step``). Reward per step for both:
+learning must be real. Each run is a fresh process; peak RSS above the loaded model is reported too.
 """
 
 from __future__ import annotations

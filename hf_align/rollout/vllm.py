@@ -15,9 +15,10 @@ Choices:
   policy one tensor at a time (`checkpoint_weights`; a collective, so all processes sync together).
 - CPU (no CUDA): fp32, the trainer's precision there (bf16 needs CPU bf16 instructions, which some machines lack;
   where present it was only 1.2x faster, BENCHMARKS.md), an explicit KV-cache size (vLLM's default refuses to start
-  here), `enforce_eager=True` (compiling took 110 s and sampled no faster); sleep mode is GPU only. An in-process engine runs in the trainer's
-  OpenMP pool, unbound: on shared cores start the process with `OMP_NUM_THREADS=1` (it must be set before
-  torch starts, so this module cannot); vLLM's worker then makes `torch.set_num_threads` a no-op.
+  here), `enforce_eager=True` (compiling took 110 s and sampled no faster); sleep mode is GPU only. An in-process
+  engine runs in the trainer's OpenMP pool, unbound: on shared cores start the process with `OMP_NUM_THREADS=1`
+  (it must be set before torch starts, so this module cannot); vLLM's worker then makes `torch.set_num_threads` a
+  no-op.
 - vLLM accepts temperatures in [0, 2] only (HFEngine has no limit).
 """
 

@@ -1,14 +1,15 @@
-"""Every trainer under DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned), 2 processes on CPU over gloo,
-equals 1 process at the same global batch: per-step loss and gradient norm (tests/integration/_sharding_driver.py
-trains the variants; one launch per engine runs them all).
+"""Every trainer under DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned), 2 processes on CPU
+over gloo, equals 1 process at the same global batch: per-step loss and gradient norm
+(tests/integration/_sharding_driver.py trains the variants; one launch per engine runs them all, and every trainer
+must report the engine it asked for).
 
 Tolerance: 1e-5 relative, plus 1e-6 absolute for GRPO losses that are 0 up to rounding (on-policy, advantages
 summing to 0 in each group: a relative comparison of two ~1e-8 residues means nothing). Resume from a mid-run
-checkpoint is exact under each engine (SFT, DPO with a copied and a precomputed reference, GRPO with a KL reference: policy, optimizer, reference and rollout
-state all restored). Dynamic sampling with processes drawing different numbers of rounds,
-plus an eval set that does not split evenly, finishes under FSDP2 and ZeRO-3: a hang fails through the launch's
-timeout, which kills the whole process group. The silent zero the fused output layer once gave under ZeRO-3 (the
-vocabulary read from a partition as 0) stops the run with NoLearningError.
+checkpoint is exact under each engine (SFT, DPO with a copied and a precomputed reference, GRPO with a KL
+reference: policy, optimizer, reference and rollout state all restored). Dynamic sampling with processes drawing
+different numbers of rounds, plus an eval set that does not split evenly, finishes under FSDP2 and ZeRO-3: a hang
+fails through the launch's timeout, which kills the whole process group. The silent zero the fused output layer
+once gave under ZeRO-3 (the vocabulary read from a partition as 0) stops the run with NoLearningError.
 """
 
 from __future__ import annotations
