@@ -460,8 +460,7 @@ class GRPOConfig(_ReferenceFields, _Config):
         self.scale_rewards = bools.get(self.scale_rewards, self.scale_rewards)
         self._fold_generation_kwargs()
         if self.vllm_importance_sampling_mode is None:
-            stale = self.async_rollouts and self.max_staleness > 0
-            self.vllm_importance_sampling_mode = sampling_correction_default(stale)
+            self.vllm_importance_sampling_mode = sampling_correction_default(self.stale_rollouts)
         super().__post_init__()  # the tables above, then TrainingArguments (which sets world_size)
         self._resolve_generation_batch()
         ratio = self.policy_loss in ("grpo_clip", "grpo_no_clip")
@@ -483,8 +482,8 @@ class GRPOConfig(_ReferenceFields, _Config):
                 "vLLM shares the training device, and several processes would need their collectives ordered "
                 "across threads; set async_rollouts: false"
             )
-        stale = self.async_rollouts and self.max_staleness > 0 and self.vllm_importance_sampling_correction
-        if stale and self.vllm_importance_sampling_mode.startswith("sequence"):
+        corrected = self.stale_rollouts and self.vllm_importance_sampling_correction
+        if corrected and self.vllm_importance_sampling_mode.startswith("sequence"):
             logger.warning(
                 "async_rollouts with vllm_importance_sampling_mode=%r: each sequence is weighted by the product of its "
                 "token ratios to a policy one update older; in benchmarks/grpo_async.py (BENCHMARKS.md) this stalled "
@@ -554,6 +553,11 @@ class GRPOConfig(_ReferenceFields, _Config):
         return self.num_iterations * (self.generation_batch_size // self.optimizer_batch_size)
 
     @property
+    def stale_rollouts(self) -> bool:
+        """Whether rollouts are sampled by older weights than the trainer's (async_rollouts running ahead)."""
+        return self.async_rollouts and self.max_staleness > 0
+
+    @property
     def corrects_sampling(self) -> bool:
         """Whether rollouts get the importance-sampling correction: it is on and the sampler is not the
         trainer's forward at ``temperature``: vLLM (other kernels), or generate reshaping the distribution
@@ -561,8 +565,7 @@ class GRPOConfig(_ReferenceFields, _Config):
         (async_rollouts). TRL: vLLM only."""
         reshaped = self.top_p < 1 or self.top_k > 0 or bool(self.min_p) or self.repetition_penalty != 1
         reshaped = reshaped or self.min_completion_length > 0 or bool(self.generation_kwargs)
-        stale = self.async_rollouts and self.max_staleness > 0  # sampled by older weights than the trainer's
-        return self.vllm_importance_sampling_correction and (self.use_vllm or reshaped or stale)
+        return self.vllm_importance_sampling_correction and (self.use_vllm or reshaped or self.stale_rollouts)
 
     @property
     def rollout_engine(self) -> str:
