@@ -45,17 +45,16 @@ def worker(
     is_mode: str | None,
     seed: int | None = None,
 ) -> dict:
-    from hf_align.config import sampling_correction_default
     from hf_align.trainers.grpo import GRPOTrainer
 
     os.sched_setaffinity(0, {core})
-    cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
-    cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_base_url = True, "server", url
-    cfg.async_rollouts, cfg.max_staleness = async_rollouts, 1
-    # set after the config is built, so resolved here as GRPOConfig resolves an unset mode
-    cfg.vllm_importance_sampling_mode = is_mode or sampling_correction_default(async_rollouts)
+    overrides = ["--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_base_url", url]
+    overrides += ["--async_rollouts", str(async_rollouts), "--max_staleness", "1"]
+    if is_mode is not None:  # else GRPOConfig's default for the layout
+        overrides += ["--vllm_importance_sampling_mode", is_mode]
     if seed is not None:  # the prompt order and the sampling seeds
-        cfg.seed = seed
+        overrides += ["--seed", str(seed)]
+    cfg, s, policy, tokenizer, rows = _setup(model, steps, out, *overrides)
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     clock = _step_clock()
     trainer.add_callback(clock)

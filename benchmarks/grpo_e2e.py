@@ -51,8 +51,9 @@ def _settings(model: str, steps: int, out: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _setup(model: str, steps: int, out: str):
-    """The recipe's config (stop strings off, see the module docstring), policy, tokenizer and prompt rows."""
+def _setup(model: str, steps: int, out: str, *overrides: str):
+    """The recipe's config with ``overrides`` (command-line style, so GRPOConfig validates and resolves them; stop
+    strings off, see the module docstring), policy, tokenizer and prompt rows."""
     from transformers import set_seed
 
     from hf_align.cli import parse_args
@@ -62,7 +63,7 @@ def _setup(model: str, steps: int, out: str):
     from recipes.grpo import GRPOScriptArguments
 
     model_args, s, cfg = parse_args(
-        (ModelArguments, GRPOScriptArguments, GRPOConfig), _settings(model, steps, out)
+        (ModelArguments, GRPOScriptArguments, GRPOConfig), [*_settings(model, steps, out), *overrides]
     )
     cfg.stop_strings = []
     set_seed(cfg.seed)
@@ -88,17 +89,14 @@ def _step_clock():
 
 
 def worker_ours(model: str, steps: int, out: str, engine: str = "hf", url: str | None = None) -> dict:
-    from hf_align.config import sampling_correction_default
     from hf_align.trainers.grpo import GRPOTrainer
 
-    cfg, s, policy, tokenizer, rows = _setup(model, steps, out)
-    cfg.use_vllm = engine != "hf"
+    overrides = ["--use_vllm", str(engine != "hf")]
     if engine == "vllm_async":  # the server has core 0 (main() starts it), this trainer core 1
         os.sched_setaffinity(0, {1})
-        cfg.vllm_mode, cfg.vllm_server_base_url = "server", url
-        cfg.async_rollouts, cfg.max_staleness = True, 1
-        # set after the config is built, so resolved here as GRPOConfig resolves an unset mode
-        cfg.vllm_importance_sampling_mode = sampling_correction_default(stale=True)
+        overrides += ["--vllm_mode", "server", "--vllm_server_base_url", url]
+        overrides += ["--async_rollouts", "true", "--max_staleness", "1"]
+    cfg, s, policy, tokenizer, rows = _setup(model, steps, out, *overrides)
     trainer = GRPOTrainer(policy, s.reward_funcs, cfg, train_dataset=rows, processing_class=tokenizer)
     clock = _step_clock()
     trainer.add_callback(clock)

@@ -54,14 +54,21 @@ def resume_target(value: str | bool | None) -> str | bool | None:
 
 def train_and_save(trainer, cfg, after_train=None):
     """The recipes' ending: train (resuming as ``--resume_from_checkpoint`` says), run ``after_train(trainer)``
-    if given, then save the trainer state and the final model, and push to the Hub if asked."""
-    trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
-    if after_train is not None:
-        after_train(trainer)
-    trainer.save_state()
-    trainer.save_model(cfg.output_dir)
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
+    if given, save the trainer state and the final model, push to the Hub if asked; then stop the trainer's
+    workers (``close``, where it has one; also after a failure) and end the process group, as accelerate asks
+    (a process that exits still holding it can abort in gloo's threads after the final save)."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_target(cfg.resume_from_checkpoint))
+        if after_train is not None:
+            after_train(trainer)
+        trainer.save_state()
+        trainer.save_model(cfg.output_dir)
+        if cfg.push_to_hub:
+            trainer.push_to_hub()
+    finally:
+        if hasattr(trainer, "close"):
+            trainer.close()
+    trainer.accelerator.end_training()
     return trainer
 
 

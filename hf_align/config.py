@@ -24,14 +24,6 @@ from hf_align.losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 logger = logging.get_logger(__name__)
 
 
-def sampling_correction_default(stale: bool) -> str:
-    """GRPO's ``vllm_importance_sampling_mode`` when unset: TRL's ``sequence_mask``, but ``token_truncate`` for
-    batches sampled by older weights (async_rollouts). Against a stale sampler a sequence's ratio is a product of
-    T token ratios; in benchmarks/grpo_async.py it stalled learning in 1 of 3 seeds, token-level truncation in none
-    (BENCHMARKS.md), and TRL's own async trainer weighs tokens, not sequences."""
-    return "token_truncate" if stale else "sequence_mask"
-
-
 def arg(default, help: str, **metadata):
     """A dataclass field with its ``--help`` text; a list default is copied for each instance."""
     if isinstance(default, list):
@@ -431,7 +423,7 @@ class GRPOConfig(_ReferenceFields, _Config):
         None,
         "token_ or sequence_ ratio (a sequence's is exp of its summed log-ratio), then _truncate (clamp to "
         "[clip_min, clip_max]) or _mask (0 outside it). None: sequence_mask (TRL's), token_truncate with "
-        "async_rollouts (see sampling_correction_default).",
+        "async_rollouts.",
     )
     vllm_importance_sampling_clip_max: float | None = arg(3.0, "Upper bound C_max of the ratio (None: open).")
     vllm_importance_sampling_clip_min: float | None = arg(
@@ -460,7 +452,11 @@ class GRPOConfig(_ReferenceFields, _Config):
         self.scale_rewards = bools.get(self.scale_rewards, self.scale_rewards)
         self._fold_generation_kwargs()
         if self.vllm_importance_sampling_mode is None:
-            self.vllm_importance_sampling_mode = sampling_correction_default(self.stale_rollouts)
+            # Against a stale sampler a sequence's ratio is a product of T token ratios: in benchmarks/grpo_async.py
+            # it stalled learning in 1 of 3 seeds, token truncation in none (BENCHMARKS.md); TRL's own async
+            # trainer also weighs tokens.
+            stale = self.stale_rollouts
+            self.vllm_importance_sampling_mode = "token_truncate" if stale else "sequence_mask"
         super().__post_init__()  # the tables above, then TrainingArguments (which sets world_size)
         self._resolve_generation_batch()
         ratio = self.policy_loss in ("grpo_clip", "grpo_no_clip")

@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
         model, s.reward_funcs, cfg, train_dataset=train, eval_dataset=evals, processing_class=tokenizer
     )
     train_and_save(trainer, cfg)
-    trainer.close()
     return trainer
 
 
