@@ -22,8 +22,7 @@ from hf_align.data import IGNORE_INDEX
 from hf_align.logprobs import get_response_log_probs
 from hf_align.rollout import SamplingConfig, make_engine
 from hf_align.trainers.base import load_processing_class
-from hf_align.trainers.grpo_rewards import RewardRunner, check_some_reward
-from hf_align.trainers.grpo_rollouts import total_rewards
+from hf_align.trainers.grpo_rewards import RewardRunner
 from hf_align.trainers.safety import NoLearningError
 from hf_align.trainers.sft import SFTTrainer
 
@@ -91,24 +90,17 @@ class ExpertIterationTrainer:
     def _sample_and_score(self, rows: list[dict], n: int, temperature: float, seed: int):
         """``[(row index, rollout)]`` sampled from the current weights, which ones the keep rule keeps, and their
         mean reward, accuracy and format rate as GRPO logs them (the first built-in grader's answer and format
-        rewards; without a grader, accuracy is the fraction kept)."""
+        rewards, and its timeouts; without a grader, accuracy is the fraction kept)."""
         a = self.args
         self.engine.sync_weights(self.model)
         length, stop = a.max_completion_length, a.stop_strings
         sampling = SamplingConfig(n, length, temperature, a.top_p, stop=stop, seed=seed)
         groups = self.engine.generate([row["prompt"] for row in rows], sampling)
         flat = [(q, rollout) for q, group in enumerate(groups) for rollout in group]
-        columns = {k: [rows[q][k] for q, _ in flat] for k in rows[0] if k != "prompt"}  # as GRPO: answer, ...
-        prompts, texts, ids = zip(*((rows[q]["prompt"], r.text, r.completion_ids) for q, r in flat))
-        rewards_NF, failures = self.rewards(list(prompts), list(texts), list(ids), columns, None)
-        check_some_reward(rewards_NF, failures, "")
-        rewards = total_rewards(rewards_NF, self.rewards.weights)
+        _, rewards, _ = self.rewards.score_groups([{"row": row} for row in rows], groups, None)
         keep = keep_mask(rewards, a.keep_threshold)
-        metrics = {"accuracy": _mean(keep), "mean_reward": _mean(rewards)}
-        for grader in self.rewards.graders()[:1]:
-            details = grader.last_details
-            metrics["accuracy"] = _mean(d.get("answer_reward", 0.0) for d in details)
-            metrics["format_rate"] = _mean(d.get("format_reward", 0.0) for d in details)
+        # the grader's answer accuracy, format rate and timeouts override the keep fraction where there is one
+        metrics = {"accuracy": _mean(keep), "mean_reward": _mean(rewards), **self.rewards.grader_metrics()}
         return flat, keep, metrics
 
     def evaluate(self) -> dict[str, float]:

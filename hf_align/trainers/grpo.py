@@ -1,14 +1,13 @@
 """GRPOTrainer: group-relative policy optimisation on top of `transformers.Trainer`, with TRL's interface.
 
-One optimizer step reads top to bottom in this file. Trainer asks ``_prepare_inputs`` for each micro-batch; an
-empty rollout buffer first makes a generation batch (``_make_rollout_batch``): the rollout engine (HF generate, a
-colocated vLLM or a vLLM server) gets the trained weights if an optimizer step happened since its last sync and
-samples ``num_generations`` completions for each of this process's next prompts, the reward functions score them
-(hf_align/trainers/grpo_rewards.py), and hf_align/trainers/grpo_rollouts.py turns rewards into group-normalised
-advantages and the batch into micro-batches carrying their optimizer step's global counts; old and reference
-log-probs are added once per batch. ``compute_loss`` applies ``hf_align.losses.grpo.policy_loss`` (and TRL's entropy
-bonus, ``entropy_bonus``, with ``entropy_coef`` / ``use_adaptive_entropy``). A batch lasts
-``num_iterations x generation_batch_size / optimizer_batch_size`` optimizer steps.
+One optimizer step reads top to bottom in this file. ``_prepare_inputs`` hands Trainer the next micro-batch of a
+rollout buffer, which ``_make_rollout_batch`` refills when empty: the rollout engine (HF generate, a colocated vLLM
+or a vLLM server) gets the trained weights if an optimizer step happened since its last sync and samples
+``num_generations`` completions per prompt, the reward functions score them (grpo_rewards.py), grpo_rollouts.py
+turns rewards into group-normalised advantages and micro-batches carrying their optimizer step's global counts,
+and old and reference log-probs are added once per batch. ``compute_loss`` applies
+``hf_align.losses.grpo.policy_loss`` (plus TRL's ``entropy_bonus``: ``entropy_coef`` / ``use_adaptive_entropy``).
+A batch lasts ``GRPOConfig.steps_per_rollout`` optimizer steps.
 
 Choices:
 - The loss is normalised by the optimizer step's global sequence / token counts, times the number of processes
@@ -164,8 +163,17 @@ class GRPOTrainer(AlignTrainer):
             "async_rollouts: reward functions run on the rollout thread, where reward_timeout_s cannot "
             "interrupt them (built-in graders keep their per-item limit), and see trainer_state as it is then"
         )
-        if a.rollout_engine == "hf" and rollout_engine is None:
-            self._refuse_dropout(self.model)
+        if a.rollout_engine != "hf" or rollout_engine is not None:
+            return
+        # The HF engine's thread seeds torch's global RNG (hf.py): training must not draw from it meanwhile.
+        if getattr(getattr(self.model, "config", None), "attention_dropout", 0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()
+        ):
+            raise ValueError(
+                "async_rollouts with the HF engine needs a model without dropout (the generating thread and "
+                "training share torch's random generator): set disable_dropout: true (and attention_dropout 0), "
+                "or use vllm_mode: server"
+            )
 
     def _reference_policy(self, ref_model):
         """The frozen model for the KL term, or None when the LoRA policy with adapters off serves (or beta = 0)."""
@@ -473,19 +481,6 @@ class GRPOTrainer(AlignTrainer):
             self.record({"time/engine_start_s": time.perf_counter() - start}, training=True)
         return self._engine
 
-    @staticmethod
-    def _refuse_dropout(model) -> None:
-        # The HF engine's thread seeds torch's global RNG (hf.py): training must not draw from it meanwhile.
-        config = getattr(model, "config", None)
-        if getattr(config, "attention_dropout", 0) or any(
-            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()
-        ):
-            raise ValueError(
-                "async_rollouts with the HF engine needs a model without dropout (the generating thread and "
-                "training share torch's random generator): set disable_dropout: true (and attention_dropout 0), "
-                "or use vllm_mode: server"
-            )
-
     @contextmanager
     def _engine_ready(self):
         """The engine with the current weights (synced at most once per optimizer step). A colocated vLLM in sleep
@@ -545,9 +540,8 @@ class GRPOTrainer(AlignTrainer):
         summary: dict[str, float] = {}
         self.rewards.hint = resume_hint(self)
         self._queue.state_dict()  # async: queued batches finished, so the engine is free
-        with (
-            self._engine_ready() as engine
-        ):  # every process, with prompts or not: sharded weights gather here
+        # every process, with prompts or not: sharded weights gather here
+        with self._engine_ready() as engine:
             if prompts:
                 with self._faults("generating for evaluation"):
                     groups = engine.generate(texts, sampling)

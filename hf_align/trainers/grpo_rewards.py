@@ -142,9 +142,8 @@ class RewardRunner:
         return fn, None
 
     def close(self) -> None:
-        for fn in self.funcs:
-            if isinstance(fn, GraderReward):
-                fn.close()
+        for grader in self.graders():
+            grader.close()
 
     def graders(self) -> list[GraderReward]:
         return [f for f in self.funcs if isinstance(f, GraderReward)]
@@ -193,9 +192,8 @@ class RewardRunner:
                 raise ValueError(
                     f"reward function {name!r} returned {len(values)} rewards for {n} completions"
                 )
-            for i, v in enumerate(values):
-                v = float(v) if v is not None else float("nan")
-                out[i, k] = v if math.isfinite(v) else float("nan")
+            column = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+            out[:, k] = torch.where(column.isfinite(), column, math.nan)
             if torch.isnan(out[:, k]).all():
                 failures[name] = failures[name] or "returned None / NaN for every completion"
         return out, failures
@@ -205,25 +203,18 @@ class RewardRunner:
         ``groups`` of ``prompts`` (``{"row": dataset row}`` each); with ``strict``, a round in which no completion
         got any reward stops training."""
         inputs = reward_inputs(prompts, groups)
-        rewards_NF, failures = self(
-            inputs["prompts"],
-            inputs["completions"],
-            inputs["completion_ids"],
-            inputs["columns"],
-            trainer_state,
-        )
+        rewards_NF, failures = self(**inputs, trainer_state=trainer_state)
         if strict:
             check_some_reward(rewards_NF, failures, self.hint)
         return rewards_NF, total_rewards(rewards_NF, self.weights), inputs
 
     @torch.no_grad()
     def _score_model(self, model, tokenizer, prompts, completions) -> list[float]:
+        pairs = zip(prompts, completions)
         if isinstance(prompts[0], list):
-            texts = [
-                tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)
-            ]  # fmt: skip
+            texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in pairs]
         else:
-            texts = [p + c for p, c in zip(prompts, completions)]
+            texts = [p + c for p, c in pairs]
         batch = tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         )

@@ -1,11 +1,8 @@
 """One GRPO generation batch, from prompts and sampled groups with their rewards to training micro-batches.
 
-No model, engine or reward function in here (they stay in hf_align/trainers/grpo.py and grpo_rewards.py); in
-the order a step uses them: ``PromptStream.take`` and ``sampling_for`` (which prompts, how to sample);
-``reward_inputs`` and ``total_rewards`` (TRL's reward-function arguments, the weighted sum: called by
-``RewardRunner.score_groups``); ``scored_groups``, ``rollout_metrics`` and ``select_groups`` (dynamic sampling);
-``advantages_for``; ``build_micro_batches`` and ``attach_global_counts``; ``RolloutQueue`` (async rollouts).
-Choices:
+No model, engine or reward function in here (they stay in hf_align/trainers/grpo.py and grpo_rewards.py, whose
+``RewardRunner.score_groups`` calls ``reward_inputs`` and ``total_rewards``); functions come in the order a step
+uses them. Choices:
 - Prompts come from the dataset's ``prompt`` column: a string goes to the engine as is, a conversation (list of
   messages) is rendered with the tokenizer's chat template and its completions are message lists.
 - Rewards of several reward functions are summed with weights, skipping a function that gave no reward (None /
@@ -87,9 +84,8 @@ class PromptStream:
             position = self.cursor * world + rank
             epoch, index = divmod(position, n)
             if self.shuffle:
-                index = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))[
-                    index
-                ].item()
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                index = perm[index].item()
             row = self.rows[index]
             self.cursor += 1
             text = render_prompt(row["prompt"], self.tokenizer, self.chat_template_kwargs)
