@@ -127,21 +127,6 @@ def prompt_seed(sampling: SamplingConfig, prompt_index: int) -> int | None:
     return None if sampling.seed is None else sampling.seed + prompt_index * sampling.n
 
 
-def check_prompt_lengths(
-    prompt_ids: list[list[int]], max_new_tokens: int, limit: int | None, limit_name: str
-) -> None:
-    """Every engine refuses, before generating, an empty prompt or one that cannot fit ``max_new_tokens`` more:
-    silently cutting the start of a math problem would make its evaluation meaningless."""
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty after tokenization")
-        if limit is not None and len(ids) + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"{limit_name}={limit}: shorten the prompt or lower max_new_tokens"
-            )
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP / DeepSpeed style `.module` wrappers (they forward neither `generate` nor the config)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -221,6 +206,8 @@ class EngineBase:
         self._closed = True
 
     def _prompt_ids(self, prompts: list[str], sampling: SamplingConfig) -> list[list[int]]:
+        """The prompts tokenized; an empty prompt or one that cannot fit `max_new_tokens` more is refused before
+        generating: silently cutting the start of a math problem would make its evaluation meaningless."""
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} was closed")
         prompt_ids = [
@@ -228,7 +215,15 @@ class EngineBase:
         ]
         if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompt_ids):
             raise ValueError(f"{len(sampling.prompt_seeds)} prompt_seeds for {len(prompt_ids)} prompts")
-        check_prompt_lengths(prompt_ids, sampling.max_new_tokens, self.max_model_len, self.max_model_len_name)
+        limit, max_new_tokens = self.max_model_len, sampling.max_new_tokens
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty after tokenization")
+            if limit is not None and len(ids) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                    f"{self.max_model_len_name}={limit}: shorten the prompt or lower max_new_tokens"
+                )
         return prompt_ids
 
     def _decode(self, ids: list[int]) -> str:

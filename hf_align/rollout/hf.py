@@ -18,7 +18,7 @@ Choices (the shared contract and the completion-cutting rule are `rollout/base.p
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from transformers import (
@@ -130,11 +130,7 @@ class HFEngine(EngineBase):
         # (its n samples) per call.
         per_batch = 1 if per_prompt else max(1, self.batch_size // sampling.n)
         seeded = per_prompt or sampling.seed is not None
-        rng = (
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-            if seeded
-            else nullcontext()
-        )
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seeded)
         results: list[list[Rollout]] = []
         with rng, torch.no_grad(), _eval_mode(self.model):
             for start in range(0, len(prompt_ids), per_batch):

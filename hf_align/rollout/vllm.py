@@ -194,8 +194,7 @@ class VLLMEngine(EngineBase):
             return
         super().close()
         llm, self.llm = self.llm, None
-        engine_core = getattr(llm.llm_engine, "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
+        if hasattr(engine_core := getattr(llm.llm_engine, "engine_core", None), "shutdown"):
             engine_core.shutdown()
         del llm
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory

@@ -14,12 +14,12 @@ Choices:
   is what lets prompt i have its own seed. Completions are cut by `rollout/base.py`'s rule.
 - `sync_weights(model)` pushes the policy (LoRA merged) from the main process only (under DDP the others hold
   the same weights and wait for its outcome; under FSDP2 / ZeRO-3 they also take part in gathering each tensor,
-  `checkpoint_weights`), then resets the prefix cache; over the group, each tensor is sent as soon as it is whole. Same machine ("file", the "auto"
-  choice when the server's address is this host's): one safetensors file under /dev/shm (or `weights_dir`),
-  loaded by the workers through `/collective_rpc` (string arguments only, hence a file), then deleted. Another
-  node ("group"): the first push opens `rollout/weights.py`'s `weight_group` (this process is rank 0 and
-  listens on `group_port`, TRL's `vllm_group_port`; the workers join at the address this process reaches
-  the server from), and each push broadcasts the tensors while the workers receive and load them.
+  `checkpoint_weights`), then resets the prefix cache. Same machine ("file", the "auto" choice when the
+  server's address is this host's): one safetensors file under /dev/shm (or `weights_dir`), loaded by the
+  workers through `/collective_rpc` (string arguments only, hence a file), then deleted. Another node
+  ("group"): the first push opens `rollout/weights.py`'s `weight_group` (this process is rank 0 and listens on
+  `group_port`, TRL's `vllm_group_port`; the workers join at the address this process reaches the server
+  from), and each push broadcasts each tensor as soon as it is whole while the workers receive and load it.
 - The EOS ids are the tokenizer's plus those of the generation config the server reads on its own filesystem
   (asked through `/collective_rpc`): the served model's path need not exist here.
 - Every wait has a limit and its error says what was awaited: `server_timeout` (TRL's `vllm_server_timeout`)
@@ -42,6 +42,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -63,7 +64,7 @@ from hf_align.rollout.weights import (
     write_safetensors,
 )
 
-__all__ = ["VLLMServerEngine", "launch_server", "server_command", "wait_for_server"]
+__all__ = ["VLLMServerEngine", "server_command", "wait_for_server"]
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
@@ -84,17 +85,6 @@ def server_command(
             continue
         cmd += [flag] if value is True else [flag, str(value)]
     return cmd + extra
-
-
-def server_env() -> dict[str, str]:
-    return {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # exposes /collective_rpc and /reset_prefix_cache
-
-
-def launch_server(
-    model: str, host: str = "127.0.0.1", port: int = 8000, extra: list[str] | None = None, **popen_kwargs: Any
-) -> subprocess.Popen:
-    """Start the server as a child process (the caller terminates it); see `wait_for_server`."""
-    return subprocess.Popen(server_command(model, host, port, extra), env=server_env(), **popen_kwargs)
 
 
 def _request(url: str, payload: dict | None = None, timeout: float = 600.0, what: str = "answer") -> Any:
@@ -215,9 +205,8 @@ class VLLMServerEngine(EngineBase):
         return (self._call("/collective_rpc", payload, what) or {}).get("results", [])
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Push `model`'s weights (LoRA merged) to the server from the main process only, then reset the server's
-        prefix cache. The other processes wait for its outcome and fail with it; under FSDP2 / ZeRO-3 they first
-        run `checkpoint_weights` to its end alongside it (each tensor is gathered by all), then throw it away."""
+        """Push `model`'s weights (LoRA merged) from the main process, then reset the server's prefix cache; the
+        others run the gathers alongside it if sharded, and fail with its outcome (module docstring)."""
         start = time.perf_counter()
         error = None
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -266,14 +255,16 @@ class VLLMServerEngine(EngineBase):
         backend = "nccl" if next(unwrap(model).parameters()).is_cuda else "gloo"
         try:
             if self._group is None:
-                spec = {"address": self.local_address, "port": self.group_port, "backend": backend,
-                        "world_size": 1 + self.num_workers, "timeout": self.timeout}  # fmt: skip
+                spec = {
+                    "address": self.local_address,
+                    "port": self.group_port,
+                    "world_size": 1 + self.num_workers,
+                    "backend": backend,
+                    "timeout": self.timeout,
+                }
                 what = f"join the weight group at {self.local_address}:{self.group_port} (is that port open to it?)"
-                self._group = self._while_rpc(
-                    JOIN_METHOD, json.dumps(spec), what,
-                    lambda: weight_group(self.local_address, self.group_port, 0, 1 + self.num_workers, backend,
-                                         self.timeout, self.local_address),
-                )  # fmt: skip
+                join = partial(weight_group, **spec, rank=0, local=self.local_address)
+                self._group = self._while_rpc(JOIN_METHOD, json.dumps(spec), what, join)
 
             def send() -> None:
                 for _, tensor in weights:
@@ -324,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = extra[1:]
     cmd = server_command(args.model, args.host, args.port, extra)
     print("+", " ".join(cmd), flush=True)
-    os.execve(cmd[0], cmd, server_env())  # replace this process: signals reach the server directly
+    # replace this process (signals reach the server directly); dev mode exposes /collective_rpc, /reset_prefix_cache
+    os.execve(cmd[0], cmd, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def _zero3_gathered(params: Iterable[torch.nn.Parameter]):
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` whole: an FSDP2 shard (DTensor) by `full_tensor()`, a ZeRO-3 partition by gathering it, both new
-    tensors (collectives: every rank calls this for the same tensors in the same order); else a detached view."""
+    """`tensor` whole, as a new tensor when it was an FSDP2 shard or ZeRO-3 partition (a collective), else a
+    detached view."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
@@ -86,6 +86,11 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach()
 
 
+def _adapters(module: torch.nn.Module) -> list[str]:
+    """The LoRA layer's active adapters not yet merged into its weight."""
+    return [a for a in module.active_adapters if a not in module.merged_adapters and a in module.scaling]
+
+
 def _lora_layers(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Module name -> LoRA layer with active, not yet merged adapters (plain LoRA only)."""
     from peft.tuners.lora import LoraLayer
@@ -94,9 +99,7 @@ def _lora_layers(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer) or module.disable_adapters:
             continue
-        adapters = [
-            a for a in module.active_adapters if a not in module.merged_adapters and a in module.scaling
-        ]
+        adapters = _adapters(module)
         if any(module.use_dora.get(a) or module.lora_bias.get(a) for a in adapters):
             raise NotImplementedError(
                 f"sync_weights merges plain LoRA only; {name} uses DoRA or lora_bias: give the engine a merged "
@@ -108,12 +111,10 @@ def _lora_layers(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _lora_delta(module: torch.nn.Module) -> torch.Tensor:
-    """The summed `get_delta_weight` of `module`'s active adapters, whole (under ZeRO-3 its adapters are gathered
-    for it; under FSDP2 peft's matmul runs on the DTensor shards and the product is gathered)."""
-    adapters = [a for a in module.active_adapters if a not in module.merged_adapters and a in module.scaling]
+    """The summed `get_delta_weight` of `module`'s active adapters, whole (see the module docstring)."""
     lora = [p for n, p in module.named_parameters() if "lora_" in n]
     with torch.no_grad(), _zero3_gathered(lora):
-        return _whole(sum(module.get_delta_weight(a) for a in adapters))
+        return _whole(sum(module.get_delta_weight(a) for a in _adapters(module)))
 
 
 def _entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.nn.Module | None]]:
@@ -146,11 +147,8 @@ def _entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.
 def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """`(name, tensor)` pairs of `model` in Hugging Face checkpoint format, as vLLM's `load_weights` wants, one at a
     time: detached views of the live parameters (no copy) except merged LoRA weights (new tensors: the policy is
-    untouched); a tied `lm_head` left out.
-
-    Under FSDP2 / DeepSpeed ZeRO-3 each tensor is gathered whole when its turn comes (`_whole`: a collective), so
-    at most one parameter (one LoRA layer) is held beyond the shard, and every rank must run the stream to its end
-    in the same order, also the ranks that throw the tensors away."""
+    untouched); a tied `lm_head` left out. Sharded, at most one parameter (one LoRA layer) is held whole at a time;
+    every rank must run the stream to its end (module docstring)."""
     for name, tensor, lora in _entries(model):
         tensor = _whole(tensor)
         yield name, tensor if lora is None else tensor + _lora_delta(lora).to(tensor.dtype)
@@ -257,13 +255,8 @@ class WeightSyncExtension:
     def hf_align_join_weight_group(self, spec: str) -> None:
         """Join the trainer's weight group; `spec` is JSON {address, port, world_size, backend, timeout}."""
         s = json.loads(spec)
-        local = _route_address(s["address"], s["port"])
-        self.hf_align_weight_group = (
-            weight_group(
-                s["address"], s["port"], 1 + self.rank, s["world_size"], s["backend"], s["timeout"], local
-            ),
-            s["backend"],
-        )
+        group = weight_group(**s, rank=1 + self.rank, local=_route_address(s["address"], s["port"]))
+        self.hf_align_weight_group = (group, s["backend"])
 
     def hf_align_receive_weights(self, specs: str) -> None:
         """Receive the tensors `specs` (`tensor_specs`) lists, broadcast by the trainer, and load them."""
