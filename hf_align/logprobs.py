@@ -1,22 +1,20 @@
 """The only place that turns logits into per-token log-probabilities and entropies.
 
-Log-probs are ``logit[label] - logsumexp(logits)`` in float32, ``chunk_tokens`` positions at a time: a
-(B, T, V) log-softmax is never built. ``get_response_log_probs`` hooks the decoder's final hidden states, asks
-the model for one position of logits (``logits_to_keep=1``) and runs the output layer by chunks under
-activation checkpointing, only where a log-prob is wanted (a label in [0, V) inside ``logprob_mask``; 0
-elsewhere): extra memory is chunk x V, forward and backward, and the forward still goes through the wrapped
-(DDP / FSDP / DeepSpeed) model. A plain bias-free ``nn.Linear`` head takes ``_LinearHeadLogprob`` instead (one
-chunk-sized buffer in backward, not about four). ``share_prompts`` runs a prompt shared by several rows (a GRPO
-group, a DPO pair) through the decoder once and continues each row on its key/value cache, exact under causal
-attention, and under activation checkpointing too (a cache that a layer's replay in backward reads unchanged,
-non-reentrant checkpoints); where that is not known to be exact (sharded or engine-wrapped models, other
-attention kernels or caches, checkpointing not done by transformers' layers) one pass runs, with a warning
-where the cache or the checkpointing is why. Entropy comes detached from the same logits chunk, or (asked for
-an entropy bonus) differentiable from a checkpointed chunk instead of the fused layer. Models without
-a separable decoder or ``logits_to_keep`` get full logits, still reduced by chunks, and so do sharded models (FSDP,
-DeepSpeed ZeRO-3: ``_sharded``), said once in the log: there the output layer holds a shard outside the wrapped
-forward, so it must run inside it (B x T x V logits instead of chunk x V). ``masked_mean`` of a fully
-masked slice is NaN (0/0, the course assignment's contract); losses use ``masked_mean_or_zero``: an empty completion must
+Log-probs are ``logit[label] - logsumexp(logits)`` in float32, ``chunk_tokens`` positions at a time (never a
+(B, T, V) log-softmax), and only where one is wanted (a label in [0, V) inside ``logprob_mask``; 0 elsewhere).
+``get_response_log_probs`` runs the wrapped (DDP / FSDP / DeepSpeed) model with ``logits_to_keep=1``, hooks
+the decoder's final hidden states and applies the output layer by chunks under activation checkpointing: extra
+memory chunk x V, forward and backward. A plain bias-free ``nn.Linear`` head takes ``_LinearHeadLogprob``
+instead (one chunk-sized buffer in backward, not about four). Entropy comes detached from the same logits
+chunk, or (an entropy bonus) differentiable from a checkpointed chunk. Full logits, still reduced by chunks,
+serve models without a separable decoder or ``logits_to_keep``, and sharded ones (FSDP, DeepSpeed ZeRO-3: the
+output layer holds a shard and must run inside the wrapped forward; said once in the log). ``share_prompts``
+runs a prompt shared by several rows (a GRPO group, a DPO pair) through the decoder once and continues each
+row on its key/value cache: exact under causal attention, and under non-reentrant activation checkpointing (a
+layer's replay in backward reads the cache unchanged); where that is not known to be exact (sharded or
+engine-wrapped models, other attention kernels or caches, checkpointing not done by transformers' layers) one
+pass runs, with a warning where the cache or the checkpointing is why. ``masked_mean`` of a fully masked slice
+is NaN (0/0, the course assignment's contract); losses use ``masked_mean_or_zero``: an empty completion must
 never poison a loss.
 """
 
@@ -46,8 +44,7 @@ def masked_normalize(
 
 
 def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``tensor`` over entries where ``mask`` is true, along ``dim`` (all entries when None); a slice
-    with no true entry is 0/0 = NaN (the course assignment's contract)."""
+    """Mean of ``tensor`` where ``mask`` is true, along ``dim`` (None: all); an empty slice is 0/0 = NaN."""
     return masked_normalize(tensor, mask, dim=dim) / mask.to(tensor.dtype).sum(dim=dim)
 
 
@@ -57,10 +54,8 @@ def masked_mean_or_zero(tensor: torch.Tensor, mask: torch.Tensor, dim: int | Non
 
 
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution, (..., V) -> (...), in float32.
-
-    H = logsumexp(z) - sum_v softmax(z)_v z_v, which never exponentiates an unshifted logit.
-    """
+    """Entropy of the next-token distribution, (..., V) -> (...), in float32: ``H = logsumexp(z) - sum_v
+    softmax(z)_v z_v``, which never exponentiates an unshifted logit."""
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.softmax(logits, dim=-1)
@@ -122,15 +117,20 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return None if decoder is None or head is None or decoder is inner else (decoder, head)
 
 
+def _label_logprobs(logits_NV, labels_N, temperature: float) -> tuple[torch.Tensor, ...]:
+    """(float32 logits / temperature (N, V), their logsumexp (N,), ``log p(label)`` (N,))."""
+    logits_NV = logits_NV.float()
+    if temperature != 1.0:
+        logits_NV = logits_NV / temperature
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    return logits_NV, lse_N, logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1) - lse_N
+
+
 def _head_chunk(head, hidden_NH, labels_N, temperature: float, entropy_out: list | None = None):
     """Log-probs of one chunk; its entropy is appended to ``entropy_out`` if that list is still empty (so the
     recomputation in a checkpointed backward pass does not compute it again). ``entropy_out=True``: returns
     (log-probs, entropy), the entropy differentiable (an entropy bonus in the loss)."""
-    logits_NV = head(hidden_NH).float()
-    if temperature != 1.0:
-        logits_NV = logits_NV / temperature
-    label_logit_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1)
-    log_probs_N = label_logit_N - torch.logsumexp(logits_NV, dim=-1)
+    logits_NV, _, log_probs_N = _label_logprobs(head(hidden_NH), labels_N, temperature)
     if entropy_out is True:
         return log_probs_N, compute_entropy(logits_NV)
     if entropy_out is not None and not entropy_out:
@@ -150,11 +150,7 @@ class _LinearHeadLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, labels_N, temperature: float, with_entropy: bool, keep: bool):
-        logits_NV = (hidden_NH @ weight_VH.t()).float()
-        if temperature != 1.0:
-            logits_NV = logits_NV / temperature
-        lse_N = torch.logsumexp(logits_NV, dim=-1)
-        logp_N = logits_NV.gather(-1, labels_N.unsqueeze(-1)).squeeze(-1) - lse_N
+        logits_NV, lse_N, logp_N = _label_logprobs(hidden_NH @ weight_VH.t(), labels_N, temperature)
         probs_NV = logits_NV.sub(lse_N.unsqueeze(-1)).exp_() if keep or with_entropy else None
         entropy_N = logp_N.new_zeros(0)
         if with_entropy:  # H = lse - sum p * logits (a batched dot product: no second buffer)
@@ -247,8 +243,8 @@ def _score(head, hidden_NH, labels_N, temperature: float, chunk_tokens: int, wit
     return log_probs_N, torch.cat(entropies) if entropies else log_probs_N.detach()
 
 
-def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
-    """(``model(**kwargs, logits_to_keep=1)``, the decoder's final hidden states), or None without that kwarg."""
+def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs) -> torch.Tensor | None:
+    """The decoder's final hidden states in ``model(**kwargs, logits_to_keep=1)``, or None without that kwarg."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, _args, output):
@@ -256,12 +252,12 @@ def _run_capturing_hidden(model, decoder: torch.nn.Module, **kwargs):
 
     handle = decoder.register_forward_hook(hook)
     try:
-        out = model(logits_to_keep=1, **kwargs)
+        model(logits_to_keep=1, **kwargs)
     except TypeError:
         return None
     finally:
         handle.remove()
-    return (out, captured["hidden"]) if "hidden" in captured else None
+    return captured.get("hidden")
 
 
 def _checkpointed_layers(inner: torch.nn.Module) -> list[torch.nn.Module] | None:
@@ -402,21 +398,20 @@ def _pass_on_cache(model, forward_model, decoder, cache, **inputs) -> torch.Tens
     # transformers >= 5.2x names it ``cache`` (``past_key_values`` deprecated), older versions only the latter
     name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     with _cache_through_checkpoints(model):
-        ran = _run_capturing_hidden(forward_model, decoder, **{name: cache}, use_cache=False, **inputs)
-    if ran is not None and not all(getattr(layer, "used", False) for layer in cache.layers):
+        hidden = _run_capturing_hidden(forward_model, decoder, **{name: cache}, use_cache=False, **inputs)
+    if hidden is not None and not all(getattr(layer, "used", False) for layer in cache.layers):
         return _one_pass_instead("the model did not use the key / value cache it was given")
-    return None if ran is None else ran[1]
+    return hidden
 
 
 def _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_BT) -> torch.Tensor | None:
     """Final hidden states at the scored positions (K, H), row-major, with each distinct prompt run once.
 
-    Under causal attention a prompt's hidden states and keys / values do not depend on what follows it: each
-    distinct prompt runs once, its keys / values are indexed out to the rows that share it (an
-    ``index_select``: backward sums their gradients into the one prompt pass) and the completions continue on
-    them with explicit positions. Same numbers as one pass up to rounding, ``1 - 1/rows_per_prompt`` of the
-    prompt's decoder work saved; under activation checkpointing too (``_cache_through_checkpoints``). None
-    (the caller runs one pass) for another layout or cache.
+    Under causal attention a prompt's hidden states and keys / values do not depend on what follows it: they are
+    indexed out to the rows that share the prompt (backward sums their gradients into the one prompt pass) and
+    the completions continue on them at explicit positions. Same numbers as one pass up to rounding, with
+    ``1 - 1/rows_per_prompt`` of the prompt's decoder work saved. None (the caller runs one pass) for another
+    layout or cache.
     """
     layout = _distinct_prompts(input_ids, attention_mask, valid_BT)
     prompt_cache = None if layout is None else _replay_safe_cache(_unwrap(model), _record_prompt)
@@ -431,22 +426,14 @@ def _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_BT) -
         return None
     pieces = [hidden_UPH[index_B, first_B].unsqueeze(1)]  # (B, 1, H): each row's last prompt token
     C = int(n_B.max())
-    if C > 1:
-        prefixes = [
-            (layer.keys[index_B], layer.values[index_B]) for layer in prompt_cache.layers
-        ]  # U -> B rows
+    if C > 1:  # the completions, each on its prompt's keys / values (U -> B rows), at explicit positions
+        prefixes = [(layer.keys[index_B], layer.values[index_B]) for layer in prompt_cache.layers]
+        cache = _replay_safe_cache(_unwrap(model), _read_prefix, prefixes)
         positions_BC = first_B[:, None] + 1 + torch.arange(C - 1, device=input_ids.device)  # (B, C - 1)
-        hidden_BCH = _pass_on_cache(
-            model,
-            model,
-            decoder,
-            _replay_safe_cache(_unwrap(model), _read_prefix, prefixes),
-            input_ids=input_ids.gather(1, positions_BC.clamp(max=input_ids.shape[1] - 1)),
-            attention_mask=torch.cat(
-                [prompt_mask_UP.index_select(0, index_B), (positions_BC < (first_B + n_B)[:, None]).long()], 1
-            ),
-            position_ids=positions_BC,
-        )
+        ids_BC = input_ids.gather(1, positions_BC.clamp(max=input_ids.shape[1] - 1))
+        mask_BC = (positions_BC < (first_B + n_B)[:, None]).long()
+        inputs = {"input_ids": ids_BC, "attention_mask": torch.cat([prompt_mask_UP[index_B], mask_BC], 1)}
+        hidden_BCH = _pass_on_cache(model, model, decoder, cache, position_ids=positions_BC, **inputs)
         if hidden_BCH is None:
             return None
         pieces.append(hidden_BCH)
@@ -472,10 +459,7 @@ def _to_rows(scores, keep_K: torch.Tensor | None, valid_N: torch.Tensor, B: int,
             return (values_K * valid_N).reshape(B, T)
         return values_K.new_zeros(B * T).index_copy(0, keep_K, values_K).reshape(B, T)
 
-    log_probs_K, entropy_K = scores
-    return {"log_probs": rows(log_probs_K)} | (
-        {} if entropy_K is None else {"token_entropy": rows(entropy_K)}
-    )
+    return {name: rows(v) for name, v in zip(("log_probs", "token_entropy"), scores) if v is not None}
 
 
 def _hidden_at(model, decoder, input_ids, attention_mask, valid_N, keep_K, share: bool, kwargs: dict):
@@ -486,12 +470,12 @@ def _hidden_at(model, decoder, input_ids, attention_mask, valid_N, keep_K, share
         hidden_KH = _shared_prompt_hidden(model, decoder, input_ids, attention_mask, valid_N.reshape(B, T))
         if hidden_KH is not None:
             return hidden_KH
-    ran = _run_capturing_hidden(
+    hidden_BTH = _run_capturing_hidden(
         model, decoder, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
     )
-    if ran is None:
+    if hidden_BTH is None:
         return None
-    hidden_NH = ran[1].reshape(B * T, -1)
+    hidden_NH = hidden_BTH.reshape(B * T, -1)
     return hidden_NH if keep_K is None else hidden_NH.index_select(0, keep_K)
 
 
@@ -519,10 +503,8 @@ def get_response_log_probs(
     found = _decoder_and_head(model)
     if found is not None:
         decoder, head = found
-        vocab = getattr(
-            head, "out_features", None
-        )  # a plain nn.Linear here (never a shard: _decoder_and_head)
-        valid_N, labels_N = _scored_positions(labels, vocab, logprob_mask)
+        # the vocabulary of a plain nn.Linear (never a shard here: _decoder_and_head)
+        valid_N, labels_N = _scored_positions(labels, getattr(head, "out_features", None), logprob_mask)
         # (K,) positions to score; None: all of them (a fully masked batch too, so the graph stays connected)
         keep_K = None
         if bool(valid_N.any()) and not bool(valid_N.all()):

@@ -70,9 +70,7 @@ def robust_loss(p: Pairs, beta: float, eps: float) -> torch.Tensor:
     """Robust DPO (Chowdhury et al. 2024, sec. 3): ``[-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] /
     (1 - 2 eps)``, unbiased for the clean DPO loss under labels flipped with known probability eps < 1/2."""
     logits_B = beta * p.margins_B
-    clean_B = -(1.0 - eps) * F.logsigmoid(logits_B)
-    flipped_B = -eps * F.logsigmoid(-logits_B)
-    return (clean_B - flipped_B) / (1.0 - 2.0 * eps)
+    return (-(1.0 - eps) * F.logsigmoid(logits_B) + eps * F.logsigmoid(-logits_B)) / (1.0 - 2.0 * eps)
 
 
 def hinge_loss(p: Pairs, beta: float, eps: float) -> torch.Tensor:
@@ -105,9 +103,8 @@ def chosen_nll_loss(p: Pairs, beta: float, eps: float) -> torch.Tensor:
             "loss_type='sft' is a token mean: pass chosen_lengths_B (response tokens per answer)"
         )
     log_probs_B = p.policy_chosen_log_probs_B
-    return (-log_probs_B.sum() / p.chosen_lengths_B.sum().to(log_probs_B.dtype).clamp(min=1.0)).expand_as(
-        log_probs_B
-    )
+    n_tok = p.chosen_lengths_B.sum().to(log_probs_B.dtype).clamp(min=1.0)
+    return (-log_probs_B.sum() / n_tok).expand_as(log_probs_B)
 
 
 # The variants of the log-ratios; label smoothing eps means something only for the first two.

@@ -54,10 +54,8 @@ def _scale_none(rewards_NG: torch.Tensor, advantage_eps: float) -> torch.Tensor:
 
 def _scale_std(rewards_NG: torch.Tensor, advantage_eps: float) -> torch.Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1.2): the group's unbiased std + eps."""
-    centered_NG = rewards_NG - rewards_NG.mean(dim=-1, keepdim=True)
-    # Bessel's correction; a group of one has no spread, so its divisor is irrelevant
-    var_N1 = centered_NG.pow(2).sum(dim=-1, keepdim=True) / max(rewards_NG.shape[1] - 1, 1)
-    return var_N1.sqrt() + advantage_eps
+    # Bessel's correction; a group of one has no spread (its divisor is irrelevant, and 0 would warn)
+    return rewards_NG.std(dim=-1, keepdim=True, correction=min(rewards_NG.shape[1] - 1, 1)) + advantage_eps
 
 
 def _scale_mean(rewards_NG: torch.Tensor, advantage_eps: float) -> torch.Tensor:
@@ -367,10 +365,8 @@ def importance_sampling_weight(
                          f"{sorted(SAMPLING_CORRECTIONS)}")  # fmt: skip
     with torch.no_grad():
         m_BT = mask_BT.bool()
-        diff_BT = torch.where(m_BT, old_log_probs_BT.float() - sampling_log_probs_BT.float(), 0.0)
-        diff_BT = diff_BT.nan_to_num(
-            nan=0.0, posinf=math.inf, neginf=-math.inf
-        )  # no sampler log-prob: ratio 1
+        diff_BT = old_log_probs_BT.float() - sampling_log_probs_BT.float()
+        diff_BT = torch.where(m_BT & ~diff_BT.isnan(), diff_BT, 0.0)  # NaN: no sampler log-prob, ratio 1
         log_rho, valid = diff_BT, m_BT
         if level == "sequence":
             log_rho, valid = diff_BT.sum(-1, keepdim=True), m_BT.any(-1, keepdim=True)  # (B, 1)
@@ -423,8 +419,7 @@ def entropy_bonus(entropy_BT, mask_BT, coef: float, num_tokens: Count | None = N
     policy loss, with ``H_it`` the entropy of token t's next-token distribution and N_tok = ``num_tokens`` (default:
     this micro-batch's tokens in ``mask_BT``, at least 1): a token mean whatever the policy loss's reduction.
     Metrics: ``entropy_mean`` (the detached mean)."""
-    n_tok = mask_BT.to(entropy_BT.dtype).sum().clamp(min=1.0) if num_tokens is None else num_tokens
-    mean_H = masked_normalize(entropy_BT, mask_BT, n_tok)
+    mean_H = reduce_token_losses(entropy_BT, mask_BT, "token_mean", num_tokens=num_tokens)
     return -coef * mean_H, {"entropy_mean": mean_H.detach()}
 
 

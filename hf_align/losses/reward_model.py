@@ -43,7 +43,6 @@ def bradley_terry_loss(
         loss = loss + center_rewards_coefficient * (chosen_rewards_B + rejected_rewards_B).pow(2).mean()
 
     with torch.no_grad():
-        diff_B = diff_B.detach()
         metrics = {
             "accuracy": (chosen_rewards_B > rejected_rewards_B).to(diff_B.dtype).mean(),
             "margin": diff_B.mean(),
