@@ -27,6 +27,7 @@ from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -40,11 +41,8 @@ logger = logging.getLogger(__name__)
 
 def is_conversational(row: dict) -> bool:
     """Whether a row's prompt / completion / chosen / rejected / messages is a list of ``{role, ...}`` messages."""
-    for key in ("prompt", "completion", "chosen", "rejected", "messages"):
-        value = row.get(key)
-        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-            return True
-    return False
+    values = (row.get(key) for key in ("prompt", "completion", "chosen", "rejected", "messages"))
+    return any(isinstance(v, list) and v and isinstance(v[0], dict) and "role" in v[0] for v in values)
 
 
 def _check_text(row: dict, field: str, where: str, optional: bool = False) -> None:
@@ -153,8 +151,8 @@ def _tokenize(tokenizer, value, row: dict, **template_kwargs) -> dict:
     )
 
 
-def _with_eos(text: str, eos: str) -> str:
-    return text if text.endswith(eos) else text + eos
+def _with_eos(text: str, tokenizer) -> str:
+    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
 
 
 def _map(dataset, fn, args, name: str, desc: str, **kwargs):
@@ -175,13 +173,13 @@ def _filter(dataset, predicate, args, name: str, what: str):
     return dataset
 
 
-def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool, eos: str) -> dict:
+def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool) -> dict:
     """``input_ids`` plus ``completion_mask`` (prompt-completion rows) and ``assistant_masks`` (when asked)."""
     out, chat = {}, {"return_assistant_tokens_mask": assistant_only_loss}
     if row.get("prompt") is not None:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str):
-            completion, chat = _with_eos(completion, eos), {}
+            completion, chat = _with_eos(completion, tokenizer), {}
         prompt_ids = _tokenize(tokenizer, prompt, row, **({"add_generation_prompt": True} if chat else {}))
         full = _tokenize(tokenizer, prompt + completion, row, **chat)
         n = common_prefix_length(prompt_ids["input_ids"], full["input_ids"])
@@ -189,7 +187,7 @@ def _sft_ids(row: dict, tokenizer, text_field: str, assistant_only_loss: bool, e
     elif row.get("messages") is not None:
         full = _tokenize(tokenizer, row["messages"], row, **chat)
     else:
-        full = _tokenize(tokenizer, _with_eos(row[text_field], eos), row)
+        full = _tokenize(tokenizer, _with_eos(row[text_field], tokenizer), row)
     out["input_ids"] = list(full["input_ids"])
     if "assistant_masks" in full:
         out["assistant_masks"] = list(full["assistant_masks"])
@@ -202,7 +200,7 @@ def _sft_example(row, idx, tokenizer, cfg: dict) -> dict:
     if "input_ids" in row:
         out = dict(row)
     else:
-        out = _sft_ids(row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"], cfg["eos"])
+        out = _sft_ids(row, tokenizer, cfg["text_field"], cfg["assistant_only_loss"])
     if cfg["assistant_only_loss"] and 1 not in (out.get("assistant_masks") or []):
         raise DataError(
             f"{where}: assistant_only_loss=True but no token is marked as assistant: the chat template needs "
@@ -230,7 +228,6 @@ def prepare_sft_dataset(dataset, tokenizer, args, *, packing: bool, completion_o
         "text_field": args.dataset_text_field,
         "assistant_only_loss": args.assistant_only_loss,
         "completion_only_loss": completion_only_loss,
-        "eos": tokenizer.eos_token,
         "slice": cut,
     }
     with args.main_process_first(desc=f"preparing {name} dataset"):
@@ -312,12 +309,9 @@ class SFTCollator:
 
             samples = []
             for f in features:  # a packed row goes back to its samples
-                lo = 0
-                for n in f.get("seq_lengths") or [len(f["input_ids"])]:
-                    samples.append(
-                        {"input_ids": f["input_ids"][lo : lo + n], "labels": f["labels"][lo : lo + n]}
-                    )
-                    lo += n
+                ends = list(accumulate(f.get("seq_lengths") or [len(f["input_ids"])]))
+                for lo, hi in zip([0, *ends], ends):
+                    samples.append({"input_ids": f["input_ids"][lo:hi], "labels": f["labels"][lo:hi]})
             return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(samples)
         ids, multiple = [f["input_ids"] for f in features], self.pad_to_multiple_of
         return {
@@ -327,23 +321,23 @@ class SFTCollator:
         }
 
 
-def _preference_example(row, idx, tokenizer, name: str, eos: str, full_sequences: bool) -> dict:
+def _preference_example(row, idx, tokenizer, name: str, full_sequences: bool) -> dict:
+    def ids(value, **template_kwargs) -> list[int]:
+        return list(_tokenize(tokenizer, value, row, **template_kwargs)["input_ids"])
+
     check_row(row, "preference", f"{name} dataset row {idx}")
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if prompt is None and not full_sequences:  # implicit prompt: what both answers start with
         prompt, chosen, rejected = extract_prompt(chosen, rejected).values()
     if isinstance(chosen, str):
-        chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
+        chosen, rejected = _with_eos(chosen, tokenizer), _with_eos(rejected, tokenizer)
     if full_sequences:  # the reward model scores prompt + answer as one sequence
-        whole = {
-            k: a if prompt is None else prompt + a for k, a in (("chosen", chosen), ("rejected", rejected))
-        }
-        out = {f"{k}_ids": list(_tokenize(tokenizer, x, row)["input_ids"]) for k, x in whole.items()}
-        return {**out, **({"margin": row["margin"]} if row.get("margin") is not None else {})}
+        if prompt is not None:
+            chosen, rejected = prompt + chosen, prompt + rejected
+        margin = {"margin": row["margin"]} if row.get("margin") is not None else {}
+        return {"chosen_ids": ids(chosen), "rejected_ids": ids(rejected), **margin}
     gen = {} if isinstance(prompt, str) else {"add_generation_prompt": True}
-    prompt_ids = list(_tokenize(tokenizer, prompt, row, **gen)["input_ids"])
-    chosen_ids = list(_tokenize(tokenizer, prompt + chosen, row)["input_ids"])
-    rejected_ids = list(_tokenize(tokenizer, prompt + rejected, row)["input_ids"])
+    prompt_ids, chosen_ids, rejected_ids = ids(prompt, **gen), ids(prompt + chosen), ids(prompt + rejected)
     n = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen_ids[n:], "rejected_ids": rejected_ids[n:]}
 
@@ -354,12 +348,7 @@ def prepare_preference_dataset(dataset, tokenizer, args, *, name: str, full_sequ
     dataset = as_dataset(dataset, "preference", name)
     if "chosen_ids" in column_names(dataset):
         return dataset  # already tokenized
-    kwargs = {
-        "tokenizer": tokenizer,
-        "name": name,
-        "eos": tokenizer.eos_token,
-        "full_sequences": full_sequences,
-    }
+    kwargs = {"tokenizer": tokenizer, "name": name, "full_sequences": full_sequences}
     limit = args.max_length
     with args.main_process_first(desc=f"preparing {name} dataset"):
         dataset = _map(

@@ -49,9 +49,7 @@ def extract_boxed(text: str) -> str | None:
     if stripped.startswith("{"):
         open_pos = start + (len(rest) - len(stripped))
         close = match_brace(text, open_pos)
-        if close is None:
-            return None
-        return text[open_pos + 1 : close].strip()
+        return None if close is None else text[open_pos + 1 : close].strip()
     if rest[:1].isspace():
         token = re.match(r"[^\s$]+", stripped)
         return token.group(0) if token else None
@@ -75,11 +73,8 @@ def extract_final_answer(text: str) -> tuple[str | None, bool]:
     if boxed is not None:
         return boxed, True
     phrases = list(_ANSWER_PHRASE_RE.finditer(text))
-    if phrases:
-        ans = _cut_phrase(phrases[-1].group("ans"))
-        if ans:
-            return ans, False
-    return parse_gsm8k_response(text), False
+    ans = _cut_phrase(phrases[-1].group("ans")) if phrases else None
+    return ans or parse_gsm8k_response(text), False
 
 
 def _cut_phrase(ans: str) -> str | None:
@@ -152,6 +147,4 @@ def parse_mmlu_response(example: dict[str, Any], text: str) -> str | None:
         if len(hits) == 1:
             return hits[0]
     parens = _MMLU_PAREN_RE.findall(text)
-    if parens:
-        return parens[-1]
-    return None
+    return parens[-1] if parens else None

@@ -286,7 +286,8 @@ def _ground_truth_strings(ground_truth: Any) -> list[str]:
         if isinstance(g, bool) or (isinstance(g, float) and g.is_integer()):
             g = int(g)
         if g is not None:
-            out.append(g if isinstance(g, str) else repr(g) if isinstance(g, float) else str(g))
+            # repr of float(g): every digit, and a numpy float64 (a float subclass) without numpy's own repr
+            out.append(g if isinstance(g, str) else repr(float(g)) if isinstance(g, float) else str(g))
     return out
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,6 +158,12 @@ EQUIVALENCE_CASES = [
     (r"\frac{1}{4}", 0.25, True),
     ("4", ["3", "4"], True),
     ("5", ("3", "4"), False),
+    # numpy scalars (a gold column read through pandas / numpy); np.float64 is a float whose repr names numpy
+    ("1.5", np.float64(1.5), True),
+    ("1.25", np.float64(1.5), False),
+    ("2", np.float64(2.0), True),
+    ("1.5", np.float32(1.5), True),
+    ("3", np.int64(3), True),
     ("", "0", False),
     (None, "0", False),
 ]
