@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
+import types
+import typing
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple:
@@ -33,8 +38,57 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown config key(s) {unknown}; see --help for the valid fields")
-        parser.set_defaults(**values)
+        parser.set_defaults(**typed_yaml_values(values, dataclass_types, path))
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
+def _number_type(hint) -> tuple[type | None, bool]:
+    """(float or int, whether a list of them) for hints ``float``, ``int``, ``list[float]``, ... (``| None``
+    allowed); (None, False) for any other type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    is_list = typing.get_origin(hint) is list
+    if is_list:
+        hint = (typing.get_args(hint) or (None,))[0]
+    return (hint, is_list) if hint in (float, int) else (None, False)
+
+
+def _to_number(value, kind: type, key: str, path: Path):
+    """``value`` as a ``kind`` (an int stays an int in a float field, as YAML and argparse defaults had it)."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        number = float(value)
+        if kind is int and not number.is_integer():
+            raise ValueError
+        return int(number) if kind is int else number
+    except ValueError:
+        raise ValueError(
+            f"{path}: key {key!r}: {value!r} is not a{'n' if kind is int else ''} {kind.__name__}"
+        ) from None
+
+
+def typed_yaml_values(values: dict, dataclass_types: tuple[type, ...], path: Path) -> dict:
+    """YAML values of float / int / list[float] / list[int] fields converted to that type: PyYAML reads ``5e-2``
+    (no dot) as a string, and a list default is never converted by argparse, so it would reach the loss as text."""
+    hints = {}
+    for cls in dataclass_types:
+        resolved = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hints.setdefault(f.name, resolved.get(f.name))
+    out = dict(values)
+    for key, value in values.items():
+        kind, is_list = _number_type(hints.get(key))
+        if kind is None or value is None:
+            continue
+        if is_list and isinstance(value, list):
+            out[key] = [_to_number(v, kind, key, path) for v in value]
+        elif not is_list:
+            out[key] = _to_number(value, kind, key, path)
+    return out
 
 
 def resume_target(value: str | bool | None) -> str | bool | None:
@@ -72,10 +126,42 @@ def train_and_save(trainer, cfg, after_train=None):
     return trainer
 
 
+def _read_local_rows(path: str, kind: str, on_bad_rows: str, text_field: str, max_rows: int | None):
+    """Rows of a local .json / .jsonl file as python dicts, each checked by ``formats.check_row`` at its
+    ``file:line``: raised, or (``skip``) skipped and counted. Read here rather than by ``load_dataset("json")``,
+    whose errors name no line, which cannot skip a broken line, and whose type inference can turn one row's
+    string " 19" into the number 19 because another row differs."""
+    from hf_align.data import DataError, iter_source_rows
+    from hf_align.formats import check_row, rows_to_dataset
+
+    rows, where, bad = [], [], []
+    for loc, row in iter_source_rows(path):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if isinstance(row, dict) and "response" in row and "completion" not in row:
+                # our prompt/response files are TRL's prompt/completion
+                row["completion"] = row.pop("response")
+            check_row(row, kind, loc, text_field)
+        except DataError as e:
+            if on_bad_rows != "skip":
+                raise
+            bad.append(str(e))
+            continue
+        rows.append(row)
+        where.append(loc)
+    if bad:
+        logger.warning("%s: skipped %d bad row(s); first: %s", path, len(bad), " | ".join(bad[:5]))
+    return rows_to_dataset(rows, where)
+
+
 def load_rows(script_args, kind: str, evaluation: bool = False, text_field: str = "text"):
-    """The recipe's train (or eval) rows as a ``Dataset``: a local .json / .jsonl file through
-    ``load_dataset("json")``, else a Hub id (``repo:config`` selects a config). Our prompt/response files become
-    TRL's prompt/completion; ``on_bad_rows: skip`` drops unusable rows (counted, logged)."""
+    """The recipe's train (or eval) rows as a ``Dataset``: a local .json / .jsonl file (JSON lines, or one array)
+    read row by row (errors name ``file:line``), else a Hub id (``repo:config`` selects a config). Our
+    prompt/response files become TRL's prompt/completion; ``on_bad_rows: skip`` drops unusable rows (counted,
+    logged)."""
     import datasets
 
     from hf_align.formats import drop_bad_rows
@@ -84,12 +170,11 @@ def load_rows(script_args, kind: str, evaluation: bool = False, text_field: str 
     source = str(s.eval_dataset_name if evaluation else s.dataset_name)
     max_rows = s.max_eval_samples if evaluation else s.max_train_samples
     if source.endswith((".json", ".jsonl")):
-        ds = datasets.load_dataset("json", data_files=source, split="train")
-    else:
-        repo, _, config = source.partition(":")
-        ds = datasets.load_dataset(
-            repo, config or None, split=s.eval_dataset_split if evaluation else s.dataset_split
-        )
+        return _read_local_rows(source, kind, s.on_bad_rows, text_field, max_rows)
+    repo, _, config = source.partition(":")
+    ds = datasets.load_dataset(
+        repo, config or None, split=s.eval_dataset_split if evaluation else s.dataset_split
+    )
     if "response" in ds.column_names and "completion" not in ds.column_names:
         ds = ds.rename_column("response", "completion")
     if s.on_bad_rows == "skip":

@@ -119,7 +119,7 @@ class _Config(TrainingArguments):
 class _DatasetConfig(_Config):
     """TRL's dataset preparation settings and its activation-checkpointing default (on)."""
 
-    _RANGES = {"max_length": (lambda v: v > 1, "> 1 (or None)")}
+    _RANGES = {"max_length": (lambda v: v > 1, "> 1 (or None)"), "pad_to_multiple_of": POSITIVE}
 
     dataset_num_proc: int | None = arg(None, "Processes for dataset preparation.")
     max_length: int | None = arg(1024, "Tokens per sequence (prompt + answer); None: no limit.")
@@ -183,10 +183,13 @@ class SFTConfig(_DatasetConfig):
 
     _RANGES = {**_DatasetConfig._RANGES, "normalize_constant": POSITIVE}
     _CHOICES = {"loss_type": ["nll"], "truncation_mode": TRUNCATION, "packing_strategy": PACKING}
+    _VALID_DICT_FIELDS = _DatasetConfig._VALID_DICT_FIELDS + ["dataset_kwargs"]
 
     learning_rate: float = arg(2e-5, "AdamW learning rate.")
     dataset_text_field: str = arg("text", "Column of language-modeling text rows.")
-    dataset_kwargs: dict | None = arg(None, "{'skip_prepare_dataset': True}: rows are already tokenized.")
+    dataset_kwargs: dict | str | None = arg(
+        None, "{'skip_prepare_dataset': True}: rows are already tokenized."
+    )
     eos_token: str | None = arg(None, "End-of-turn token (None: the tokenizer's).")
     truncation_mode: str = arg("keep_start", "Longer rows keep their start or end.", choices=TRUNCATION)
     shuffle_dataset: bool = arg(False, "Shuffle the prepared dataset.")
@@ -319,6 +322,11 @@ class GRPOConfig(_ReferenceFields, _Config):
     _RANGES = {
         "num_generations": (lambda v: v >= 2, ">= 2 to compare completions of a prompt"),
         "num_generations_eval": (lambda v: v >= 1, ">= 1 (or None: num_generations)"),
+        "num_iterations": (lambda v: v >= 1, ">= 1"),
+        "max_completion_length": (lambda v: v >= 1, ">= 1"),
+        "min_completion_length": NON_NEGATIVE,
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": NON_NEGATIVE,
         "entropy_coef_delta": NON_NEGATIVE,
         "epsilon": OPEN_UNIT,
         "epsilon_high": OPEN_UNIT,
@@ -487,6 +495,17 @@ class GRPOConfig(_ReferenceFields, _Config):
                 "training per second",
                 self.vllm_importance_sampling_mode,
             )
+        if self.min_completion_length > self.max_completion_length:
+            raise ValueError(
+                f"min_completion_length ({self.min_completion_length}) must be <= max_completion_length "
+                f"({self.max_completion_length})"
+            )
+        if (self.num_generations_eval or 1) > 1 and self.eval_temperature == 0:
+            logger.warning(
+                "num_generations_eval=%d with eval_temperature=0: greedy copies would be equal, so evaluation "
+                "samples one completion per prompt; set eval_temperature > 0 to sample %d",
+                self.num_generations_eval, self.num_generations_eval,
+            )  # fmt: skip
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         if low is not None and high is not None and low >= high:
             raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be < clip_max ({high})")

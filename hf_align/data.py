@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -141,6 +142,22 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield loc, DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno})")
 
 
+def _iter_json_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a .json file holding one JSON array (``file[i]`` locations), else of JSON lines (``file:line``).
+    A broken array cannot be split into rows, so it raises even where bad rows are skipped."""
+    with path.open(encoding="utf-8") as f:
+        is_array = path.suffix == ".json" and f.read(4096).lstrip().startswith("[")
+    if not is_array:
+        yield from _iter_jsonl(path)
+        return
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON array ({e.msg} at column {e.colno})") from e
+    for index, row in enumerate(rows):
+        yield f"{path}[{index}]", row
+
+
 def _iter_hub(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
@@ -151,9 +168,9 @@ def _iter_hub(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def iter_source_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, row)`` from a local jsonl file, a folder holding ``<split>.jsonl``, a local copy of a
-    Hub dataset repo (read by ``datasets``), or a Hub id. A line that is not valid JSON is yielded as a
-    ``DataError`` in place of the row, so the caller decides whether to raise or skip it.
+    """Yield ``(location, row)`` from a local jsonl file (or .json: JSON lines or one array), a folder holding
+    ``<split>.jsonl``, a local copy of a Hub dataset repo (read by ``datasets``), or a Hub id. A line that is not
+    valid JSON is yielded as a ``DataError`` in place of the row, so the caller decides whether to raise or skip it.
     """
     local = isinstance(source, Path) or source.startswith(("/", "./", "../", "~"))
     if not (local or source.endswith((".jsonl", ".json")) or Path(source).exists()):
@@ -168,7 +185,7 @@ def iter_source_rows(source: str | Path, split: str = "train") -> Iterator[tuple
         path = path / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    yield from _iter_jsonl(path)
+    yield from _iter_json_file(path)
 
 
 def _load_rows(
@@ -215,6 +232,8 @@ def _require_str(row: dict, field: str, loc: str) -> str:
 
 def _answer_str(value: Any, field: str, loc: str) -> str:
     """An answer as a stripped string. Numbers (AMC's 142.0) and lists of strings (OlympiadBench) are accepted."""
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity: no gold "nan"
+        raise DataError(f"{loc}: field {field!r} is {value}, not an answer")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):

@@ -16,13 +16,15 @@ Preparation is one ``datasets.map`` that reproduces TRL 1.16 token for token, so
   ``SFTCollator`` flattens a batch's samples into one row with ``transformers.DataCollatorWithFlattening``
   (positions restart per sample), so no token attends to another sample, whatever the batch size.
 - A row that cannot be used raises ``DataError`` naming the dataset, the row index and the field;
-  ``drop_bad_rows`` skips such rows instead, counted and logged (recipes' ``on_bad_rows: skip``).
+  ``drop_bad_rows`` skips such rows instead, counted and logged (recipes' ``on_bad_rows: skip``). A list of rows
+  keeps every key any row has (``rows_to_dataset``); a reward model's ``margin`` must be a finite number in every row.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from collections.abc import Mapping
@@ -56,6 +58,14 @@ def _check_text(row: dict, field: str, where: str, optional: bool = False) -> No
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise DataError(f"{where}: field '{field}[{i}]' must be a message with a string 'role'")
+        content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            continue  # an assistant turn that only calls tools
+        if not isinstance(content, str | list):  # a list: multimodal content parts
+            got = "missing" if content is None else f"a {type(content).__name__}"
+            raise DataError(
+                f"{where}: field '{field}[{i}].content' is {got} (a message needs string content)"
+            )
 
 
 def check_row(row: Any, kind: str, where: str, text_field: str = "text") -> None:
@@ -94,9 +104,10 @@ def as_dataset(data, kind: str, name: str, text_field: str = "text"):
     if isinstance(data, datasets.Dataset | datasets.IterableDataset):
         return data
     if isinstance(data, list | tuple):
-        for i, row in enumerate(data):
-            check_row(row, kind, f"{name} dataset row {i}", text_field)
-        return datasets.Dataset.from_list(list(data))
+        where = [f"{name} dataset row {i}" for i in range(len(data))]
+        for row, loc in zip(data, where):
+            check_row(row, kind, loc, text_field)
+        return rows_to_dataset(list(data), where)
     raise TypeError(
         f"{name}_dataset must be a datasets.Dataset, IterableDataset or list, got {type(data).__name__}"
     )
@@ -106,22 +117,64 @@ def column_names(dataset) -> list[str]:  # an IterableDataset may not know its f
     return list(dataset.column_names or next(iter(dataset)).keys())
 
 
-def drop_bad_rows(dataset, kind: str, name: str = "train", text_field: str = "text"):
-    """``dataset`` without the rows ``check_row`` rejects; how many were dropped (and the first reasons) is logged."""
-    bad: list[str] = []
+def _value_kind(value) -> str:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return "number" if number else type(value).__name__
 
-    def usable(row: dict, idx: int) -> bool:
+
+def rows_to_dataset(rows: list[dict], where: list[str]):
+    """A ``Dataset`` of ``rows`` with every key any row has (None where a row lacks it): ``Dataset.from_list`` takes
+    the columns of row 0 only and drops the rest silently. A column whose values arrow cannot hold together
+    (a string in one row, a list in another) raises ``DataError`` naming ``where[i]`` of the first odd row."""
+    import datasets
+    import pyarrow as pa
+
+    columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        for key, values in columns.items():
+            kinds = [(i, _value_kind(v)) for i, v in enumerate(values) if v is not None]
+            odd = next((i for i, k in kinds if k != kinds[0][1]), None)
+            if odd is not None:
+                raise DataError(
+                    f"{where[odd]}: field {key!r} is a {kinds[odd][1]} but a {kinds[0][1]} in {where[kinds[0][0]]}"
+                    " (one type per field across rows)"
+                ) from e
+        raise DataError(f"{where[0] if where else 'dataset'}: rows cannot form one table: {e}") from e
+
+
+BAD_ROW = "__bad_row_reason__"
+
+
+def drop_bad_rows(dataset, kind: str, name: str = "train", text_field: str = "text"):
+    """``dataset`` without the rows ``check_row`` rejects; how many were dropped (and the first reasons) is logged.
+    The reasons are a column computed by ``map`` and read back, so a rerun answered by the datasets cache counts and
+    logs them too; an ``IterableDataset`` is checked as it streams, each skipped row logged."""
+    import datasets
+
+    def reason(row: dict, idx: int) -> dict:
         try:
             check_row(row, kind, f"{name} dataset row {idx}", text_field)
-            return True
+            return {BAD_ROW: ""}
         except DataError as e:
-            bad.append(str(e))
-            return False
+            return {BAD_ROW: str(e)}
 
-    kept = dataset.filter(usable, with_indices=True)
-    if bad:
-        logger.warning("%s: skipped %d bad row(s); first: %s", name, len(bad), " | ".join(bad[:5]))
-    return kept
+    if not isinstance(dataset, datasets.Dataset):
+
+        def usable(row: dict, idx: int) -> bool:
+            bad = reason(row, idx)[BAD_ROW]
+            if bad:
+                logger.warning("%s: skipped a bad row: %s", name, bad)
+            return not bad
+
+        return dataset.filter(usable, with_indices=True)
+    reasons = dataset.map(reason, with_indices=True, remove_columns=dataset.column_names)[BAD_ROW]
+    bad = [r for r in reasons if r]
+    if not bad:
+        return dataset
+    logger.warning("%s: skipped %d bad row(s); first: %s", name, len(bad), " | ".join(bad[:5]))
+    return dataset.select([i for i, r in enumerate(reasons) if not r])
 
 
 def extract_prompt(chosen, rejected) -> dict:
@@ -167,6 +220,8 @@ def _filter(dataset, predicate, args, name: str, what: str):
     import datasets
 
     before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    if before is None:  # counting would need a pass over the stream
+        logger.warning("%s dataset streams (IterableDataset): rows with %s are dropped uncounted", name, what)
     dataset = dataset.filter(predicate, **({} if before is None else {"num_proc": args.dataset_num_proc}))
     if before is not None and len(dataset) < before:
         logger.warning("%s dataset: dropped %d of %d rows (%s)", name, before - len(dataset), before, what)
@@ -294,38 +349,58 @@ def pad_right(seqs: list[list[int]], value: int, multiple: int | None = None) ->
     return F.pad(out_BT, (0, -out_BT.shape[1] % multiple), value=value) if multiple else out_BT
 
 
+def default_labels(feature: dict) -> list[int]:
+    """A row's ``labels``; without them (``skip_prepare_dataset`` rows) the input ids, as TRL's collator makes them,
+    -100 where a ``completion_mask`` / ``assistant_masks`` the row carries is 0."""
+    if feature.get("labels") is not None:
+        return list(feature["labels"])
+    masks = [feature[k] for k in ("completion_mask", "assistant_masks") if feature.get(k) is not None]
+    return [t if all(bits) else IGNORE_INDEX for t, *bits in zip(feature["input_ids"], *masks)]
+
+
 @dataclass
 class SFTCollator:
-    """``{input_ids, labels}`` rows -> a right-padded batch with ``attention_mask``; with ``padding_free`` (always
-    for packed rows) every sample of the batch flattened into one row by ``DataCollatorWithFlattening``."""
+    """``{input_ids, labels}`` rows -> a right-padded batch with ``attention_mask``; with ``padding_free``, and for
+    packed rows (``seq_lengths``: eval_packing without packing too) every sample of the batch flattened into one row
+    by ``DataCollatorWithFlattening``, so packed samples never attend to each other."""
 
     pad_token_id: int
     padding_free: bool = False
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        if self.padding_free:
+        labels = [default_labels(f) for f in features]
+        if self.padding_free or any(f.get("seq_lengths") for f in features):
             from transformers import DataCollatorWithFlattening
 
             samples = []
-            for f in features:  # a packed row goes back to its samples
+            for f, f_labels in zip(features, labels):  # a packed row goes back to its samples
                 ends = list(accumulate(f.get("seq_lengths") or [len(f["input_ids"])]))
                 for lo, hi in zip([0, *ends], ends):
-                    samples.append({"input_ids": f["input_ids"][lo:hi], "labels": f["labels"][lo:hi]})
+                    samples.append({"input_ids": f["input_ids"][lo:hi], "labels": f_labels[lo:hi]})
             return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(samples)
         ids, multiple = [f["input_ids"] for f in features], self.pad_to_multiple_of
         return {
             "input_ids": pad_right(ids, self.pad_token_id, multiple),
             "attention_mask": pad_right([[1] * len(s) for s in ids], 0, multiple),
-            "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX, multiple),
+            "labels": pad_right(labels, IGNORE_INDEX, multiple),
         }
+
+
+def checked_margin(value, where: str) -> float:
+    """A reward-model ``margin`` as a float; anything but a finite number raises naming the row."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        got = "missing (None): give every row a margin, or none" if value is None else f"{value!r}"
+        raise DataError(f"{where}: field 'margin' must be a finite number, got {got}")
+    return float(value)
 
 
 def _preference_example(row, idx, tokenizer, name: str, full_sequences: bool) -> dict:
     def ids(value, **template_kwargs) -> list[int]:
         return list(_tokenize(tokenizer, value, row, **template_kwargs)["input_ids"])
 
-    check_row(row, "preference", f"{name} dataset row {idx}")
+    where = f"{name} dataset row {idx}"
+    check_row(row, "preference", where)
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if prompt is None and not full_sequences:  # implicit prompt: what both answers start with
         prompt, chosen, rejected = extract_prompt(chosen, rejected).values()
@@ -334,7 +409,7 @@ def _preference_example(row, idx, tokenizer, name: str, full_sequences: bool) ->
     if full_sequences:  # the reward model scores prompt + answer as one sequence
         if prompt is not None:
             chosen, rejected = prompt + chosen, prompt + rejected
-        margin = {"margin": row["margin"]} if row.get("margin") is not None else {}
+        margin = {"margin": checked_margin(row["margin"], where)} if "margin" in row else {}
         return {"chosen_ids": ids(chosen), "rejected_ids": ids(rejected), **margin}
     gen = {} if isinstance(prompt, str) else {"add_generation_prompt": True}
     prompt_ids, chosen_ids, rejected_ids = ids(prompt, **gen), ids(prompt + chosen), ids(prompt + rejected)
@@ -345,16 +420,22 @@ def _preference_example(row, idx, tokenizer, name: str, full_sequences: bool) ->
 def prepare_preference_dataset(dataset, tokenizer, args, *, name: str, full_sequences: bool = False):
     """DPO rows ``{prompt_ids, chosen_ids, rejected_ids}`` or, with ``full_sequences`` (reward model),
     ``{chosen_ids, rejected_ids}`` of prompt + answer (and ``margin`` when the data has one)."""
+    import datasets
+
     dataset = as_dataset(dataset, "preference", name)
-    if "chosen_ids" in column_names(dataset):
-        return dataset  # already tokenized
     kwargs = {"tokenizer": tokenizer, "name": name, "full_sequences": full_sequences}
     limit = args.max_length
     with args.main_process_first(desc=f"preparing {name} dataset"):
-        dataset = _map(
-            dataset, _preference_example, args, name, "Tokenizing", with_indices=True, fn_kwargs=kwargs,
-            remove_columns=column_names(dataset),
-        )  # fmt: skip
+        if "chosen_ids" not in column_names(dataset):
+            dataset = _map(
+                dataset, _preference_example, args, name, "Tokenizing", with_indices=True, fn_kwargs=kwargs,
+                remove_columns=column_names(dataset),
+            )  # fmt: skip
+        elif full_sequences and isinstance(dataset, datasets.Dataset) and "margin" in dataset.column_names:
+            # already tokenized: the margins still need checking
+            for i, value in enumerate(dataset["margin"]):
+                checked_margin(value, f"{name} dataset row {i}")
+        # the length filters apply to already tokenized rows too, as in TRL
         if limit is not None and full_sequences:
             fits = lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= limit  # noqa: E731
             return _filter(dataset, fits, args, name, f"an answer longer than max_length={limit}")

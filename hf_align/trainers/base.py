@@ -13,17 +13,19 @@ its ``default_collator``. With ``sync_ref_model`` (DPO, GRPO), ``ReferenceSync``
 reference model every ``ref_model_sync_steps`` optimizer steps (TR-DPO), and the reference goes into checkpoints.
 
 Metrics are recorded per micro-batch as detached device tensors (no sync) and merged in ``log``: averaged over
-the calls (``time/*`` keys summed: seconds spent in the step), then over processes in one collective (every
-process records the same keys, which keeps it aligned); ``<name>`` in training, ``eval_<name>`` in evaluation.
+the calls (``time/*`` keys summed: seconds spent in the step), then over processes in one collective, NaN ("no
+value") left out and a key without any value not logged; ``<name>`` in training, ``eval_<name>`` in evaluation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_align.modeling import wrap_lora
@@ -102,16 +104,6 @@ def global_sum(accelerator, count, device) -> torch.Tensor:
     if accelerator.num_processes > 1:
         count = accelerator.gather(count.reshape(1)).sum()
     return count
-
-
-def weighted_mean(accelerator, values: list[float], count: int) -> list[float]:
-    """Means computed on each process over ``count`` items, combined into the mean over all items."""
-    totals = torch.tensor(
-        [*(v * count for v in values), float(count)], dtype=torch.float64, device=accelerator.device
-    )
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals, reduction="sum")
-    return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
 
 
 @torch.no_grad()
@@ -220,19 +212,28 @@ class AlignTrainer(SafeTrainingMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        buffer, device = self._metrics["eval" if prefix else "train"], self.accelerator.device
+        buffer, acc = self._metrics["eval" if prefix else "train"], self.accelerator
         keys = sorted(k for k, v in buffer.items() if v)
-        # one stack per key here, not a sync per micro-batch
-        local = [
-            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in buffer[k]])
-            for k in keys
-        ]
-        local = [x.sum() if k.startswith("time/") else x.mean() for k, x in zip(keys, local)]
-        values = torch.stack(local) if local else torch.zeros(0, dtype=torch.float64, device=device)
-        if self.accelerator.num_processes > 1 and keys:
-            values = self.accelerator.reduce(values, reduction="mean")
+        if acc.num_processes > 1:  # every key any process has: one that lacks it joins with "no value"
+            keys = sorted(set(gather_object(keys)))
+        # One value per key and process (time/* keys summed, others averaged over the calls), NaN (a call with
+        # nothing to measure, e.g. a reward function that scored no completion) left out; then the mean over the
+        # processes that have one, in one collective. A key with no value anywhere is not logged: never a NaN.
+        values = torch.full((len(keys),), math.nan, dtype=torch.float64, device=acc.device)
+        for i, k in enumerate(keys):
+            if not buffer.get(k):
+                continue  # this process has no value (NaN)
+            x = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=acc.device) for v in buffer[k]])
+            seen = ~x.isnan()
+            total = torch.where(seen, x, 0.0).sum()
+            values[i] = total if k.startswith("time/") else total / seen.sum()
+        seen = ~values.isnan()
+        sums_counts = torch.cat([torch.where(seen, values, 0.0), seen.double()])
+        if acc.num_processes > 1 and keys:
+            sums_counts = acc.reduce(sums_counts, reduction="sum")
+        sums, counts = sums_counts.tolist()[: len(keys)], sums_counts.tolist()[len(keys) :]
         buffer.clear()
-        logs.update({prefix + k: v for k, v in zip(keys, values.tolist())})
+        logs.update({prefix + k: s / c for k, s, c in zip(keys, sums, counts) if c > 0})
         super().log(logs, start_time)
 
 

@@ -41,11 +41,13 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 @dataclass
 class PreferenceCollator:
     """B pairs -> 2B shifted rows ``[chosen; rejected]`` (``build_shifted_sequences``), each ``prompt + answer``
-    cut to ``max_length``, plus cached reference log-probs (B,) when the examples carry them."""
+    cut to ``max_length``, padded to a multiple of ``pad_to_multiple_of`` (as TRL's collator), plus cached
+    reference log-probs (B,) when the examples carry them."""
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         pairs = [
@@ -56,6 +58,13 @@ class PreferenceCollator:
         batch = build_shifted_sequences(
             [p for p, _ in pairs], [a for _, a in pairs], self.pad_token_id
         )  # (2B, T)
+        extra = -batch["input_ids"].shape[1] % (self.pad_to_multiple_of or 1)
+        if extra:  # (2B, T) -> (2B, T + extra): padding ids, masks off
+            fill = {"input_ids": self.pad_token_id, "labels": self.pad_token_id}
+            batch = {
+                k: torch.cat([v, v.new_full((v.shape[0], extra), fill.get(k, 0))], 1)
+                for k, v in batch.items()
+            }
         if all(key in features[0] for key in REF_KEYS):
             for key in REF_KEYS:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)  # (B,)
@@ -122,7 +131,9 @@ class DPOTrainer(DatasetTrainer):
         return prepare_preference_dataset(dataset, tokenizer, args, name=name)
 
     def default_collator(self, args, tokenizer):
-        return PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
+        return PreferenceCollator(
+            tokenizer.pad_token_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of
+        )
 
     def _pair_log_probs(self, model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of the chosen and the rejected answers, (B,) each, from one 2B forward."""

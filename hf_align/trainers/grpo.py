@@ -58,7 +58,7 @@ from hf_align.modeling import create_reference_model
 from hf_align.rollout import make_engine
 from hf_align.rollout.vllm import colocated_gpu_problem
 from hf_align.trainers import grpo_rollouts as R
-from hf_align.trainers.base import AlignTrainer, weighted_mean
+from hf_align.trainers.base import AlignTrainer
 from hf_align.trainers.grpo_rewards import RewardRunner
 from hf_align.trainers.safety import UnsupportedEngineError, engine_faults, resume_hint, sharded_engine
 from hf_align.trainers.sharding import full_weights
@@ -109,7 +109,10 @@ class GRPOTrainer(AlignTrainer):
             model, args, processing_class, peft_config, quantization_config
         )
         rows = R.prompt_rows(train_dataset, "train_dataset")
-        self.eval_rows = R.prompt_rows(eval_dataset, "eval_dataset")
+        if isinstance(eval_dataset, dict):  # TRL: several eval sets, each logged as eval_<name>_*
+            self.eval_rows = {k: R.prompt_rows(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+        else:
+            self.eval_rows = R.prompt_rows(eval_dataset, "eval_dataset")
         if args.max_steps <= 0:
             # TRL's num_train_epochs: passes over the prompts, each sampled num_generations times
             per_pass = math.ceil(len(rows) * args.num_generations / args.generation_batch_size)
@@ -290,14 +293,24 @@ class GRPOTrainer(AlignTrainer):
                 metrics = {**R.rollout_metrics(rewards_NF, self.rewards.names, scored, G),
                            **self.rewards.grader_metrics()}  # fmt: skip
                 if a.log_completions and self.is_world_process_zero():
-                    shown = a.num_completions_to_print or 4
-                    for p, c, r in list(zip(inputs["prompts"], inputs["completions"], totals))[:shown]:
-                        logger.info("reward %.3f\nprompt: %.300r\ncompletion: %.300r", r, p, c)
+                    self._print_completions(inputs, totals)
+            self.rewards.logged_extra.clear()
             R.select_groups(scored, G, keep, want, filler, a.dynamic_sampling)
         keep.extend(filler, 0, want * G - len(keep))  # dynamic sampling ran out of rounds
+        metrics |= self.rewards.pop_logged_metrics()  # TRL's log_metric, from the reward functions
         metrics |= {"time/generation_s": gen_s, "time/grading_s": grade_s, "dynamic_sampling_rounds": rounds,
                     "generation_tokens_per_s": tokens / max(gen_s, 1e-9), "prompts_dropped_too_long": self.prompts.dropped}  # fmt: skip
         return keep, metrics
+
+    def _print_completions(self, inputs: dict, totals: list[float]) -> None:
+        """``log_completions``: the first few (prompt, completion, reward) rows, with TRL's ``log_extra`` columns."""
+        extra = self.rewards.logged_extra
+        rows = zip(inputs["prompts"], inputs["completions"], totals)
+        for i, (prompt, completion, reward) in enumerate(
+            list(rows)[: self.args.num_completions_to_print or 4]
+        ):
+            more = "".join(f"\n{k}: {v[i]!r:.300}" for k, v in extra.items() if i < len(v))
+            logger.info("reward %.3f\nprompt: %.300r\ncompletion: %.300r%s", reward, prompt, completion, more)
 
     @torch.no_grad()
     def _add_reference_log_probs(self, micro: list[dict]) -> None:
@@ -399,6 +412,8 @@ class GRPOTrainer(AlignTrainer):
         coef = self._entropy_coef
         if a.use_adaptive_entropy:
             coef = applied_entropy_coef(coef, self._last_entropy, a.entropy_target)
+        if coef != 0:  # the bonus moves the weights even where every advantage is 0
+            self._signal = keep_BT.any() | self._signal
         if a.top_entropy_quantile == 1.0:
             term = entropy_bonus(entropy_BT, keep_BT, coef, num_tokens.clamp(min=1))[0] * acc.num_processes
         else:
@@ -522,8 +537,15 @@ class GRPOTrainer(AlignTrainer):
         """``num_generations_eval`` (None: ``num_generations``) completions per eval prompt at ``eval_temperature``
         (one when greedy: the copies would be equal), scored by the reward functions: ``eval_reward``,
         ``eval_rewards/<name>/mean`` and, with a built-in grader, ``eval_accuracy`` / ``eval_format_rate``. Means
-        over all completions of all processes."""
+        over the completions of all processes that got a reward (as in training). A dict of eval datasets (TRL)
+        gives ``eval_<name>_*`` per dataset."""
         rows = eval_dataset if eval_dataset is not None else self.eval_rows
+        rows = self.eval_rows[rows] if isinstance(rows, str) else rows  # Trainer passes a dict's names
+        if isinstance(rows, dict):
+            metrics = {}
+            for name, dataset in rows.items():
+                metrics |= self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}")
+            return metrics
         if rows is None or not len(rows):
             return {}
         a, acc = self.args, self.accelerator
@@ -535,9 +557,6 @@ class GRPOTrainer(AlignTrainer):
         ]
         per_prompt = (a.num_generations_eval or a.num_generations) if a.eval_temperature > 0 else 1
         sampling = dataclasses.replace(R.sampling_for(a), n=per_prompt, temperature=a.eval_temperature)
-        keys = ["reward", *(f"rewards/{name}/mean" for name in self.rewards.names)]
-        keys += ["accuracy", "format_rate"] if self.rewards.graders() else []
-        summary: dict[str, float] = {}
         self.rewards.hint = resume_hint(self)
         self._queue.state_dict()  # async: queued batches finished, so the engine is free
         # every process, with prompts or not: sharded weights gather here
@@ -545,17 +564,35 @@ class GRPOTrainer(AlignTrainer):
             if prompts:
                 with self._faults("generating for evaluation"):
                     groups = engine.generate(texts, sampling)
-        if prompts:
-            rewards_NF, totals, _ = self.rewards.score_groups(prompts, groups, self.state, strict=False)
-            means = [torch.tensor(totals).nan_to_num(0.0).mean(), *rewards_NF.nan_to_num(0.0).mean(dim=0)]
-            summary = {**dict(zip(keys, map(float, means))), **self.rewards.grader_metrics()}
-        values = weighted_mean(acc, [summary.get(k, 0.0) for k in keys], len(prompts))
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in zip(keys, values)}
+        metrics = self._eval_means(prompts, groups if prompts else [], metric_key_prefix)
         self.log(metrics)
         # As Trainer.evaluate does: callbacks see the metrics, and the pending-evaluation flag is cleared (without
         # this the epoch-end hook evaluates a second time).
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _eval_means(self, prompts: list[dict], groups, prefix: str) -> dict[str, float]:
+        """Each eval metric's mean over the completions of every process that got a value (a sum and a count per
+        key, in one collective); a metric no completion got is left out, never a NaN or a 0 standing for None."""
+        keys = ["reward", *(f"rewards/{name}/mean" for name in self.rewards.names)]
+        keys += ["accuracy", "format_rate"] if self.rewards.graders() else []
+        sums_counts = torch.zeros(2 * len(keys), dtype=torch.float64)
+        if prompts:
+            rewards_NF, totals, _ = self.rewards.score_groups(prompts, groups, self.state)
+            columns = [torch.tensor(totals, dtype=torch.float64), *rewards_NF.T]
+            graded = self.rewards.grader_metrics()  # means over every completion
+            columns += [
+                torch.full((len(totals),), graded[k]) for k in ("accuracy", "format_rate") if k in graded
+            ]
+            for i, column in enumerate(columns):
+                seen = ~column.isnan()
+                sums_counts[i], sums_counts[len(keys) + i] = column[seen].sum(), seen.sum()
+            self.record(self.rewards.pop_logged_metrics(), training=False)  # log_metric calls: eval_<name>
+        sums_counts = sums_counts.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            sums_counts = self.accelerator.reduce(sums_counts, reduction="sum")
+        sums, counts = sums_counts.tolist()[: len(keys)], sums_counts.tolist()[len(keys) :]
+        return {f"{prefix}_{k}": s / c for k, s, c in zip(keys, sums, counts) if c > 0}
 
     def _save_extra_state(self, folder: str) -> None:
         super()._save_extra_state(folder)

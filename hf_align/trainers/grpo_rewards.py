@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import threading
+from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -33,6 +34,8 @@ from hf_align.trainers.base import load_processing_class, model_name
 from hf_align.trainers.grpo_rollouts import reward_inputs, total_rewards
 
 logger = logging.getLogger(__name__)
+
+MAX_CALLS_RAISING = 3  # a reward function raising in this many calls in a row stops training
 
 
 class RewardFunctionError(RuntimeError):
@@ -118,6 +121,10 @@ class RewardRunner:
             )
         self.timeout_s = args.reward_timeout_s
         self.hint = ""
+        self._raised = dict.fromkeys(self.names, 0)  # calls in a row in which each function raised
+        # what reward functions logged through TRL's log_metric / log_extra since the trainer last took it
+        self.logged_metrics: dict[str, list[float]] = defaultdict(list)
+        self.logged_extra: dict[str, list] = defaultdict(list)
 
     @staticmethod
     def _resolve(fn, proc, args, device):
@@ -165,7 +172,8 @@ class RewardRunner:
         n = len(completions)
         out = torch.full((n, len(self.funcs)), float("nan"), dtype=torch.float64)
         failures: dict[str, str | None] = {}
-        kwargs = {**columns, "trainer_state": trainer_state}
+        kwargs = {**columns, "trainer_state": trainer_state, "log_metric": self._log_metric,
+                  "log_extra": self._log_extra}  # fmt: skip
         for k, (fn, proc, name) in enumerate(zip(self.funcs, self.processing, self.names)):
             failures[name] = None
             bounded = not isinstance(fn, GraderReward)  # a grader's pool bounds each of its items itself
@@ -182,18 +190,18 @@ class RewardRunner:
             except RewardFunctionError:
                 raise
             except Exception as e:
-                failures[name] = f"{type(e).__name__}: {e}"
+                failures[name], self._raised[name] = f"{type(e).__name__}: {e}", self._raised[name] + 1
+                if self._raised[name] >= MAX_CALLS_RAISING:  # a bug, not a bad item: training would ignore it
+                    raise RewardFunctionError(
+                        f"reward function {name!r} raised in {MAX_CALLS_RAISING} calls in a row, the last with "
+                        f"{failures[name]}. Training stopped. {self.hint}"
+                    ) from e
                 logger.warning(
                     "reward function %r raised on %d completions (scored None): %s", name, n, failures[name]
                 )
                 continue
-            values = list(values)
-            if len(values) != n:
-                raise ValueError(
-                    f"reward function {name!r} returned {len(values)} rewards for {n} completions"
-                )
-            column = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
-            out[:, k] = torch.where(column.isfinite(), column, math.nan)
+            self._raised[name] = 0
+            out[:, k] = _reward_column(values, n, name)
             if torch.isnan(out[:, k]).all():
                 failures[name] = failures[name] or "returned None / NaN for every completion"
         return out, failures
@@ -208,6 +216,18 @@ class RewardRunner:
             check_some_reward(rewards_NF, failures, self.hint)
         return rewards_NF, total_rewards(rewards_NF, self.weights), inputs
 
+    def _log_metric(self, name: str, value: float) -> None:
+        self.logged_metrics[name].append(float(value))
+
+    def _log_extra(self, column: str, values: list) -> None:
+        self.logged_extra[column].extend(values)
+
+    def pop_logged_metrics(self) -> dict[str, float]:
+        """The mean of each metric reward functions logged since the last call (TRL's ``log_metric``)."""
+        logged = {k: sum(v) / len(v) for k, v in self.logged_metrics.items() if v}
+        self.logged_metrics.clear()
+        return logged
+
     @torch.no_grad()
     def _score_model(self, model, tokenizer, prompts, completions) -> list[float]:
         pairs = zip(prompts, completions)
@@ -220,6 +240,21 @@ class RewardRunner:
         )
         device = next(model.parameters()).device
         return model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float().tolist()
+
+
+def _reward_column(values, n: int, name: str) -> torch.Tensor:
+    """A reward function's return as (n,) float64, NaN for None / NaN / inf ("no reward")."""
+    try:
+        floats = [math.nan if v is None else float(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"reward function {name!r} must return a list of {n} floats (None: no reward), one per completion; "
+            f"got {type(values).__name__} ({e})"
+        ) from None
+    if len(floats) != n:
+        raise ValueError(f"reward function {name!r} returned {len(floats)} rewards for {n} completions")
+    column = torch.tensor(floats, dtype=torch.float64)
+    return torch.where(column.isfinite(), column, math.nan)
 
 
 def check_some_reward(rewards_NF: torch.Tensor, failures: dict, hint: str) -> None:

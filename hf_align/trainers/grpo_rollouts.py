@@ -18,6 +18,7 @@ uses them. Choices:
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,9 +36,16 @@ logger = logging.getLogger(__name__)
 def render_prompt(prompt, tokenizer, chat_template_kwargs: dict | None = None) -> str:
     """The text the engine continues: a string prompt as is, a conversation through the chat template."""
     if is_conversational({"prompt": prompt}):
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
         )
+        # The engines tokenize with the tokenizer's special tokens; a template that writes BOS itself (Llama 3,
+        # Gemma, Mistral) would then start with two. TRL tokenizes in apply_chat_template, which adds none.
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and text.startswith(bos):
+            added = tokenizer("", add_special_tokens=True)["input_ids"]
+            text = text[len(bos) :] if added[:1] == [tokenizer.bos_token_id] else text
+        return text
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
     return prompt
@@ -78,8 +86,8 @@ class PromptStream:
         self.dropped = 0
 
     def take(self, count: int, rank: int, world: int) -> list[dict]:
-        n = len(self.rows)
-        out = []
+        n, out = len(self.rows), []
+        in_a_row = 0  # prompts dropped since the last one kept
         while len(out) < count:
             position = self.cursor * world + rank
             epoch, index = divmod(position, n)
@@ -91,12 +99,12 @@ class PromptStream:
             text = render_prompt(row["prompt"], self.tokenizer, self.chat_template_kwargs)
             limit = self.max_prompt_length
             if limit is not None and len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) > limit:
-                self.dropped += 1
+                self.dropped, in_a_row = self.dropped + 1, in_a_row + 1
                 logger.warning(
                     "prompt longer than max_prompt_length=%d dropped (%d so far): %.60r",
                     limit, self.dropped, text,
                 )  # fmt: skip
-                if self.dropped > 10 * n:
+                if in_a_row > 10 * n:  # ten passes' worth without one that fits
                     raise ValueError(
                         "every prompt exceeds max_prompt_length: raise it or shorten the prompts"
                     )
@@ -195,12 +203,13 @@ def rollout_metrics(
         out[f"rewards/{name}/std"] = rewards_std(column)
         out[f"rewards/{name}/invalid"] = column.isnan().sum().item()
     rewards = torch.tensor(scored.rewards, dtype=torch.float64)
-    groups = rewards.nan_to_num(0.0).view(-1, group_size)  # (num_groups, G)
+    groups = rewards.view(-1, group_size)  # (num_groups, G); NaN (unscorable) is left out of the spread
+    spread = groups.nan_to_num(-math.inf).max(1).values > groups.nan_to_num(math.inf).min(1).values
     lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
     out.update({
         "reward": rewards.nanmean().item(),
         "reward_std": rewards_std(rewards),
-        "frac_reward_zero_std": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+        "frac_reward_zero_std": (~spread).float().mean().item(),
         "completions/mean_length": lengths.mean().item(),
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),

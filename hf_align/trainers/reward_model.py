@@ -7,8 +7,8 @@ Choices:
   from the tokenizer.
 - Rows (explicit or implicit prompt, standard or conversational) become ``prompt + chosen`` and ``prompt +
   rejected``, each tokenized whole by ``hf_align.formats.prepare_preference_dataset``; plain answers end in EOS,
-  and pairs with an answer longer than ``max_length`` are dropped (counted, logged), as in TRL. A ``margin``
-  column is honoured.
+  and pairs with an answer longer than ``max_length`` are dropped (counted, logged), as in TRL, already tokenized
+  rows too. A ``margin`` column is honoured; a row whose margin is not a finite number is an error naming it.
 - Each micro-batch is ONE forward over the 2B rows ``[prompt + chosen; prompt + rejected]``. The loss is
   ``hf_align.losses.reward_model.bradley_terry_loss`` (plus reward centring when ``center_rewards_coefficient``
   is set), a mean over pairs made exact under any accumulation / process split as in the DPO trainer.

@@ -142,6 +142,8 @@ class SafeTrainingMixin:
 
     _step_losses: list[torch.Tensor] | None = None  # this optimizer step's micro-batch losses, on the device
     _has_learned = False  # some optimizer step of this process had a non-zero gradient
+    _signal_seen = False  # some optimizer step of this train() call had something to learn
+    _steps_run = 0  # optimizer steps of this train() call
     _staging_dir: str | None = None  # Trainer's run folder while a checkpoint is being written
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -174,6 +176,7 @@ class SafeTrainingMixin:
                 + "Lower the learning rate, check the data / rewards of this step, or use bf16 instead of fp16."
             )
         signal = self._step_has_learning_signal()  # called every step: it also resets GRPO's per-step flag
+        self._signal_seen, self._steps_run = self._signal_seen or signal, self._steps_run + 1
         # Only until the first non-zero gradient: later, a policy that has become certain of its samples (every
         # log-prob exactly 0 in float32) or a fully clipped ratio legitimately gives a zero gradient.
         self._has_learned = self._has_learned or value > 0.0
@@ -204,7 +207,20 @@ class SafeTrainingMixin:
             resume_from_checkpoint = get_last_checkpoint(out) or True  # none: Trainer raises its own error
         if resume_from_checkpoint and resume_from_checkpoint is not True:
             self._load_extra_state(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._signal_seen, self._steps_run = False, 0
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        seen = torch.tensor(float(self._signal_seen), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            seen = self.accelerator.reduce(seen, reduction="sum")
+        if self._steps_run and not seen.item():
+            raise NoLearningError(
+                f"none of the {self._steps_run} optimizer steps of this run had anything to learn, so the weights "
+                "never moved: every group's rewards were equal (frac_reward_zero_std 1: a task too hard or too "
+                "easy for the model, or a reward that does not tell completions apart), or every completion was "
+                "left out of the loss (mask_truncated_completions with completions all cut at "
+                "max_completion_length)."
+            )
+        return output
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)

@@ -246,3 +246,15 @@ def test_recipe_trains_lora_on_conversations(tmp_path, tiny_model_dir):
     assert _logged(trainer)[0] == pytest.approx(math.log(2), abs=1e-6)
     assert "eval_rewards/accuracies" in trainer.evaluate()
     assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_pad_to_multiple_of_reaches_the_collator_and_keeps_the_loss(tmp_path, tokenizer):
+    losses = []
+    for multiple in (8, None):
+        cfg = _config(tmp_path, learning_rate=0.0, pad_to_multiple_of=multiple)
+        trainer = DPOTrainer(build_model(tokenizer), args=cfg, train_dataset=TOY, processing_class=tokenizer)
+        widths = {trainer.data_collator([row])["input_ids"].shape[1] for row in trainer.train_dataset}
+        assert all(w % 8 == 0 for w in widths) if multiple else len(widths) > 1
+        trainer.train()
+        losses.append(_logged(trainer)[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

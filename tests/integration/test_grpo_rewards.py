@@ -16,6 +16,7 @@ from datasets import Dataset
 from hf_align.config import GRPOConfig
 from hf_align.trainers.grpo import GRPOTrainer
 from hf_align.trainers.grpo_rewards import RewardFunctionError
+from hf_align.trainers.safety import NoLearningError
 from tests.conftest import build_model
 
 ROWS = [{"prompt": f"Q: {q} A:", "answer": "0", "colour": q} for q in ["red", "green", "cat", "dog"]]
@@ -190,7 +191,9 @@ def test_builtin_grader_by_name_in_worker_processes(tmp_path, tokenizer):
         build_model(tokenizer), ["gsm8k", "question_only"], _args(tmp_path, grader_num_workers=1),
         train_dataset=rows, processing_class=tokenizer,
     )  # fmt: skip
-    trainer.train()
+    # the random tiny model earns no reward, so the run learns nothing and says so; its logs show the graders ran
+    with pytest.raises(NoLearningError, match="every group's rewards were equal"):
+        trainer.train()
     h = _logged(trainer)
     for key in (
         "rewards/gsm8k/mean",
@@ -223,12 +226,14 @@ def test_batch_scaled_advantages_and_truncated_completions_masked(tmp_path, toke
     want = torch.tensor([-0.75, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0]) / (std + 1e-4)
     torch.testing.assert_close(advantages, want)
 
-    # every completion of the tiny model runs into max_completion_length: masked, nothing to learn, no NaN
+    # every completion of the tiny model runs into max_completion_length: masked, nothing to learn, no NaN; a
+    # run that never had anything to learn stops with an error naming the setting
     trainer = GRPOTrainer(
         build_model(tokenizer), lambda completions, **kw: [float(len(c)) for c in completions],
         _args(tmp_path, mask_truncated_completions=True), train_dataset=ROWS, processing_class=tokenizer,
     )  # fmt: skip
-    trainer.train()
+    with pytest.raises(NoLearningError, match="mask_truncated_completions"):
+        trainer.train()
     h = _logged(trainer)
     assert h["completions/clipped_ratio"] == 1.0 and h["loss"] == 0.0 and h["grad_norm"] == 0.0
 
@@ -240,3 +245,100 @@ def test_constructor_takes_trls_arguments_in_trls_order():
     ours = list(inspect.signature(GRPOTrainer.__init__).parameters)
     theirs = list(inspect.signature(trl.GRPOTrainer.__init__).parameters)
     assert ours[: theirs.index("peft_config") + 1] == theirs[: theirs.index("peft_config") + 1]
+
+
+def test_trls_log_metric_and_log_extra_reach_the_logs(tmp_path, tokenizer, caplog):
+    """TRL 1.16 hands reward functions ``log_metric(name, value)`` and ``log_extra(column, values)``."""
+
+    def scored(completions, log_metric, log_extra, **kwargs):
+        log_metric("scored/length", sum(map(len, completions)) / len(completions))
+        log_extra("length", [len(c) for c in completions])
+        return [float(len(set(c))) for c in completions]
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), scored, _args(tmp_path, log_completions=True), train_dataset=ROWS,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="hf_align.trainers.grpo"):
+        trainer.train()
+    assert _logged(trainer)["scored/length"] > 0
+    assert any("\nlength: " in r.getMessage() for r in caplog.records)
+
+
+def test_a_reward_failing_every_call_stops_training_next_to_a_working_one(tmp_path, tokenizer):
+    def wrong_column(completions, solution, **kwargs):  # the rows name it 'answer'
+        return [float(c == s) for c, s in zip(completions, solution)]
+
+    def spread(completions, **kwargs):
+        return [float(len(set(c))) for c in completions]
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), [spread, wrong_column], _args(tmp_path, max_steps=5), train_dataset=ROWS,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    with pytest.raises(RewardFunctionError, match=r"'wrong_column' raised in 3 calls in a row.*solution"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("returned", [None, 1.0, ["abc"] * 8, [[1.0]] * 8, {"r": [1.0] * 8}])
+def test_a_reward_of_the_wrong_type_is_an_error_naming_it(tmp_path, tokenizer, returned):
+    def odd_reward(completions, **kwargs):
+        return returned
+
+    trainer = GRPOTrainer(
+        build_model(tokenizer), odd_reward, _args(tmp_path), train_dataset=ROWS, processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match=r"reward function 'odd_reward' must return a list of 8 floats"):
+        trainer.train()
+
+
+def test_a_round_without_a_functions_reward_logs_no_nan_and_eval_skips_none(tmp_path, tokenizer):
+    """A reward that gives None for a whole round (TRL's protocol) is left out of that round's averages: the log
+    window is the mean of the rounds that had one, never NaN; eval means count only the completions scored, and a
+    group with a None and otherwise equal rewards has zero spread."""
+    calls = []
+
+    def odd_rounds(completions, **kwargs):
+        calls.append(1)
+        return [1.0 if len(calls) % 2 == 0 else None] * len(completions)
+
+    def half(completions, **kwargs):
+        return [1.0 if i % 2 else None for i in range(len(completions))]
+
+    def spread(completions, **kwargs):
+        return [float(len(set(c))) for c in completions]
+
+    args = _args(tmp_path, max_steps=2, logging_steps=2, per_device_train_batch_size=4, eval_strategy="no")
+    trainer = GRPOTrainer(
+        build_model(tokenizer), [spread, odd_rounds, half], args, train_dataset=ROWS,
+        eval_dataset={"a": ROWS[:2], "b": ROWS[2:]}, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "reward" in h]
+    assert all(v == v for v in logged.values()), logged
+    assert logged["rewards/odd_rounds/mean"] == 1.0 and logged["rewards/odd_rounds/invalid"] == 2.0
+    metrics = trainer.evaluate()
+    assert metrics["eval_a_rewards/half/mean"] == metrics["eval_b_rewards/half/mean"] == 1.0  # None: not a 0
+    assert {"eval_a_reward", "eval_b_reward"} <= set(metrics)
+
+    from hf_align.trainers import grpo_rollouts as R
+
+    nan = float("nan")
+    scored = R.ScoredGroups(
+        completion_ids=[[1]] * 8, finish_reasons=["eos"] * 8, rewards=[1.0, nan, 1.0, 1.0, 0.0, 1.0, nan, 1.0]
+    )
+    assert R.rollout_metrics(torch.zeros(8, 1), ["f"], scored, 4)["frac_reward_zero_std"] == 0.5
+
+
+def test_a_run_with_nothing_to_learn_stops_with_an_error(tmp_path, tokenizer):
+    trainer = GRPOTrainer(
+        build_model(tokenizer), lambda completions, **kw: [1.0] * len(completions), _args(tmp_path, max_steps=2),
+        train_dataset=ROWS, processing_class=tokenizer,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(
+        NoLearningError, match="none of the 2 optimizer steps of this run had anything to learn"
+    ):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))

@@ -132,7 +132,7 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer):
     cfg = _config(tmp_path, max_steps=4, num_iterations=2, per_device_train_batch_size=8, plot_curves=False)
     trainer = GRPOTrainer(
         build_model(tokenizer), args=cfg, train_dataset=ROWS, processing_class=tokenizer,
-        reward_funcs=[target_word_reward],
+        reward_funcs=[letter_e_reward],
     )  # fmt: skip
     trainer.train()
     ratios = [h["ratio_max"] for h in trainer.state.log_history if "ratio_max" in h]
@@ -172,6 +172,11 @@ def test_off_policy_epochs_use_old_logprobs(tmp_path, tokenizer):
             "typical_p",
         ),  # model.generate: after the log-prob recorder
         (dict(generation_kwargs={"max_new_tokens": 9}), "set from the sampling fields"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(max_completion_length=0), "max_completion_length must be >= 1"),
+        (dict(min_completion_length=9, max_completion_length=8), "must be <= max_completion_length"),
+        (dict(num_iterations=0), "num_iterations must be >= 1"),
         (dict(generation_kwargs={"temperature": 0.0}), "temperature must be > 0"),
     ],
 )

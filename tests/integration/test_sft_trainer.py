@@ -189,3 +189,28 @@ def test_two_processes_equal_one_process(tmp_path, tokenizer):
     )  # fmt: skip
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
     assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-5)
+
+
+def test_skip_prepare_dataset_rows_without_labels_train_on_input_ids(tmp_path, tokenizer):
+    """TRL's collator makes labels from input_ids when the rows carry none (dataset_kwargs skip_prepare_dataset)."""
+    ids = [tokenizer(row["prompt"] + row["completion"])["input_ids"] for row in TOY]
+    losses = []
+    for rows in ([{"input_ids": i} for i in ids], [{"input_ids": i, "labels": i} for i in ids]):
+        cfg = _config(tmp_path, learning_rate=0.0, dataset_kwargs={"skip_prepare_dataset": True})
+        trainer = SFTTrainer(build_model(tokenizer), cfg, train_dataset=rows, processing_class=tokenizer)
+        trainer.train()
+        losses.append(next(h for h in trainer.state.log_history if "loss" in h)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_eval_packing_alone_keeps_samples_apart(tmp_path, tokenizer):
+    """eval_packing=True with packing=False: the packed eval rows are flattened by the collator (positions restart
+    per sample), so the eval loss is the unpacked one; padded as plain rows, samples would attend to each other."""
+    losses = []
+    for eval_packing in (True, False):
+        cfg = _config(tmp_path, eval_packing=eval_packing, per_device_eval_batch_size=8)
+        model = build_model(tokenizer)
+        trainer = SFTTrainer(model, cfg, train_dataset=TOY, eval_dataset=TOY, processing_class=tokenizer)
+        assert len(trainer.eval_dataset) < len(TOY) if eval_packing else len(trainer.eval_dataset) == len(TOY)
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
