@@ -90,7 +90,11 @@ def check_row(row: Any, kind: str, where: str, text_field: str = "text") -> None
         fields = {}
     for field, optional in fields.items():
         _check_text(row, field, where, optional)
-    strings = [isinstance(row[k], str) for k in ("prompt", "completion", "chosen", "rejected") if row.get(k)]
+    strings = [
+        isinstance(row[k], str)
+        for k in ("prompt", "completion", "chosen", "rejected")
+        if row.get(k) is not None
+    ]
     if any(strings) and not all(strings):
         raise DataError(
             f"{where}: mixes strings and message lists across prompt / completion / chosen / rejected"

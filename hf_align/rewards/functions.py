@@ -2,7 +2,8 @@
 
 ``GraderReward("r1_zero")(prompts, completions, answer=[...])`` returns one float per completion, or None where the
 grader raised or returned something unusable (TRL: "no reward from this function for this completion"); a
-completion that overruns ``timeout_s`` scores 0, like a wrong answer. The ground truth is the dataset's ``answer``
+completion that overruns ``timeout_s`` scores 0, like a wrong answer; one whose row has no ground truth (None, NaN,
+blank, empty list) gets None and is left out of accuracy. The ground truth is the dataset's ``answer``
 column (or TRL's ``solution``); the full result dicts of the last call stay in ``last_details`` (format / answer
 rewards, for the accuracy metrics). Workers start on the first call and stop with ``close()``.
 """
@@ -22,6 +23,18 @@ def completion_text(completion: Any) -> str:
     return completion
 
 
+NO_ANSWER = "no_ground_truth"  # in ``last_details``: the row had no answer to grade against
+
+
+def _missing(truth: Any) -> bool:
+    """No ground truth: None, NaN, an empty or blank string, an empty list."""
+    if isinstance(truth, float):
+        return truth != truth
+    if isinstance(truth, str):
+        return not truth.strip()
+    return truth is None or (isinstance(truth, list | tuple) and not truth)
+
+
 class GraderReward:
     def __init__(self, grader: str | Callable = "r1_zero", timeout_s: float = 5.0, num_workers: int = 2):
         self.grader, self.timeout_s, self.num_workers = grader, timeout_s, num_workers
@@ -38,9 +51,16 @@ class GraderReward:
             )
         if self._pool is None:
             self._pool = Grader(self.grader, self.timeout_s, self.num_workers)
-        self.last_details = self._pool.grade([completion_text(c) for c in completions], list(truths))
+        truths = list(truths)
+        known = [i for i, t in enumerate(truths) if not _missing(t)]
+        graded = self._pool.grade(
+            [completion_text(completions[i]) for i in known], [truths[i] for i in known]
+        )
+        self.last_details = [{NO_ANSWER: 1.0} for _ in truths]  # no ground truth: no reward (TRL's None)
+        for i, details in zip(known, graded):
+            self.last_details[i] = details
         self.stats = dict(self._pool.stats)
-        return [None if d.get(ERROR_FLAG) else d.get("reward") for d in self.last_details]
+        return [None if d.get(ERROR_FLAG) or NO_ANSWER in d else d.get("reward") for d in self.last_details]
 
     def close(self) -> None:
         if self._pool is not None:

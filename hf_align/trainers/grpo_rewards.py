@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 
 from hf_align.rewards import REWARD_FUNCTIONS, get_reward_fn
-from hf_align.rewards.functions import GraderReward
+from hf_align.rewards.functions import NO_ANSWER, GraderReward
 from hf_align.trainers.base import load_processing_class, model_name
 from hf_align.trainers.grpo_rollouts import reward_inputs, total_rewards
 
@@ -158,9 +158,9 @@ class RewardRunner:
     def grader_metrics(self) -> dict[str, float]:
         """accuracy / format_rate of the first built-in grader's last call, and grader timeouts."""
         graders = self.graders()
-        if not graders or not graders[0].last_details:
+        details = [d for d in (graders[0].last_details if graders else []) if NO_ANSWER not in d]
+        if not details:  # no grader, or no row with a ground truth
             return {}
-        details = graders[0].last_details
         return {
             "accuracy": sum(d.get("answer_reward", 0.0) for d in details) / len(details),
             "format_rate": sum(d.get("format_reward", 0.0) for d in details) / len(details),

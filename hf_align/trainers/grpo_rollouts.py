@@ -206,6 +206,8 @@ def rollout_metrics(
     groups = rewards.view(-1, group_size)  # (num_groups, G); NaN (unscorable) is left out of the spread
     spread = groups.nan_to_num(-math.inf).max(1).values > groups.nan_to_num(math.inf).min(1).values
     lengths = torch.tensor([len(c) for c in scored.completion_ids], dtype=torch.float32)
+    ended = lengths[torch.tensor([r != "length" for r in scored.finish_reasons], dtype=torch.bool)]
+    ended = ended if len(ended) else torch.zeros(1)  # TRL's: 0 when every completion was cut
     out.update({
         "reward": rewards.nanmean().item(),
         "reward_std": rewards_std(rewards),
@@ -214,6 +216,9 @@ def rollout_metrics(
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": sum(r == "length" for r in scored.finish_reasons) / max(len(scored), 1),
+        "completions/mean_terminated_length": ended.mean().item(),
+        "completions/min_terminated_length": ended.min().item(),
+        "completions/max_terminated_length": ended.max().item(),
     })  # fmt: skip
     return out
 

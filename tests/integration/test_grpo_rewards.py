@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,9 +327,14 @@ def test_a_round_without_a_functions_reward_logs_no_nan_and_eval_skips_none(tmp_
 
     nan = float("nan")
     scored = R.ScoredGroups(
-        completion_ids=[[1]] * 8, finish_reasons=["eos"] * 8, rewards=[1.0, nan, 1.0, 1.0, 0.0, 1.0, nan, 1.0]
-    )
-    assert R.rollout_metrics(torch.zeros(8, 1), ["f"], scored, 4)["frac_reward_zero_std"] == 0.5
+        completion_ids=[[1] * k for k in range(1, 9)], finish_reasons=["eos", "length"] * 4,
+        rewards=[1.0, nan, 1.0, 1.0, 0.0, 1.0, nan, 1.0],
+    )  # fmt: skip
+    metrics = R.rollout_metrics(torch.zeros(8, 1), ["f"], scored, 4)
+    assert metrics["frac_reward_zero_std"] == 0.5
+    # TRL's lengths of the completions that ended (EOS / stop) rather than at max_completion_length: 1, 3, 5, 7
+    ended = [metrics[f"completions/{k}_terminated_length"] for k in ("mean", "min", "max")]
+    assert ended == [4.0, 1.0, 7.0] and metrics["completions/clipped_ratio"] == 0.5
 
 
 def test_a_run_with_nothing_to_learn_stops_with_an_error(tmp_path, tokenizer):
@@ -342,3 +348,21 @@ def test_a_run_with_nothing_to_learn_stops_with_an_error(tmp_path, tokenizer):
     ):
         trainer.train()
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+
+
+def test_a_row_without_ground_truth_gets_no_reward_and_no_accuracy(tokenizer):
+    """TRL's accuracy reward gives None where the gold cannot be read; a built-in grader does the same for a row
+    without a ground truth (None, NaN, blank, empty list), and the accuracy metric counts only graded rows."""
+    from hf_align.trainers.grpo_rewards import RewardRunner
+
+    runner = RewardRunner(["r1_zero"], None, None, _args(Path("/tmp")), "cpu")
+    right = "<think>sum</think> <answer>7</answer>"
+    try:
+        rewards_NF, _ = runner(
+            ["p"] * 5, [right] * 5, [[1]] * 5, {"answer": ["7", None, float("nan"), "  ", []]}, None
+        )
+        metrics = runner.grader_metrics()
+    finally:
+        runner.close()
+    assert rewards_NF[0, 0] == 1.0 and torch.isnan(rewards_NF[1:, 0]).all()
+    assert metrics["accuracy"] == 1.0 and metrics["format_rate"] == 1.0

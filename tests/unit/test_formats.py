@@ -10,6 +10,7 @@ from hf_align.config import DPOConfig, RewardConfig, SFTConfig
 from hf_align.data import DataError
 from hf_align.formats import (
     SFTCollator,
+    check_row,
     drop_bad_rows,
     extract_prompt,
     pack_bfd,
@@ -185,3 +186,16 @@ def test_config_errors_at_construction(tmp_path):
     assert sft.logging_steps == 10 and sft.gradient_checkpointing and sft.max_length == 1024
     assert sft.completion_only_loss is None and not sft.assistant_only_loss and sft.packing_strategy == "bfd"
     assert rm.center_rewards_coefficient is None and dpo.beta == 0.1 and dpo.truncation_mode == "keep_start"
+
+
+def test_an_empty_string_prompt_with_message_answers_is_a_mix_named_by_row():
+    row = {
+        "prompt": "",
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    with pytest.raises(DataError, match="row 3: mixes strings and message lists"):
+        check_row(row, "preference", "train dataset row 3")
+    check_row(
+        {"prompt": "", "chosen": "a", "rejected": "b"}, "preference", "train dataset row 3"
+    )  # all strings
