@@ -13,6 +13,12 @@ module bound to `lib` (what `from trl import X` versus `from hf_align import X` 
   - `step`: the logged optimizer step compared (default 1; a later one where the feature acts after step 1).
 Every example must also log a finite `loss` on its first step with both libraries.
 
+A GRPO run in which no optimizer step had anything to learn ends in hf_align's `NoLearningError` where TRL returns
+(README, "Coming from TRL"); the tiny models and one-step runs here often are such runs. The hf_align half keeps that
+error on the trainer instead of raising it, so the same example code returns the trainer, and checks it: the error
+comes only where hf_align's own gradient norm was exactly 0 at every step and, when both libraries scored the same
+completions (`compare_calls`), TRL's too.
+
 The TRL result of each example is computed once per session and reused by the hf_align run (the hf_align tests
 are the slow half anyway, and the TRL run validates the example itself).
 
@@ -95,6 +101,7 @@ class Run:
     logs: list[dict]
     calls: list
     seconds: float
+    no_learning: str | None = None  # hf_align's NoLearningError, kept (see the module docstring)
 
     @property
     def first(self) -> dict:
@@ -111,16 +118,41 @@ class Run:
         )
 
 
+class _KeepsNoLearning:
+    """``lib`` with a GRPOTrainer whose ``train`` stores a ``NoLearningError`` in ``trainer.no_learning``."""
+
+    def __init__(self, lib):
+        from hf_align.trainers.safety import NoLearningError
+
+        class GRPOTrainer(lib.GRPOTrainer):
+            no_learning = None
+
+            def train(self, *args, **kwargs):
+                try:
+                    return super().train(*args, **kwargs)
+                except NoLearningError as e:
+                    self.no_learning = e
+
+        self._lib, self.GRPOTrainer = lib, GRPOTrainer
+
+    def __getattr__(self, name: str):
+        return getattr(self._lib, name)
+
+
 def run_example(spec: Spec, lib_name: str, env: Env, tmp_path) -> Run:
     import transformers
 
     lib = importlib.import_module(lib_name)
+    lib = _KeepsNoLearning(lib) if lib_name == "hf_align" else lib
     env = dataclasses.replace(env, output_dir=str(tmp_path / f"{spec.name}-{lib_name}"), calls=[])
     transformers.set_seed(0)  # same global RNG state at the start of both runs
     start = time.perf_counter()
     trainer = spec.fn(lib, env)
     seconds = time.perf_counter() - start
-    return Run(lib=lib_name, logs=list(trainer.state.log_history), calls=env.calls, seconds=seconds)
+    no_learning = getattr(trainer, "no_learning", None)
+    return Run(
+        lib_name, list(trainer.state.log_history), env.calls, seconds, no_learning and str(no_learning)
+    )
 
 
 def check_finite(run: Run) -> None:
@@ -147,6 +179,12 @@ def compare_runs(spec: Spec, ref: Run, got: Run) -> None:
             f"hf_align did not log a finite {key!r} on the first step (TRL's name; values not compared{note}); "
             f"logged: {first_got}"
         )
+    if got.no_learning is not None:
+        norms = [h["grad_norm"] for h in got.logs if "grad_norm" in h]
+        assert norms and all(n == 0 for n in norms), f"{spec.name}: {got.no_learning}, yet grad norms {norms}"
+        if spec.compare_calls:  # the same completions and rewards: TRL learned nothing either
+            trl_norms = [h["grad_norm"] for h in ref.logs if "grad_norm" in h]
+            assert all(n == 0 for n in trl_norms), f"{spec.name}: TRL's grad norms {trl_norms}"
     if spec.compare_calls:
         assert got.calls == ref.calls, (
             f"{spec.name}: the reward functions received different arguments.\n"
@@ -163,7 +201,9 @@ def check_example(spec: Spec, lib_name: str, env: Env, trl_runs, tmp_path) -> No
     if os.environ.get("COMPAT_SELF_TEST") == "1":
         lib_name = "trl"  # see the module docstring
     got = run_example(spec, lib_name, env, tmp_path)
-    print(f"{spec.name}: {lib_name} {got.seconds:.1f}s, first log {got.first}")
+    print(
+        f"{spec.name}: {lib_name} {got.seconds:.1f}s, no learning: {got.no_learning is not None}, first log {got.first}"
+    )
     compare_runs(spec, ref, got)
 
 

@@ -35,7 +35,10 @@ SCRIPT = textwrap.dedent(
         output_dir=sys.argv[2], max_steps=1, num_generations=2, per_device_train_batch_size=4,
         max_completion_length=8, report_to="none", logging_steps=1, save_strategy="no",
     )
-    trainer = GRPOTrainer(model=sys.argv[1], reward_funcs="r1_zero", args=args, train_dataset=rows)
+    def spread(completions, **kwargs):  # a signal the random tiny model has (r1_zero gives it 0 everywhere)
+        return [float(len(set(c))) for c in completions]
+
+    trainer = GRPOTrainer(model=sys.argv[1], reward_funcs=["r1_zero", spread], args=args, train_dataset=rows)
     trainer.train()
     print("STEP_DONE", trainer.state.global_step, sorted(trainer.state.log_history[0]))
     """
