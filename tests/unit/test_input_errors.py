@@ -199,3 +199,14 @@ def test_yaml_numbers_become_the_field_type(tmp_path):
     path.write_text(f"output_dir: {tmp_path}\nloss_weights: [1.0, heavy]\n")
     with pytest.raises(ValueError, match=r"c\.yaml: key 'loss_weights': 'heavy' is not a float"):
         parse_args((DPOConfig,), ["--config", str(path)])
+
+
+def test_config_values_refused_or_read_when_the_config_is_built(tmp_path, caplog):
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be > 0"):
+        SFTConfig(output_dir=str(tmp_path), pad_to_multiple_of=-8)
+    # TRL parses dataset_kwargs given as JSON text (a YAML or the command line)
+    cfg = SFTConfig(output_dir=str(tmp_path), dataset_kwargs='{"skip_prepare_dataset": true}')
+    assert cfg.dataset_kwargs == {"skip_prepare_dataset": True}
+    with caplog.at_level("WARNING", logger="hf_align.config"):
+        GRPOConfig(output_dir=str(tmp_path), num_generations_eval=4)  # eval_temperature 0: greedy, one each
+    assert any("num_generations_eval=4 with eval_temperature=0" in r.getMessage() for r in caplog.records)
