@@ -13,7 +13,8 @@
   (tests/unit/test_dependency_pins.py).
 - **No silent non-learning.** A step that had something to learn (``_step_has_learning_signal``) but an exactly
   zero gradient, before any step had a non-zero one, raises `NoLearningError`: a run whose weights are cut off
-  from its loss never "succeeds".
+  from its loss never "succeeds". So does a ``train()`` in which no optimizer step had anything to learn (GRPO:
+  every advantage 0, or every completion masked), at its end, agreed over processes.
 - **Rollout engine faults** surface as `RolloutEngineError` naming the engine, the action, the step and the
   checkpoint to resume from; nothing is saved after the failure.
 """
