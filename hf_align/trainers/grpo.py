@@ -580,10 +580,7 @@ class GRPOTrainer(AlignTrainer):
         if prompts:
             rewards_NF, totals, _ = self.rewards.score_groups(prompts, groups, self.state)
             columns = [torch.tensor(totals, dtype=torch.float64), *rewards_NF.T]
-            graded = self.rewards.grader_metrics()  # means over every completion
-            columns += [
-                torch.full((len(totals),), graded[k]) for k in ("accuracy", "format_rate") if k in graded
-            ]
+            columns += list(self.rewards.grader_columns().values())  # accuracy, format_rate: as ``keys``
             for i, column in enumerate(columns):
                 seen = ~column.isnan()
                 sums_counts[i], sums_counts[len(keys) + i] = column[seen].sum(), seen.sum()

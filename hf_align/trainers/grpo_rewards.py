@@ -155,17 +155,28 @@ class RewardRunner:
     def graders(self) -> list[GraderReward]:
         return [f for f in self.funcs if isinstance(f, GraderReward)]
 
-    def grader_metrics(self) -> dict[str, float]:
-        """accuracy / format_rate of the first built-in grader's last call, and grader timeouts."""
+    def grader_columns(self) -> dict[str, torch.Tensor]:
+        """The first built-in grader's last call, per completion: ``accuracy`` (its answer reward) and
+        ``format_rate`` (its format reward), NaN where the row had no ground truth; {} without a grader."""
         graders = self.graders()
-        details = [d for d in (graders[0].last_details if graders else []) if NO_ANSWER not in d]
-        if not details:  # no grader, or no row with a ground truth
+        details = graders[0].last_details if graders else []
+        if not details:
             return {}
-        return {
-            "accuracy": sum(d.get("answer_reward", 0.0) for d in details) / len(details),
-            "format_rate": sum(d.get("format_reward", 0.0) for d in details) / len(details),
-            "grader_timeouts": sum(g.stats.get("timeouts", 0) for g in graders),
-        }
+
+        def column(field: str) -> torch.Tensor:
+            values = [math.nan if NO_ANSWER in d else d.get(field, 0.0) for d in details]
+            return torch.tensor(values, dtype=torch.float64)
+
+        return {"accuracy": column("answer_reward"), "format_rate": column("format_reward")}
+
+    def grader_metrics(self) -> dict[str, float]:
+        """accuracy / format_rate of the first built-in grader's last call (rows with a ground truth), and
+        grader timeouts."""
+        columns = self.grader_columns()
+        if not columns or columns["accuracy"].isnan().all():  # no grader, or no row with a ground truth
+            return {}
+        timeouts = sum(g.stats.get("timeouts", 0) for g in self.graders())
+        return {**{k: v.nanmean().item() for k, v in columns.items()}, "grader_timeouts": timeouts}
 
     def __call__(self, prompts, completions, completion_ids, columns: dict, trainer_state):
         """``(rewards (N, F) float64 with NaN for "no reward", {name: first failure or None})``."""
